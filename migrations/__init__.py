@@ -1,0 +1,1 @@
+"""Alembic migrations for payq's schema. Run them with ``payq migrate``."""

@@ -1,0 +1,161 @@
+"""Dramatiq over Redis: the broker both producers and workers use.
+
+Messages carry only a charge id (the database holds the rest). Producers
+address the charge actor by name, so they never import worker code.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+import dramatiq
+import redis
+from dramatiq.brokers.redis import RedisBroker
+from dramatiq.encoder import JSONEncoder, MessageData
+
+from payq.constants import ACTOR_NAME, QUEUE_NAME, UNDECODABLE_ACTOR_NAME
+from payq.errors import ServiceUnavailable
+from payq.settings import Settings, get_settings
+
+__all__ = [
+    "SafeJSONEncoder",
+    "charge_message",
+    "get_broker",
+    "make_broker",
+    "new_message_id",
+    "publish",
+]
+
+log = logging.getLogger(__name__)
+
+REDIS_SOCKET_TIMEOUT_S = 5.0
+REDIS_CONNECT_TIMEOUT_S = 2.0
+
+_lock = threading.Lock()
+_broker: RedisBroker | None = None
+
+
+class SafeJSONEncoder(JSONEncoder):  # type: ignore[misc]
+    """Dramatiq's JSON encoder, except that an undecodable message is not fatal.
+
+    Dramatiq's Redis consumer decodes a message before it knows how to reject it;
+    a decode error restarts the consumer and leaves the message in limbo. Here the
+    raw payload is looked up in the queue's hash to find its Redis id, and a message
+    for an actor that does not exist is returned instead: the worker then moves it,
+    with its raw payload intact, to Dramatiq's dead-letter set and carries on.
+    """
+
+    def __init__(self, client: redis.Redis, namespace: str) -> None:
+        self.client = client
+        self.namespace = namespace
+
+    def decode(self, data: bytes) -> MessageData:
+        try:
+            fields: MessageData = super().decode(data)
+            if not isinstance(fields, dict) or not {"actor_name", "args"} <= fields.keys():
+                raise ValueError("not a Dramatiq message")
+            return fields
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc}"[:300]
+            redis_id = self._find_redis_id(data)
+            log.error(
+                "undecodable message moved to the dead-letter set: %s",
+                reason,
+                extra={"redis_message_id": redis_id, "reason": reason},
+            )
+            return {
+                "queue_name": QUEUE_NAME,
+                "actor_name": UNDECODABLE_ACTOR_NAME,
+                "args": [],
+                "kwargs": {},
+                "options": {"redis_message_id": redis_id, "payq_undecodable": reason},
+                "message_id": str(uuid.uuid4()),
+                "message_timestamp": int(time.time() * 1000),
+            }
+
+    def _find_redis_id(self, data: bytes) -> str | None:
+        for queue in (QUEUE_NAME, f"{QUEUE_NAME}.DQ"):
+            for field, value in self.client.hscan_iter(f"{self.namespace}:{queue}.msgs", count=500):
+                if value == data:
+                    return field.decode() if isinstance(field, bytes) else str(field)
+        return None
+
+
+def make_broker(settings: Settings) -> RedisBroker:
+    client = redis.Redis.from_url(
+        settings.redis_url,
+        socket_timeout=REDIS_SOCKET_TIMEOUT_S,
+        socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
+        health_check_interval=30,
+    )
+    broker = RedisBroker(client=client, namespace=settings.payq_namespace)
+    dramatiq.set_encoder(SafeJSONEncoder(client, settings.payq_namespace))
+    return broker
+
+
+def get_broker() -> RedisBroker:
+    """This process's broker, made once and installed as Dramatiq's global broker."""
+    global _broker
+    if _broker is None:
+        with _lock:
+            if _broker is None:
+                _broker = make_broker(get_settings())
+                dramatiq.set_broker(_broker)
+    return _broker
+
+
+def charge_message(charge_id: uuid.UUID | str) -> dramatiq.Message[Any]:
+    return dramatiq.Message(
+        queue_name=QUEUE_NAME, actor_name=ACTOR_NAME, args=(str(charge_id),), kwargs={}, options={}
+    )
+
+
+def new_message_id() -> str:
+    return str(uuid.uuid4())
+
+
+def publish(
+    messages: Iterable[tuple[uuid.UUID | str, str]],
+    *,
+    delay_ms: int | None = None,
+    broker: RedisBroker | None = None,
+) -> int:
+    """Send one message per ``(charge_id, redis_message_id)``, in one Redis round trip.
+
+    A delayed message goes to the queue's delay set with an ``eta``, as Dramatiq's
+    own ``enqueue(delay=...)`` does. Raises ``ServiceUnavailable`` if Redis does not
+    answer (the relay publishes the charges later: nothing is lost).
+    """
+    broker = broker or get_broker()
+    pairs = list(messages)
+    if not pairs:
+        return 0
+    queue = QUEUE_NAME if delay_ms is None else f"{QUEUE_NAME}.DQ"
+    options: dict[str, Any] = {}
+    if delay_ms is not None:
+        options["eta"] = int(time.time() * 1000) + max(0, int(delay_ms))
+    try:
+        with broker.client.pipeline(transaction=True) as pipe:
+            for charge_id, redis_id in pairs:
+                # message_id = Redis id: the worker can tell the charge's current message
+                # (the row keeps its id) from a stale duplicate.
+                message = charge_message(charge_id).copy(
+                    queue_name=queue,
+                    message_id=redis_id,
+                    options={**options, "redis_message_id": redis_id},
+                )
+                broker.emit_before("enqueue", message, delay_ms)
+                pipe.hset(f"{broker.namespace}:{queue}.msgs", redis_id, message.encode())
+                pipe.rpush(f"{broker.namespace}:{queue}", redis_id)
+            pipe.execute()
+    except redis.RedisError as exc:
+        raise ServiceUnavailable(
+            f"Redis did not answer ({type(exc).__name__}); check REDIS_URL and that Redis is "
+            "running. The charges are saved and the relay will publish them."
+        ) from exc
+    return len(pairs)

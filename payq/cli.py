@@ -1,0 +1,179 @@
+"""The ``payq`` command: thin entry points around the core.
+
+Exit codes: 0 done, 1 failed, 2 bad setting or bad usage, 3 a service (PostgreSQL,
+Redis) did not answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+
+from payq.errors import ChargeInputError, ConfigError, IdempotencyConflict, ServiceUnavailable
+
+__all__ = ["main"]
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def _settings():  # type: ignore[no-untyped-def]
+    from payq.logs import configure_logging
+    from payq.settings import get_settings
+
+    settings = get_settings()
+    configure_logging(settings)
+    return settings
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from payq.db import make_engine
+    from payq.devservices import ensure_database
+    from payq.migrate import migrate
+
+    settings = _settings()
+    created = ensure_database(settings.database_url)
+    engine = make_engine(settings, "migrate")
+    try:
+        migrate(engine)
+    finally:
+        engine.dispose()
+    print(("created the database and " if created else "") + "migrated the schema to the newest revision")
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    settings = _settings()
+    processes = args.processes or settings.worker_processes
+    threads = args.threads or settings.worker_threads
+    settings.check_worker_pools(threads)
+    argv = [
+        sys.executable,
+        "-m",
+        "dramatiq",
+        "workers",
+        "--processes",
+        str(processes),
+        "--threads",
+        str(threads),
+        *args.dramatiq_args,
+    ]
+    sys.stdout.flush()
+    os.execv(sys.executable, argv)  # noqa: S606 - replaces this process with dramatiq's CLI
+
+
+def cmd_relay(args: argparse.Namespace) -> int:
+    from payq import db
+    from producers.relay import relay_once, run_relay
+
+    settings = _settings()
+    db.set_role("relay")
+    if args.once:
+        result = relay_once(settings)
+        print(
+            f"checked {result.checked}, published again {result.republished}, "
+            f"expired leases {result.lease_expired}"
+        )
+        return 0
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    run_relay(stop, settings)
+    return 0
+
+
+def cmd_enqueue(args: argparse.Namespace) -> int:
+    from producers import enqueue_charge
+
+    _settings()
+    metadata = dict(item.split("=", 1) for item in args.metadata or [])
+    charge = enqueue_charge(
+        amount=args.amount,
+        currency=args.currency,
+        source=args.source,
+        idempotency_key=args.key,
+        description=args.description,
+        metadata=metadata,
+    )
+    print(json.dumps({"id": str(charge.id), "status": charge.status.value}))
+    return 0
+
+
+def cmd_provider_sim(args: argparse.Namespace) -> int:
+    from payq.sim import serve
+    from payq.sim.faults import faults_from_args
+
+    serve(host=args.host, port=args.port, api_key=args.api_key, faults=faults_from_args(args))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from payq.demo import run_demo
+
+    return run_demo(charges=args.charges)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="payq", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("migrate", help="create the database if needed and apply migrations")
+    p.set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser("worker", help="run charge workers (a wrapper on `dramatiq workers`)")
+    p.add_argument("--processes", type=int, help="worker processes (default WORKER_PROCESSES)")
+    p.add_argument("--threads", type=int, help="threads per process (default WORKER_THREADS)")
+    p.add_argument(
+        "dramatiq_args", nargs=argparse.REMAINDER, help="passed on to dramatiq after `workers`"
+    )
+    p.set_defaults(func=cmd_worker, dramatiq_args=[])
+
+    p = sub.add_parser("relay", help="publish charges whose messages were never sent or were lost")
+    p.add_argument("--once", action="store_true", help="one pass, then exit")
+    p.set_defaults(func=cmd_relay)
+
+    p = sub.add_parser("enqueue", help="enqueue one charge (for trials; apps call enqueue_charge)")
+    p.add_argument("--amount", type=int, required=True, help="minor units, e.g. 1999 for $19.99")
+    p.add_argument("--currency", required=True)
+    p.add_argument("--source", required=True, help="a provider payment token, e.g. tok_visa")
+    p.add_argument("--key", required=True, help="idempotency key")
+    p.add_argument("--description")
+    p.add_argument("--metadata", action="append", metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_enqueue)
+
+    p = sub.add_parser("provider-sim", help="run the payment provider simulator")
+    from payq.sim.faults import add_cli_arguments
+
+    add_cli_arguments(p)
+    p.set_defaults(func=cmd_provider_sim)
+
+    p = sub.add_parser("demo", help="the main job end to end, with progress and a summary")
+    p.add_argument("--charges", type=int, default=500)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    command: Command = args.func
+    try:
+        return command(args)
+    except ConfigError as exc:
+        print(f"payq: {exc}", file=sys.stderr)
+        return 2
+    except (ChargeInputError, IdempotencyConflict) as exc:
+        print(f"payq: {exc}", file=sys.stderr)
+        return 1
+    except ServiceUnavailable as exc:
+        print(f"payq: {exc}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""Logging an ops team can search: one JSON object per line, or a readable console line.
+
+Context travels as ``extra=`` fields (charge_id, attempt, outcome, latency_ms,
+error_class). A filter masks the provider API key and DSN passwords in case one
+ever reaches a message.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from typing import Any
+
+from pythonjsonlogger.json import JsonFormatter
+
+from payq.settings import Settings
+
+__all__ = ["configure_logging"]
+
+_STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
+_DSN_PASSWORD = re.compile(r"(://[^:/@\s]+:)[^@\s]+@")
+
+
+class _Redact(logging.Filter):
+    def __init__(self, secrets: list[str]) -> None:
+        super().__init__()
+        self.secrets = [s for s in secrets if len(s) >= 6]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        cleaned = _DSN_PASSWORD.sub(r"\1***@", message)
+        for secret in self.secrets:
+            cleaned = cleaned.replace(secret, "***")
+        if cleaned != message:
+            record.msg, record.args = cleaned, None
+        return True
+
+
+class _ConsoleFormatter(logging.Formatter):
+    """``time level logger message key=value ...`` with the extras at the end."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        extras = {k: v for k, v in record.__dict__.items() if k not in _STANDARD}
+        if extras:
+            line += " " + " ".join(f"{k}={_short(v)}" for k, v in extras.items())
+        return line
+
+
+def _short(value: Any) -> str:
+    text = str(value)
+    return text if " " not in text else repr(text)
+
+
+def configure_logging(settings: Settings, *, stream: Any = None) -> None:
+    """Format every root handler the way ``LOG_FORMAT`` says (adding one if none)."""
+    root = logging.getLogger()
+    if not root.handlers:
+        root.addHandler(logging.StreamHandler(stream or sys.stderr))
+    formatter: logging.Formatter
+    if settings.log_format == "json":
+        formatter = JsonFormatter(
+            "%(asctime)s %(levelname)s %(name)s %(process)d %(message)s",
+            rename_fields={"levelname": "level", "name": "logger", "asctime": "time"},
+        )
+    else:
+        formatter = _ConsoleFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    secrets = [
+        s.get_secret_value()
+        for s in (settings.payment_provider_api_key, settings.sentry_dsn)
+        if s is not None
+    ]
+    for handler in root.handlers:
+        handler.setFormatter(formatter)
+        for old in [f for f in handler.filters if isinstance(f, _Redact)]:
+            handler.removeFilter(old)
+        handler.addFilter(_Redact(secrets))
+    root.setLevel(settings.log_level)
+    for noisy in ("httpx", "httpcore", "alembic"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

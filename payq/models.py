@@ -1,0 +1,130 @@
+"""The schema: ``charges`` (one row per charge, the source of truth) and
+``charge_attempts`` (one row per provider call). Alembic migrations create it."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.engine import RowMapping
+
+from payq.constants import ChargeStatus
+
+__all__ = ["Charge", "charge_attempts", "charges", "metadata"]
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+_STATUSES = ", ".join(f"'{s.value}'" for s in ChargeStatus)
+_NOT_FINAL = "status IN ('pending', 'processing', 'retrying')"
+
+charges = Table(
+    "charges",
+    metadata,
+    Column("id", UUID(as_uuid=True), primary_key=True),
+    Column("idempotency_key", String(255), nullable=False, unique=True),
+    Column("amount", BigInteger, nullable=False),
+    Column("currency", String(3), nullable=False),
+    Column("source", String(255), nullable=False),
+    Column("description", Text),
+    Column("metadata", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("status", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column("next_attempt_at", DateTime(timezone=True)),
+    Column("lease_expires_at", DateTime(timezone=True)),
+    Column("provider_charge_id", String(255)),
+    Column("decline_code", String(64)),
+    Column("last_error", Text),
+    Column("last_error_class", String(64)),
+    Column("dead_reason", Text),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    # The Redis id of the last message published for this charge, chosen before the
+    # publish so that the relay can tell a queued message from a lost one.
+    Column("message_id", String(64)),
+    Column("published_at", DateTime(timezone=True)),
+    CheckConstraint("amount > 0", name="amount_positive"),
+    CheckConstraint(f"status IN ({_STATUSES})", name="status_known"),
+    CheckConstraint("attempts >= 0", name="attempts_not_negative"),
+    # The relay scans only charges that are not final.
+    Index("ix_charges_unfinished", "status", "updated_at", postgresql_where=text(_NOT_FINAL)),
+)
+
+charge_attempts = Table(
+    "charge_attempts",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column(
+        "charge_id",
+        UUID(as_uuid=True),
+        ForeignKey("charges.id", ondelete="RESTRICT"),
+        nullable=False,
+    ),
+    Column("number", Integer, nullable=False),
+    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column("finished_at", DateTime(timezone=True), nullable=False),
+    Column("outcome", String(32), nullable=False),
+    Column("http_status", Integer),
+    Column("error_class", String(64)),
+    Column("error_message", Text),
+    Column("latency_ms", Integer, nullable=False),
+    UniqueConstraint("charge_id", "number", name="uq_charge_attempts_charge_id_number"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Charge:
+    """A read-only view of one charge row, as producers and operators see it."""
+
+    id: uuid.UUID
+    idempotency_key: str
+    amount: int
+    currency: str
+    source: str
+    description: str | None
+    metadata: dict[str, Any]
+    status: ChargeStatus
+    attempts: int
+    next_attempt_at: dt.datetime | None
+    lease_expires_at: dt.datetime | None
+    provider_charge_id: str | None
+    decline_code: str | None
+    last_error: str | None
+    last_error_class: str | None
+    dead_reason: str | None
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    message_id: str | None
+    published_at: dt.datetime | None
+
+    @classmethod
+    def from_row(cls, row: RowMapping) -> Charge:
+        values = {name: row[name] for name in cls.__slots__}
+        values["status"] = ChargeStatus(values["status"])
+        return cls(**values)

@@ -1,0 +1,332 @@
+"""One attempt at one charge: claim, call the provider, record, move on.
+
+This is the business rule the worker's actor runs; it holds no database
+connection during the provider call, and every state change is a guarded
+``UPDATE`` in a short transaction, so duplicate deliveries and late workers
+cannot charge twice or overwrite each other:
+
+    claim     pending | retrying (due) | processing (lease ran out)  ->  processing
+    record    processing (same attempt number)  ->  succeeded | failed | retrying | dead
+
+A retry is a delayed message published after the commit; if that publish is
+lost, the relay publishes the charge again once it is overdue.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import Connection, and_, func, insert, or_, select, update
+
+from payq.broker import new_message_id, publish
+from payq.constants import ChargeStatus
+from payq.db import transaction
+from payq.errors import (
+    CardDeclined,
+    FinalProviderError,
+    PayqError,
+    ProviderError,
+    RetryableProviderError,
+    ServiceUnavailable,
+)
+from payq.models import charge_attempts, charges
+from payq.provider import ProviderCharge, ProviderClient, charge_body, get_provider
+from payq.retry_policy import RetryPolicy
+from payq.settings import Settings, get_settings
+
+__all__ = ["Result", "UnknownCharge", "process_charge"]
+
+log = logging.getLogger("payq.charge")
+
+S = ChargeStatus
+
+
+class UnknownCharge(PayqError):
+    """A message named a charge that does not exist: it cannot be processed at all."""
+
+
+class Result(StrEnum):
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    RETRYING = "retrying"
+    DEAD = "dead"
+    SKIPPED = "skipped"  # already claimed, final, or not yet due
+    DEFERRED = "deferred"  # arrived early: sent again for when it is due
+    LEASE_LOST = "lease_lost"  # another worker took over while we called
+
+
+@dataclass(frozen=True, slots=True)
+class _Claim:
+    id: uuid.UUID
+    attempt: int
+    key: str
+    body: bytes
+    expired: bool
+
+
+def process_charge(
+    charge_id: str,
+    *,
+    message_id: str | None = None,
+    settings: Settings | None = None,
+    provider: ProviderClient | None = None,
+) -> Result:
+    """Make at most one provider attempt for this charge and record what happened."""
+    settings = settings or get_settings()
+    try:
+        cid = uuid.UUID(charge_id)
+    except (ValueError, TypeError, AttributeError):
+        raise UnknownCharge(f"message names no charge: {charge_id!r} is not a charge id") from None
+
+    with transaction() as conn:
+        claim = _claim(conn, cid, settings)
+        if claim is None:
+            return _not_claimed(conn, cid, message_id)
+        if claim.expired:
+            _finish(
+                conn,
+                claim,
+                S.DEAD,
+                dead_reason=(
+                    f"older than the provider's idempotency-key retention "
+                    f"({settings.provider_idempotency_ttl_s} s): not sent again, since the "
+                    "provider may have forgotten the key and charge twice; reconcile or "
+                    "decide by hand"
+                ),
+                attempts=claim.attempt - 1,
+            )
+            log.warning("charge dead: key retention passed", extra=_extra(claim, "dead"))
+            return Result.DEAD
+
+    started_at = dt.datetime.now(dt.UTC)
+    t0 = time.monotonic()
+    outcome: ProviderCharge | ProviderError
+    try:
+        outcome = (provider or get_provider()).create_charge(claim.key, claim.body)
+    except ProviderError as exc:
+        outcome = exc
+    latency_ms = int((time.monotonic() - t0) * 1000)
+    return _record(claim, outcome, started_at, latency_ms, settings)
+
+
+def _claim(conn: Connection, cid: uuid.UUID, settings: Settings) -> _Claim | None:
+    now = func.now()
+    claimable = or_(
+        charges.c.status == S.PENDING,
+        and_(charges.c.status == S.RETRYING, charges.c.next_attempt_at <= now),
+        and_(charges.c.status == S.PROCESSING, charges.c.lease_expires_at < now),
+    )
+    row = (
+        conn.execute(
+            update(charges)
+            .where(charges.c.id == cid, claimable)
+            .values(
+                status=S.PROCESSING,
+                attempts=charges.c.attempts + 1,
+                lease_expires_at=now + dt.timedelta(seconds=settings.charge_lease_s),
+                updated_at=now,
+            )
+            .returning(
+                charges.c.id,
+                charges.c.attempts,
+                charges.c.idempotency_key,
+                charges.c.amount,
+                charges.c.currency,
+                charges.c.source,
+                charges.c.description,
+                charges.c.metadata,
+                (
+                    charges.c.created_at
+                    < now - dt.timedelta(seconds=settings.provider_idempotency_ttl_s)
+                ).label("old"),
+            )
+        )
+        .mappings()
+        .first()
+    )
+    if row is None:
+        return None
+    return _Claim(
+        id=row["id"],
+        attempt=row["attempts"],
+        key=row["idempotency_key"],
+        body=charge_body(
+            charge_id=str(row["id"]),
+            amount=row["amount"],
+            currency=row["currency"],
+            source=row["source"],
+            description=row["description"],
+            metadata=row["metadata"],
+        ),
+        # Only a charge the provider may already have seen is at risk of a second charge.
+        expired=bool(row["old"]) and row["attempts"] > 1,
+    )
+
+
+def _not_claimed(conn: Connection, cid: uuid.UUID, message_id: str | None) -> Result:
+    row = (
+        conn.execute(
+            select(
+                charges.c.status,
+                charges.c.message_id,
+                (func.extract("epoch", charges.c.next_attempt_at - func.now()) * 1000).label(
+                    "due_in_ms"
+                ),
+            ).where(charges.c.id == cid)
+        )
+        .mappings()
+        .first()
+    )
+    if row is None:
+        raise UnknownCharge(f"no charge with id {cid}")
+    early = row["status"] == S.RETRYING and (row["due_in_ms"] or 0) > 0
+    if early and message_id is not None and message_id == row["message_id"]:
+        # The scheduled retry itself came early (clocks differ between hosts): send it
+        # again for when it is due rather than call before Retry-After.
+        _publish_quietly(cid, row["message_id"], int(row["due_in_ms"]) + 1)
+        return Result.DEFERRED
+    log.info(
+        "message skipped: charge is %s",
+        row["status"],
+        extra={"charge_id": str(cid), "status": row["status"]},
+    )
+    return Result.SKIPPED
+
+
+def _record(
+    claim: _Claim,
+    outcome: ProviderCharge | ProviderError,
+    started_at: dt.datetime,
+    latency_ms: int,
+    settings: Settings,
+) -> Result:
+    policy = RetryPolicy.from_settings(settings)
+    publish_delay_ms: int | None = None
+    message_id: str | None = None
+    error = outcome if isinstance(outcome, ProviderError) else None
+    with transaction() as conn:
+        conn.execute(
+            insert(charge_attempts).values(
+                charge_id=claim.id,
+                number=claim.attempt,
+                started_at=started_at,
+                finished_at=func.now(),
+                outcome=_attempt_outcome(outcome),
+                http_status=200 if error is None else error.status,
+                error_class=None if error is None else error.error_class,
+                error_message=None if error is None else str(error)[:2000],
+                latency_ms=latency_ms,
+            )
+        )
+        if isinstance(outcome, ProviderCharge):
+            result, done = Result.SUCCEEDED, _finish(
+                conn, claim, S.SUCCEEDED, provider_charge_id=outcome.id
+            )
+        elif isinstance(outcome, CardDeclined):
+            result, done = Result.FAILED, _finish(
+                conn,
+                claim,
+                S.FAILED,
+                provider_charge_id=outcome.provider_charge_id,
+                decline_code=outcome.code,
+                **_error_fields(outcome),
+            )
+        elif isinstance(outcome, FinalProviderError):
+            result, done = Result.DEAD, _finish(
+                conn,
+                claim,
+                S.DEAD,
+                dead_reason=f"{outcome.error_class}: {outcome}",
+                **_error_fields(outcome),
+            )
+        elif isinstance(outcome, RetryableProviderError) and policy.exhausted(claim.attempt):
+            result, done = Result.DEAD, _finish(
+                conn,
+                claim,
+                S.DEAD,
+                dead_reason=(
+                    f"attempts exhausted ({claim.attempt} of {policy.max_attempts}); last "
+                    f"error {outcome.error_class}: {outcome}"
+                ),
+                **_error_fields(outcome),
+            )
+        else:
+            assert isinstance(outcome, RetryableProviderError)
+            delay_s = policy.delay_s(claim.attempt, outcome.retry_after_s)
+            message_id = new_message_id()
+            publish_delay_ms = int(delay_s * 1000) + 1
+            result, done = Result.RETRYING, _finish(
+                conn,
+                claim,
+                S.RETRYING,
+                next_attempt_at=func.now() + dt.timedelta(milliseconds=publish_delay_ms),
+                message_id=message_id,
+                published_at=func.now(),
+                **_error_fields(outcome),
+            )
+    extra = _extra(claim, result.value, latency_ms=latency_ms, error=error)
+    if not done:
+        log.warning("lease lost: another worker took this charge over", extra=extra)
+        return Result.LEASE_LOST
+    level = logging.WARNING if result in (Result.DEAD, Result.RETRYING) else logging.INFO
+    log.log(level, "charge %s", result.value, extra=extra)
+    if publish_delay_ms is not None and message_id is not None:
+        _publish_quietly(claim.id, message_id, publish_delay_ms)
+    return result
+
+
+def _finish(conn: Connection, claim: _Claim, status: ChargeStatus, **values: Any) -> bool:
+    """Move a claimed charge on, only if this attempt still holds it."""
+    done = conn.execute(
+        update(charges)
+        .where(
+            charges.c.id == claim.id,
+            charges.c.status == S.PROCESSING,
+            charges.c.attempts == claim.attempt,
+        )
+        .values(status=status, lease_expires_at=None, updated_at=func.now(), **values)
+    )
+    return done.rowcount == 1
+
+
+def _error_fields(error: ProviderError) -> dict[str, Any]:
+    return {"last_error": str(error)[:2000], "last_error_class": error.error_class}
+
+
+def _attempt_outcome(outcome: ProviderCharge | ProviderError) -> str:
+    if isinstance(outcome, ProviderCharge):
+        return "succeeded"
+    if isinstance(outcome, CardDeclined):
+        return "declined"
+    if isinstance(outcome, FinalProviderError):
+        return "rejected"
+    return "no_charge" if outcome.status is not None else "no_answer"
+
+
+def _publish_quietly(cid: uuid.UUID, message_id: str, delay_ms: int) -> None:
+    try:
+        publish([(cid, message_id)], delay_ms=delay_ms)
+    except ServiceUnavailable as exc:
+        log.warning(
+            "retry not published; the relay will publish it when due: %s",
+            exc,
+            extra={"charge_id": str(cid)},
+        )
+
+
+def _extra(
+    claim: _Claim, outcome: str, *, latency_ms: int | None = None, error: ProviderError | None = None
+) -> dict[str, Any]:
+    extra: dict[str, Any] = {"charge_id": str(claim.id), "attempt": claim.attempt, "outcome": outcome}
+    if latency_ms is not None:
+        extra["latency_ms"] = latency_ms
+    if error is not None:
+        extra["error_class"] = error.error_class
+        extra["http_status"] = error.status
+    return extra

@@ -1,0 +1,246 @@
+"""The payment provider's client: one pooled ``httpx.Client`` per process.
+
+``create_charge`` returns a ``ProviderCharge`` or raises one of payq's provider
+errors; ``classify`` is the one place where HTTP answers (and httpx's errors)
+become payq's outcomes, exactly as ``provider-api.md`` lays them out. Nothing
+above this module catches ``httpx`` errors.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from payq.deadline import DeadlineTransport, deadline
+from payq.errors import (
+    AuthenticationFailed,
+    CardDeclined,
+    ConfigError,
+    IdempotencyKeyInUse,
+    IdempotencyKeyReused,
+    InvalidRequest,
+    ProviderConnectionError,
+    ProviderRateLimited,
+    ProviderTimeout,
+    ProviderUnavailable,
+)
+from payq.settings import Settings, get_settings
+
+__all__ = ["ProviderCharge", "ProviderClient", "charge_body", "classify", "get_provider"]
+
+BODY_LOG_LIMIT = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderCharge:
+    id: str
+    status: str
+    amount: int
+    currency: str
+
+
+def charge_body(
+    *,
+    charge_id: str,
+    amount: int,
+    currency: str,
+    source: str,
+    description: str | None,
+    metadata: dict[str, str],
+) -> bytes:
+    """The request body for a charge: byte-for-byte the same on every attempt."""
+    body: dict[str, Any] = {
+        "amount": amount,
+        "currency": currency,
+        "source": source,
+        "metadata": {**metadata, "charge_id": charge_id},
+    }
+    if description is not None:
+        body["description"] = description
+    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+
+class ProviderClient:
+    def __init__(self, settings: Settings) -> None:
+        if settings.payment_provider_api_key is None or not (
+            key := settings.payment_provider_api_key.get_secret_value()
+        ):
+            raise ConfigError(
+                "PAYMENT_PROVIDER_API_KEY: is not set; workers need the provider's API key"
+            )
+        self.timeout_s = settings.payment_timeout_s
+        self.pool_size = settings.payment_pool_max_connections
+        limits = httpx.Limits(
+            max_connections=self.pool_size, max_keepalive_connections=self.pool_size
+        )
+        self._client = httpx.Client(
+            base_url=settings.payment_provider_url,
+            headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+            timeout=httpx.Timeout(
+                self.timeout_s, connect=settings.payment_connect_timeout_ms / 1000
+            ),
+            transport=DeadlineTransport(limits=limits),
+            follow_redirects=False,
+        )
+
+    def create_charge(self, idempotency_key: str, body: bytes) -> ProviderCharge:
+        """POST /v1/charges, ending by ``PAYMENT_TIMEOUT_MS`` whatever the provider does."""
+        response = self._call("POST", "/v1/charges", content=body, key=idempotency_key)
+        return classify(response)
+
+    def find_charge(self, idempotency_key: str) -> ProviderCharge | None:
+        """Look a charge up by its key without creating one; ``None`` if none was made."""
+        response = self._call(
+            "GET", "/v1/charges", params={"idempotency_key": idempotency_key}, key=None
+        )
+        if response.status_code == 404:
+            return None
+        if response.status_code == 200:
+            data = _json(response)
+            if isinstance(data, dict) and data.get("object") == "charge":
+                return ProviderCharge(
+                    id=str(data.get("id")),
+                    status=str(data.get("status")),
+                    amount=int(data.get("amount", 0)),
+                    currency=str(data.get("currency", "")),
+                )
+        return classify(response)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> ProviderClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _call(
+        self,
+        method: str,
+        path: str,
+        *,
+        key: str | None,
+        content: bytes | None = None,
+        params: dict[str, str] | None = None,
+    ) -> httpx.Response:
+        headers = {"Idempotency-Key": key} if key is not None else {}
+        try:
+            with deadline(self.timeout_s):
+                return self._client.request(
+                    method, path, content=content, params=params, headers=headers
+                )
+        except httpx.TimeoutException as exc:
+            raise ProviderTimeout(
+                f"no answer within {self.timeout_s * 1000:.0f} ms ({type(exc).__name__}); the "
+                "charge may or may not have happened"
+            ) from exc
+        except httpx.TransportError as exc:
+            raise ProviderConnectionError(
+                f"connection failed before an answer ({type(exc).__name__}: {exc}); the charge "
+                "may or may not have happened"
+            ) from exc
+
+
+def _json(response: httpx.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        return None
+
+
+def _cut(response: httpx.Response) -> str:
+    return response.content[:BODY_LOG_LIMIT].decode("utf-8", "replace")
+
+
+def _retry_after_s(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        parsed = email.utils.parsedate_to_datetime(value) if value else None
+        return max(0.0, parsed.timestamp() - time.time()) if parsed else None
+
+
+def classify(response: httpx.Response) -> ProviderCharge:
+    """Turn one provider answer into a ``ProviderCharge`` or raise the matching error."""
+    status = response.status_code
+    data = _json(response)
+    error = data.get("error") if isinstance(data, dict) else None
+    error = error if isinstance(error, dict) else {}
+    message = str(error.get("message") or "")[:BODY_LOG_LIMIT]
+    code = error.get("code")
+
+    if status == 200:
+        if (
+            isinstance(data, dict)
+            and data.get("object") == "charge"
+            and isinstance(data.get("id"), str)
+            and data.get("status") == "succeeded"
+        ):
+            return ProviderCharge(
+                id=data["id"],
+                status="succeeded",
+                amount=int(data.get("amount", 0)),
+                currency=str(data.get("currency", "")),
+            )
+        raise ProviderUnavailable(
+            f"200 whose body is not a succeeded charge object: {_cut(response)}", status=status
+        )
+    if status == 402:
+        raise CardDeclined(
+            message or f"card declined ({code})",
+            code=str(code or "card_declined"),
+            provider_charge_id=error.get("charge"),
+        )
+    if status == 400:
+        param = error.get("param")
+        raise InvalidRequest(
+            f"provider refused the request: {message or _cut(response)}"
+            + (f" (param {param})" if param else ""),
+            status=status,
+        )
+    if status == 401:
+        raise AuthenticationFailed(
+            "provider refused the API key: fix PAYMENT_PROVIDER_API_KEY, then replay the charge",
+            status=status,
+        )
+    if status == 409 and code == "idempotency_key_in_use":
+        raise IdempotencyKeyInUse(
+            "an earlier attempt with this key is still in flight at the provider",
+            status=status,
+            code=code,
+        )
+    if status == 409 and code == "idempotency_key_reused":
+        raise IdempotencyKeyReused(
+            "the provider saw this idempotency key with other parameters", status=status, code=code
+        )
+    if status == 429:
+        raise ProviderRateLimited(
+            "rate limited by the provider",
+            retry_after_s=_retry_after_s(response.headers.get("Retry-After")),
+        )
+    if 500 <= status <= 599:
+        raise ProviderUnavailable(f"provider error {status}: {_cut(response)}", status=status)
+    raise ProviderUnavailable(f"unexpected status {status}: {_cut(response)}", status=status)
+
+
+_lock = threading.Lock()
+_provider: ProviderClient | None = None
+
+
+def get_provider() -> ProviderClient:
+    """This process's provider client (one pool shared by its threads)."""
+    global _provider
+    if _provider is None:
+        with _lock:
+            if _provider is None:
+                _provider = ProviderClient(get_settings())
+    return _provider

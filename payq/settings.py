@@ -1,0 +1,153 @@
+"""Every setting, read once from the environment (and ``.env``), validated at start.
+
+A bad value stops the program with one line naming the variable and what is
+allowed; ``.env.example`` lists every variable with its default.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from payq.errors import ConfigError
+
+__all__ = ["Settings", "get_settings", "load_settings"]
+
+# Values of these variables never appear in an error message: they may hold secrets.
+_SECRET_FIELDS = frozenset({"payment_provider_api_key", "sentry_dsn", "database_url", "redis_url"})
+
+
+class Settings(BaseSettings):
+    """payq's configuration. Field names are the environment variables, lower-cased."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", frozen=True
+    )
+
+    # Services.
+    redis_url: str = Field("redis://127.0.0.1:6379/0", pattern=r"^rediss?://")
+    database_url: str = Field(
+        "postgresql+psycopg2://postgres@127.0.0.1:5432/payq", pattern=r"^postgresql(\+psycopg2)?://"
+    )
+    payq_namespace: str = Field("payq", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+
+    # The payment provider.
+    payment_provider_url: str = Field("http://127.0.0.1:8099", pattern=r"^https?://[^\s]+$")
+    payment_provider_api_key: SecretStr | None = None
+    payment_timeout_ms: int = Field(5000, ge=100, le=600_000)
+    payment_connect_timeout_ms: int = Field(2000, ge=10, le=600_000)
+    payment_pool_max_connections: int = Field(5, ge=1, le=1000)
+    payment_max_concurrency: int = Field(20, ge=1, le=100_000)
+    provider_idempotency_ttl_s: int = Field(86_400, ge=60)
+
+    # PostgreSQL.
+    db_timeout_ms: int = Field(3000, ge=100, le=600_000)
+    db_statement_timeout_ms: int = Field(5000, ge=100, le=3_600_000)
+    database_pool_max_connections: int = Field(10, ge=1, le=1000)
+
+    # Workers.
+    worker_processes: int = Field(2, ge=1, le=256)
+    worker_threads: int = Field(4, ge=1, le=1000)
+    charge_lease_s: int = Field(30, ge=2, le=3600)
+
+    # Retries between attempts (delayed messages, never sleeps).
+    retry_max_attempts: int = Field(8, ge=1, le=100)
+    retry_backoff_min_s: float = Field(1.0, gt=0, le=3600)
+    retry_backoff_max_s: float = Field(300.0, gt=0, le=86_400)
+
+    # Circuit breaker (shared by the fleet).
+    breaker_failure_rate: float = Field(0.5, gt=0, le=1)
+    breaker_slow_call_rate: float = Field(0.8, gt=0, le=1)
+    breaker_slow_call_ms: int = Field(3000, ge=1)
+    breaker_min_calls: int = Field(20, ge=1)
+    breaker_window_s: int = Field(30, ge=1)
+    breaker_open_s: int = Field(15, ge=1)
+    breaker_half_open_probes: int = Field(3, ge=1)
+
+    # Producer limits.
+    charge_max_amount: int = Field(99_999_999, ge=1, le=99_999_999)
+
+    # Relay.
+    relay_interval_s: float = Field(1.0, gt=0, le=300)
+    relay_stale_after_s: float = Field(30.0, gt=0, le=86_400)
+    relay_batch_size: int = Field(500, ge=1, le=100_000)
+
+    # Operations.
+    health_check_interval_s: int = Field(30, ge=1, le=3600)
+    sentry_dsn: SecretStr | None = None
+    log_format: Literal["console", "json"] = "console"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.payment_connect_timeout_ms > self.payment_timeout_ms:
+            raise ValueError(
+                "PAYMENT_CONNECT_TIMEOUT_MS: must not exceed PAYMENT_TIMEOUT_MS "
+                f"({self.payment_connect_timeout_ms} > {self.payment_timeout_ms})"
+            )
+        if self.retry_backoff_min_s > self.retry_backoff_max_s:
+            raise ValueError(
+                "RETRY_BACKOFF_MIN_S: must not exceed RETRY_BACKOFF_MAX_S "
+                f"({self.retry_backoff_min_s} > {self.retry_backoff_max_s})"
+            )
+        # A lease must outlast one whole attempt: claim, provider call, record.
+        attempt_s = (self.payment_timeout_ms + 2 * self.db_timeout_ms) / 1000
+        if self.charge_lease_s <= attempt_s:
+            raise ValueError(
+                f"CHARGE_LEASE_S: must exceed one attempt's worst case, PAYMENT_TIMEOUT_MS + "
+                f"2 x DB_TIMEOUT_MS = {attempt_s:g} s (got {self.charge_lease_s})"
+            )
+        return self
+
+    @property
+    def payment_timeout_s(self) -> float:
+        return self.payment_timeout_ms / 1000
+
+    def check_worker_pools(self, threads: int) -> None:
+        """Refuse a worker whose threads could need more connections than its pools hold."""
+        for name, size in (
+            ("PAYMENT_POOL_MAX_CONNECTIONS", self.payment_pool_max_connections),
+            ("DATABASE_POOL_MAX_CONNECTIONS", self.database_pool_max_connections),
+        ):
+            if threads > size:
+                raise ConfigError(
+                    f"{threads} worker threads per process exceed {name}={size}: each thread "
+                    f"may hold one connection, so lower the threads or raise {name}"
+                )
+
+
+_PATTERN_HINTS = {
+    "redis_url": "must be a redis:// or rediss:// URL",
+    "database_url": "must be a postgresql:// or postgresql+psycopg2:// URL",
+    "payment_provider_url": "must be an http:// or https:// URL",
+    "payq_namespace": "must be 1-64 letters, digits, '_', '.' or '-'",
+}
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = [str(part) for part in error.get("loc", ()) if part != "__root__"]
+    message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+    if not loc:  # a model-level check: its message already names the variable
+        return message
+    field = loc[0]
+    shown = "" if field in _SECRET_FIELDS else f" (got {error.get('input')!r})"
+    if error.get("type") == "string_pattern_mismatch":
+        message = _PATTERN_HINTS.get(field, message)
+    return f"{field.upper()}: {message}{shown}"
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the settings; raise ``ConfigError`` with one line naming the variable."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc.errors()[0])) from None
+
+
+@functools.lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, loaded once."""
+    return load_settings()

@@ -1,0 +1,208 @@
+"""Enqueueing charges: validate, insert (idempotently), commit, then publish."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from sqlalchemy import Connection, event, select
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+from sqlalchemy.orm import Session
+
+from payq.broker import new_message_id, publish
+from payq.constants import ChargeStatus
+from payq.db import transaction
+from payq.errors import ChargeNotFound, IdempotencyConflict, ServiceUnavailable
+from payq.models import Charge, charges
+from payq.settings import get_settings
+from payq.validation import ChargeRequest, validate_charge
+
+__all__ = ["enqueue_charge", "enqueue_charges", "get_charge"]
+
+log = logging.getLogger("payq.producer")
+
+_COMPARED = ("amount", "currency", "source", "description", "metadata")
+_SESSION_KEY = "payq_unpublished"
+
+
+def enqueue_charge(
+    amount: int,
+    currency: str,
+    source: str,
+    idempotency_key: str,
+    description: str | None = None,
+    metadata: Mapping[str, str] | None = None,
+    session: Session | None = None,
+) -> Charge:
+    """Create a charge (or return the one this key already made) and queue it.
+
+    Raises ``ChargeInputError`` (nothing written) for bad input,
+    ``IdempotencyConflict`` when the key belongs to a charge with other parameters,
+    ``ServiceUnavailable`` when PostgreSQL does not answer (nothing written).
+    If Redis does not answer after the commit, the charge is kept and the relay
+    publishes it.
+    """
+    request = _validate(
+        {
+            "amount": amount,
+            "currency": currency,
+            "source": source,
+            "idempotency_key": idempotency_key,
+            "description": description,
+            "metadata": dict(metadata) if isinstance(metadata, Mapping) else metadata,
+        }
+    )
+    return enqueue_charges([request], session=session)[0]
+
+
+def enqueue_charges(
+    requests: Iterable[Mapping[str, Any] | ChargeRequest],
+    session: Session | None = None,
+) -> list[Charge]:
+    """Enqueue many charges in one transaction and one Redis round trip.
+
+    Each request is a mapping with ``enqueue_charge``'s arguments. All are
+    validated before anything is written: one bad request refuses the batch.
+    Returns the charges in the order given.
+    """
+    validated = [r if isinstance(r, ChargeRequest) else _validate(r) for r in requests]
+    _refuse_duplicate_keys(validated)
+    if not validated:
+        return []
+    if session is not None:
+        result, fresh = _insert(session.connection(), validated)
+        _publish_after_commit(session, fresh)
+        return result
+    try:
+        with transaction() as conn:
+            result, fresh = _insert(conn, validated)
+    except (OperationalError, PoolTimeout) as exc:
+        raise ServiceUnavailable(
+            f"PostgreSQL did not answer ({type(exc).__name__}); nothing was written. Check "
+            "DATABASE_URL and that PostgreSQL is running, then enqueue again with the same key."
+        ) from exc
+    _publish_quietly(fresh)
+    return result
+
+
+def get_charge(charge_id: uuid.UUID | str, session: Session | None = None) -> Charge:
+    """The charge with this id; raises ``ChargeNotFound``."""
+    try:
+        wanted = uuid.UUID(str(charge_id))
+    except ValueError:
+        raise ChargeNotFound(str(charge_id)) from None
+    query = select(charges).where(charges.c.id == wanted)
+    if session is not None:
+        row = session.execute(query).mappings().first()
+    else:
+        with transaction() as conn:
+            row = conn.execute(query).mappings().first()
+    if row is None:
+        raise ChargeNotFound(str(charge_id))
+    return Charge.from_row(row)
+
+
+def _validate(fields: Mapping[str, Any]) -> ChargeRequest:
+    allowed = {"amount", "currency", "source", "idempotency_key", "description", "metadata"}
+    unknown = set(fields) - allowed
+    if unknown:
+        raise TypeError(f"unknown charge fields: {', '.join(sorted(unknown))}")
+    return validate_charge(**fields, max_amount=get_settings().charge_max_amount)
+
+
+def _refuse_duplicate_keys(requests: Sequence[ChargeRequest]) -> None:
+    seen: dict[str, ChargeRequest] = {}
+    for request in requests:
+        other = seen.setdefault(request.idempotency_key, request)
+        if other is not request and other != request:
+            raise IdempotencyConflict(
+                _hint(request.idempotency_key), "(same batch)", _differing(other, request)
+            )
+
+
+def _insert(
+    conn: Connection, requests: Sequence[ChargeRequest]
+) -> tuple[list[Charge], list[tuple[uuid.UUID, str]]]:
+    """Insert what is new; return every charge, and (id, message id) of the new ones."""
+    rows = []
+    for request in requests:
+        rows.append(
+            {
+                "id": uuid.uuid4(),
+                "idempotency_key": request.idempotency_key,
+                "amount": request.amount,
+                "currency": request.currency,
+                "source": request.source,
+                "description": request.description,
+                "metadata": request.metadata,
+                "status": ChargeStatus.PENDING.value,
+                "message_id": new_message_id(),
+            }
+        )
+    unique_rows = list({row["idempotency_key"]: row for row in rows}.values())
+    inserted = conn.execute(
+        insert(charges)
+        .values(unique_rows)
+        .on_conflict_do_nothing(index_elements=["idempotency_key"])
+        .returning(*charges.c)
+    ).mappings()
+    by_key = {row["idempotency_key"]: Charge.from_row(row) for row in inserted}
+    fresh = [(c.id, c.message_id or "") for c in by_key.values()]
+    missing = [r.idempotency_key for r in requests if r.idempotency_key not in by_key]
+    if missing:
+        existing = conn.execute(
+            select(charges).where(charges.c.idempotency_key.in_(missing))
+        ).mappings()
+        for row in existing:
+            by_key[row["idempotency_key"]] = Charge.from_row(row)
+    for request in requests:
+        charge = by_key[request.idempotency_key]
+        differing = _differing(charge, request)
+        if differing:
+            raise IdempotencyConflict(_hint(request.idempotency_key), str(charge.id), differing)
+    return [by_key[r.idempotency_key] for r in requests], fresh
+
+
+def _differing(a: Charge | ChargeRequest, b: ChargeRequest) -> list[str]:
+    return [name for name in _COMPARED if getattr(a, name) != getattr(b, name)]
+
+
+def _hint(key: str) -> str:
+    """Name a key in an error without echoing all of it (keys can be sensitive)."""
+    return repr(key if len(key) <= 12 else key[:8] + "…")
+
+
+def _publish_quietly(fresh: list[tuple[uuid.UUID, str]]) -> None:
+    if not fresh:
+        return
+    try:
+        publish(fresh)
+    except ServiceUnavailable as exc:
+        log.warning(
+            "charges saved but not published; the relay will publish them: %s",
+            exc,
+            extra={"charges": len(fresh)},
+        )
+
+
+def _publish_after_commit(session: Session, fresh: list[tuple[uuid.UUID, str]]) -> None:
+    """Publish when the caller's transaction commits; forget on rollback."""
+    if not fresh:
+        return
+    if not session.info.get("payq_listening"):
+        session.info["payq_listening"] = True
+        event.listen(session, "after_commit", _on_commit)
+        event.listen(session, "after_rollback", _on_rollback)
+    session.info.setdefault(_SESSION_KEY, []).extend(fresh)
+
+
+def _on_commit(session: Session) -> None:
+    _publish_quietly(session.info.pop(_SESSION_KEY, []))
+
+
+def _on_rollback(session: Session) -> None:
+    session.info.pop(_SESSION_KEY, None)

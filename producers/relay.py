@@ -1,0 +1,144 @@
+"""The relay: whatever the database says should be queued, is queued.
+
+Redis is transport, not truth. Each pass looks at charges that are not final and
+due, under ``FOR UPDATE SKIP LOCKED`` so several relays can run side by side:
+
+- ``pending`` or overdue ``retrying`` charges whose last message is no longer in
+  Redis (never published, lost with Redis's data, or dead-lettered after the
+  database blinked) are published again;
+- ``processing`` charges whose lease ran out (their worker died) are published once
+  per expiry, so another worker takes them over.
+
+Every charge a pass looks at is stamped ``published_at = now()``, so the next pass
+looks at others and each is checked about once every ``RELAY_STALE_AFTER_S``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+import time
+
+from dataclasses import dataclass
+
+import redis
+from dramatiq.brokers.redis import RedisBroker
+from sqlalchemy import and_, case, func, or_, select, update
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+from payq.broker import get_broker, new_message_id, publish
+from payq.constants import QUEUE_NAME, ChargeStatus
+from payq.db import transaction
+from payq.errors import ServiceUnavailable
+from payq.models import charges
+from payq.settings import Settings, get_settings
+
+__all__ = ["RelayPass", "relay_once", "run_relay"]
+
+log = logging.getLogger("payq.relay")
+S = ChargeStatus
+
+
+@dataclass(frozen=True, slots=True)
+class RelayPass:
+    checked: int
+    republished: int
+    lease_expired: int
+
+
+def relay_once(settings: Settings | None = None, broker: RedisBroker | None = None) -> RelayPass:
+    """One pass: publish again what should be queued and is not."""
+    settings = settings or get_settings()
+    broker = broker or get_broker()
+    now = func.now()
+    stale = now - dt.timedelta(seconds=settings.relay_stale_after_s)
+    last_seen = func.coalesce(charges.c.published_at, charges.c.created_at)
+    due = or_(
+        and_(charges.c.status == S.PENDING, last_seen < stale),
+        and_(charges.c.status == S.RETRYING, charges.c.next_attempt_at < stale, last_seen < stale),
+        and_(
+            charges.c.status == S.PROCESSING,
+            charges.c.lease_expires_at < now,
+            or_(
+                charges.c.published_at.is_(None),
+                charges.c.published_at < charges.c.lease_expires_at,
+            ),
+        ),
+    )
+    with transaction() as conn:
+        rows = conn.execute(
+            select(charges.c.id, charges.c.status, charges.c.message_id)
+            .where(due)
+            .order_by(charges.c.updated_at)
+            .limit(settings.relay_batch_size)
+            .with_for_update(skip_locked=True)
+        ).all()
+        if not rows:
+            return RelayPass(0, 0, 0)
+        expired = [r.id for r in rows if r.status == S.PROCESSING]
+        waiting = [r for r in rows if r.status != S.PROCESSING]
+        lost = [r.id for r, queued in zip(waiting, _queued(broker, waiting), strict=True) if not queued]
+        fresh = {cid: new_message_id() for cid in [*expired, *lost]}
+        publish(fresh.items(), broker=broker)
+        conn.execute(
+            update(charges)
+            .where(charges.c.id.in_([r.id for r in rows]))
+            .values(
+                published_at=now,
+                message_id=case(
+                    *((charges.c.id == cid, mid) for cid, mid in fresh.items()),
+                    else_=charges.c.message_id,
+                )
+                if fresh
+                else charges.c.message_id,
+            )
+        )
+    result = RelayPass(checked=len(rows), republished=len(lost), lease_expired=len(expired))
+    if fresh:
+        log.warning(
+            "relay published %d charges again (%d lost messages, %d expired leases)",
+            len(fresh),
+            len(lost),
+            len(expired),
+            extra={"republished": len(lost), "lease_expired": len(expired)},
+        )
+    return result
+
+
+def _queued(broker: RedisBroker, rows: list[object]) -> list[bool]:
+    """Whether each row's last message is still in Redis (ready, delayed or in flight)."""
+    if not rows:
+        return []
+    with broker.client.pipeline(transaction=False) as pipe:
+        for row in rows:
+            message_id = getattr(row, "message_id", None) or "-"
+            pipe.hexists(f"{broker.namespace}:{QUEUE_NAME}.msgs", message_id)
+            pipe.hexists(f"{broker.namespace}:{QUEUE_NAME}.DQ.msgs", message_id)
+        found = pipe.execute()
+    return [bool(found[i]) or bool(found[i + 1]) for i in range(0, len(found), 2)]
+
+
+def run_relay(stop: threading.Event | None = None, settings: Settings | None = None) -> None:
+    """Relay until ``stop`` is set, one pass every ``RELAY_INTERVAL_S``."""
+    settings = settings or get_settings()
+    stop = stop or threading.Event()
+    log.info(
+        "relay started",
+        extra={"interval_s": settings.relay_interval_s, "stale_after_s": settings.relay_stale_after_s},
+    )
+    while not stop.is_set():
+        started = time.monotonic()
+        try:
+            result = relay_once(settings)
+            busy = result.checked >= settings.relay_batch_size
+        except (ServiceUnavailable, redis.RedisError, OperationalError, PoolTimeout) as exc:
+            log.warning("relay pass failed, will try again: %s", type(exc).__name__)
+            busy = False
+        if not busy:
+            stop.wait(max(0.0, settings.relay_interval_s - (time.monotonic() - started)))
+    log.info("relay stopped")
+
+
+

@@ -1,0 +1,108 @@
+"""Test tiers share one rule: real PostgreSQL, real Redis, the simulator over HTTP.
+
+The suite uses a database of its own (``payq_test_<pid>``, dropped at the end) and a
+Redis namespace of its own; it never flushes, stops or restarts the machine's
+servers. A service that does not answer fails the suite with what to start.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+TEST_DB = f"payq_test_{os.getpid()}"
+PG_SERVER = os.environ.get("PAYQ_TEST_POSTGRES", "postgresql+psycopg2://postgres@127.0.0.1:5432")
+REDIS_URL = os.environ.get("PAYQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+NAMESPACE = f"payq-test-{uuid.uuid4().hex[:8]}"
+API_KEY = "sk_test_" + uuid.uuid4().hex
+
+# Settings are read from the environment once per process: set them before payq loads.
+TEST_ENV = {
+    "DATABASE_URL": f"{PG_SERVER}/{TEST_DB}",
+    "REDIS_URL": REDIS_URL,
+    "PAYQ_NAMESPACE": NAMESPACE,
+    "PAYMENT_PROVIDER_API_KEY": API_KEY,
+    "PAYMENT_PROVIDER_URL": "http://127.0.0.1:9",  # each test points at its own simulator
+    "PAYMENT_TIMEOUT_MS": "1500",
+    "PAYMENT_CONNECT_TIMEOUT_MS": "500",
+    "DB_TIMEOUT_MS": "2000",
+    "CHARGE_LEASE_S": "8",
+    "RETRY_MAX_ATTEMPTS": "4",
+    "RETRY_BACKOFF_MIN_S": "0.2",
+    "RETRY_BACKOFF_MAX_S": "1",
+    "RELAY_INTERVAL_S": "0.2",
+    "RELAY_STALE_AFTER_S": "1",
+    "LOG_LEVEL": "INFO",
+    "LOG_FORMAT": "console",
+}
+os.environ.update(TEST_ENV)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    from payq.devservices import postgres_answers, redis_answers
+
+    problems = []
+    if not postgres_answers(f"{PG_SERVER}/postgres"):
+        problems.append(
+            f"PostgreSQL does not answer at {PG_SERVER}: start it (e.g. pg_ctlcluster "
+            "--skip-systemctl-redirect 15 main start) or set PAYQ_TEST_POSTGRES"
+        )
+    if not redis_answers(REDIS_URL):
+        problems.append(
+            f"Redis does not answer at {REDIS_URL}: start it (e.g. redis-server --daemonize yes "
+            "--bind 127.0.0.1) or set PAYQ_TEST_REDIS_URL"
+        )
+    if problems:
+        pytest.exit("the test suite needs real services:\n  " + "\n  ".join(problems), returncode=3)
+
+
+@pytest.fixture(scope="session")
+def database() -> Iterator[str]:
+    """The suite's own database, migrated, dropped at the end."""
+    from sqlalchemy import create_engine, text
+
+    from payq.db import get_engine, reset_engine
+    from payq.devservices import ensure_database
+    from payq.migrate import migrate
+
+    ensure_database(TEST_ENV["DATABASE_URL"])
+    migrate(get_engine())
+    yield TEST_ENV["DATABASE_URL"]
+    reset_engine()
+    admin = create_engine(f"{PG_SERVER}/postgres", isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{TEST_DB}" WITH (FORCE)'))
+    admin.dispose()
+
+
+def _clear_namespace() -> None:
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    keys = list(client.scan_iter(match=f"{NAMESPACE}:*", count=1000))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+@pytest.fixture
+def clean(database: str) -> Iterator[None]:
+    """Empty tables and an empty Redis namespace for one test."""
+    from sqlalchemy import text
+
+    from payq.db import transaction
+
+    with transaction() as conn:
+        conn.execute(text("TRUNCATE charge_attempts, charges"))
+    _clear_namespace()
+    yield
+    _clear_namespace()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _namespace_cleanup() -> Iterator[None]:
+    yield
+    _clear_namespace()

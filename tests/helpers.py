@@ -1,0 +1,68 @@
+"""Small helpers the test tiers share: reading charges back, waiting, the simulator."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+from sqlalchemy import select
+
+from payq.db import transaction
+from payq.models import Charge, charge_attempts, charges
+
+
+def charge(charge_id: uuid.UUID | str) -> Charge:
+    with transaction() as conn:
+        row = conn.execute(select(charges).where(charges.c.id == uuid.UUID(str(charge_id))))
+        return Charge.from_row(row.mappings().one())
+
+
+def attempts(charge_id: uuid.UUID | str) -> list[dict[str, Any]]:
+    with transaction() as conn:
+        rows = conn.execute(
+            select(charge_attempts)
+            .where(charge_attempts.c.charge_id == uuid.UUID(str(charge_id)))
+            .order_by(charge_attempts.c.number)
+        )
+        return [dict(r) for r in rows.mappings()]
+
+
+def statuses() -> dict[str, int]:
+    from sqlalchemy import func
+
+    with transaction() as conn:
+        rows = conn.execute(select(charges.c.status, func.count()).group_by(charges.c.status))
+        return {status: count for status, count in rows}
+
+
+def wait_until(predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.05)
+
+
+class Sim:
+    """Talks to a running simulator over HTTP, as any client would."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def faults(self, **knobs: Any) -> None:
+        httpx.post(f"{self.url}/_faults", json=knobs).raise_for_status()
+
+    def stats(self) -> dict[str, Any]:
+        data: dict[str, Any] = httpx.get(f"{self.url}/_stats").json()
+        return data
+
+    def requests(self, key: str) -> list[dict[str, Any]]:
+        response = httpx.get(f"{self.url}/_requests", params={"idempotency_key": key})
+        data: list[dict[str, Any]] = response.json()
+        return data

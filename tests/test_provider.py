@@ -1,0 +1,150 @@
+"""The provider client against the simulator over HTTP: every row of provider-api.md."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from payq import errors
+from payq.provider import ProviderClient, charge_body
+from payq.settings import load_settings
+from payq.sim import SimulatorThread
+from tests.conftest import API_KEY
+from tests.helpers import Sim
+
+BODY = charge_body(
+    charge_id="c1", amount=1999, currency="usd", source="tok_visa", description=None, metadata={}
+)
+
+
+@pytest.fixture
+def sim() -> Iterator[Sim]:
+    with SimulatorThread(api_key=API_KEY) as thread:
+        yield Sim(thread.url)
+
+
+_open: list[ProviderClient] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    yield
+    while _open:
+        _open.pop().close()
+
+
+def client(sim: Sim, **overrides: object) -> ProviderClient:
+    made = ProviderClient(load_settings(payment_provider_url=sim.url, **overrides))
+    _open.append(made)
+    return made
+
+
+def test_200_is_a_charge(sim: Sim) -> None:
+    charge = client(sim).create_charge("k-ok", BODY)
+    assert charge.status == "succeeded" and charge.id.startswith("ch_")
+    assert charge.amount == 1999
+
+
+def test_same_key_same_body_is_replayed_not_charged_again(sim: Sim) -> None:
+    c = client(sim)
+    first, second = c.create_charge("k-replay", BODY), c.create_charge("k-replay", BODY)
+    assert first.id == second.id
+    assert sim.stats()["charges"] == 1
+
+
+@pytest.mark.parametrize(
+    ("step", "error", "status"),
+    [
+        ("decline", errors.CardDeclined, 402),
+        ("invalid_request", errors.InvalidRequest, 400),
+        ("auth", errors.AuthenticationFailed, 401),
+        ("key_in_use", errors.IdempotencyKeyInUse, 409),
+        ("key_reused", errors.IdempotencyKeyReused, 409),
+        ("rate_limit", errors.ProviderRateLimited, 429),
+        ("error", errors.ProviderUnavailable, 503),
+        ("bad_body", errors.ProviderUnavailable, 200),
+        ("unexpected_status", errors.ProviderUnavailable, 418),
+    ],
+)
+def test_each_answer_maps_to_its_outcome(
+    sim: Sim, step: str, error: type[errors.ProviderError], status: int
+) -> None:
+    sim.faults(script=[step])
+    with pytest.raises(error) as caught:
+        client(sim).create_charge(f"k-{step}", BODY)
+    assert caught.value.status == status
+    retryable = isinstance(caught.value, errors.RetryableProviderError)
+    assert retryable == (step in {"key_in_use", "rate_limit", "error", "bad_body", "unexpected_status"})
+
+
+def test_decline_carries_code_and_provider_charge() -> None:
+    with SimulatorThread(api_key=API_KEY) as thread:
+        sim = Sim(thread.url)
+        body = charge_body(
+            charge_id="c2",
+            amount=500,
+            currency="eur",
+            source="tok_chargeDeclinedInsufficientFunds",
+            description="x",
+            metadata={},
+        )
+        with pytest.raises(errors.CardDeclined) as caught:
+            client(sim).create_charge("k-funds", body)
+    assert caught.value.code == "insufficient_funds"
+    assert caught.value.provider_charge_id and caught.value.provider_charge_id.startswith("ch_")
+
+
+def test_429_carries_retry_after(sim: Sim) -> None:
+    sim.faults(script=["rate_limit"], retry_after_s=7)
+    with pytest.raises(errors.ProviderRateLimited) as caught:
+        client(sim).create_charge("k-429", BODY)
+    assert caught.value.retry_after_s == 7
+
+
+def test_wrong_api_key_is_an_authentication_failure(sim: Sim) -> None:
+    with pytest.raises(errors.AuthenticationFailed, match="PAYMENT_PROVIDER_API_KEY"):
+        client(sim, payment_provider_api_key="sk_wrong_key").create_charge("k-auth", BODY)
+
+
+def test_reset_is_a_connection_error(sim: Sim) -> None:
+    sim.faults(script=["reset"])
+    with pytest.raises(errors.ProviderConnectionError):
+        client(sim).create_charge("k-reset", BODY)
+
+
+def test_nobody_listening_is_a_connection_error() -> None:
+    c = client(Sim("http://127.0.0.1:9"))
+    with pytest.raises(errors.ProviderConnectionError):
+        c.create_charge("k-refused", BODY)
+
+
+def test_timeout_after_charging_then_retry_is_one_charge(sim: Sim) -> None:
+    sim.faults(script=["timeout"], timeout_delay_s=5)
+    c = client(sim, payment_timeout_ms=500, payment_connect_timeout_ms=200)
+    with pytest.raises(errors.ProviderTimeout):
+        c.create_charge("k-timeout", BODY)
+    again = c.create_charge("k-timeout", BODY)
+    assert again.status == "succeeded"
+    assert sim.stats()["charges"] == 1
+    assert sim.stats()["duplicate_charges"] == 0
+
+
+def test_trickling_response_ends_at_the_deadline(sim: Sim) -> None:
+    # Each byte arrives well within a read timeout; only a deadline ends the call.
+    sim.faults(script=["trickle"], trickle_duration_s=6)
+    c = client(sim, payment_timeout_ms=800, payment_connect_timeout_ms=200)
+    started = time.monotonic()
+    with pytest.raises(errors.ProviderTimeout):
+        c.create_charge("k-trickle", BODY)
+    elapsed = time.monotonic() - started
+    assert 0.7 < elapsed < 1.3, f"call took {elapsed:.2f} s; the deadline is 0.8 s"
+
+
+def test_find_charge_by_key(sim: Sim) -> None:
+    c = client(sim)
+    assert c.find_charge("k-none") is None
+    made = c.create_charge("k-find", BODY)
+    found = c.find_charge("k-find")
+    assert found is not None and found.id == made.id

@@ -1,0 +1,61 @@
+"""The charge actor. Its body is the business rule; everything else is middleware."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import dramatiq
+from dramatiq.middleware import CurrentMessage, Middleware
+
+from payq import db, processing
+from payq.broker import get_broker
+from payq.constants import ACTOR_NAME, QUEUE_NAME
+from payq.errors import ConfigError
+from payq.logs import configure_logging
+from payq.settings import get_settings
+
+__all__ = ["broker", "process_charge"]
+
+log = logging.getLogger("payq.worker")
+
+try:
+    settings = get_settings()
+except ConfigError as exc:  # one clear line, not a traceback, under `dramatiq workers` too
+    print(f"payq: {exc}", file=sys.stderr)
+    raise SystemExit(2) from None
+
+
+class PoolGuard(Middleware):  # type: ignore[misc]
+    """Refuses to boot a worker whose threads could outnumber its connection pools."""
+
+    def before_worker_boot(self, broker: Any, worker: Any) -> None:
+        try:
+            settings.check_worker_pools(worker.worker_threads)
+        except ConfigError as exc:
+            log.critical("worker refused to start: %s", exc)
+            raise SystemExit(2) from None
+        db.set_role("worker")
+
+
+configure_logging(settings)
+broker = get_broker()
+broker.add_middleware(CurrentMessage())
+broker.add_middleware(PoolGuard())
+
+
+@dramatiq.actor(  # type: ignore[misc]
+    actor_name=ACTOR_NAME,
+    queue_name=QUEUE_NAME,
+    # Provider retries are payq's own (counted in the database, delayed messages).
+    # Dramatiq's retries cover only the unexpected: the database or Redis blinking.
+    max_retries=3,
+    min_backoff=1000,
+    max_backoff=30_000,
+    throws=(processing.UnknownCharge,),
+    time_limit=settings.charge_lease_s * 1000,
+)
+def process_charge(charge_id: str) -> None:
+    message = CurrentMessage.get_current_message()
+    processing.process_charge(charge_id, message_id=message.message_id if message else None)
