@@ -93,9 +93,7 @@ def make_broker(settings: Settings) -> RedisBroker:
         socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
         health_check_interval=30,
     )
-    broker = RedisBroker(client=client, namespace=settings.payq_namespace)
-    dramatiq.set_encoder(SafeJSONEncoder(client, settings.payq_namespace))
-    return broker
+    return RedisBroker(client=client, namespace=settings.payq_namespace)
 
 
 def get_broker() -> RedisBroker:
@@ -106,6 +104,7 @@ def get_broker() -> RedisBroker:
             if _broker is None:
                 _broker = make_broker(get_settings())
                 dramatiq.set_broker(_broker)
+                dramatiq.set_encoder(SafeJSONEncoder(_broker.client, _broker.namespace))
     return _broker
 
 

@@ -104,10 +104,13 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
 
 
 def cmd_provider_sim(args: argparse.Namespace) -> int:
-    from payq.sim import serve
-    from payq.sim.faults import faults_from_args
+    from payq.sim import serve_from_args
 
-    serve(host=args.host, port=args.port, api_key=args.api_key, faults=faults_from_args(args))
+    _settings()
+    try:
+        serve_from_args(args)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     return 0
 
 
@@ -146,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_enqueue)
 
     p = sub.add_parser("provider-sim", help="run the payment provider simulator")
-    from payq.sim.faults import add_cli_arguments
+    from payq.sim.server import add_cli_arguments
 
     add_cli_arguments(p)
     p.set_defaults(func=cmd_provider_sim)

@@ -108,23 +108,20 @@ class Settings(BaseSettings):
 
     def check_worker_pools(self, threads: int) -> None:
         """Refuse a worker whose threads could need more connections than its pools hold."""
-        for name, size in (
-            ("PAYMENT_POOL_MAX_CONNECTIONS", self.payment_pool_max_connections),
-            ("DATABASE_POOL_MAX_CONNECTIONS", self.database_pool_max_connections),
-        ):
-            if threads > size:
-                raise ConfigError(
-                    f"{threads} worker threads per process exceed {name}={size}: each thread "
-                    f"may hold one connection, so lower the threads or raise {name}"
-                )
-
-
-_PATTERN_HINTS = {
-    "redis_url": "must be a redis:// or rediss:// URL",
-    "database_url": "must be a postgresql:// or postgresql+psycopg2:// URL",
-    "payment_provider_url": "must be an http:// or https:// URL",
-    "payq_namespace": "must be 1-64 letters, digits, '_', '.' or '-'",
-}
+        exceeded = [
+            f"{name}={size}"
+            for name, size in (
+                ("PAYMENT_POOL_MAX_CONNECTIONS", self.payment_pool_max_connections),
+                ("DATABASE_POOL_MAX_CONNECTIONS", self.database_pool_max_connections),
+            )
+            if threads > size
+        ]
+        if exceeded:
+            raise ConfigError(
+                f"{threads} worker threads per process exceed {' and '.join(exceeded)}: each "
+                "thread may hold one connection of each pool, so lower the threads (--threads, "
+                "WORKER_THREADS) or raise the pool"
+            )
 
 
 def _describe(error: dict[str, Any]) -> str:

@@ -1,15 +1,16 @@
-"""The payment provider simulator: /work/shared/provider-api.md over real HTTP, plus faults.
+"""The payment provider simulator: the provider's HTTP contract (provider-api.md) plus faults.
 
 Why aiohttp: the simulator has to abort a connection without answering (a reset,
 with SO_LINGER 0), stream a body that trickles one byte at a time, and hold
 hundreds of slow requests in flight on one event loop; aiohttp gives access to the
 transport and to streamed responses, and runs all of it in one thread.
 
-Order of events for ``POST /v1/charges``: authentication, then an outage window,
-then one script step (or, without a script, the random faults in the order
-reset, rate_limit, error), then validation and the idempotency check, then the
-outcome (decline, or success) and its delivery (normal, timeout, trickle). Latency
-is slept just before answering; a charge claims its key before that sleep, so
+Order of events for ``POST /v1/charges``: authentication, then an outage window
+(neither consumes a script step), then one script step (or, without a script,
+the random faults in the order reset, rate_limit, error), then validation and the
+idempotency check, then the outcome (decline or success, stored) and its delivery
+(normal, timeout, trickle). Replays and 409s are decided on arrival. Latency is
+slept just before answering; a new charge claims its key before that sleep, so
 requests pile up in flight and a second request with the key gets a 409.
 
 The timeout fault charges and stores the outcome *first*, then waits
@@ -635,15 +636,15 @@ async def _create_charge(request: web.Request) -> web.StreamResponse:
     if isinstance(params, web.Response):
         await asyncio.sleep(state.latency_s())
         return params
-    conflict, stored = state.check_key(params)
-    if conflict is not None or stored is not None:
+    conflict, stored = state.check_key(params)  # decided on arrival, answered after latency
+    if stored is not None:
+        record = request.get(_RECORD_KEY)
+        if record is not None:
+            record.replayed = True
         await asyncio.sleep(state.latency_s())
-        if stored is not None:
-            record = request.get(_RECORD_KEY)
-            if record is not None:
-                record.replayed = True
-            return _replay(stored)
-        assert conflict is not None  # for mypy: one of the two is set
+        return _replay(stored)
+    if conflict is not None:
+        await asyncio.sleep(state.latency_s())
         return _key_error(conflict)
     state.claim(params)
     try:
@@ -670,8 +671,12 @@ async def _lookup_by_key(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE_KEY]
     if state.outage_active():
         return await _outage(request, state)
-    await asyncio.sleep(state.latency_s())
-    key = request.query.get("idempotency_key")
+    response = _charge_for_key(state, request.query.get("idempotency_key"))
+    await asyncio.sleep(state.latency_s())  # decided on arrival, like a charge
+    return response
+
+
+def _charge_for_key(state: SimulatorState, key: str | None) -> web.Response:
     if key is None or not SimulatorState.valid_key(key):
         return _invalid("idempotency_key must be 1..255 printable ASCII", "idempotency_key")
     if state.key_in_flight(key):
@@ -686,8 +691,8 @@ async def _get_charge(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE_KEY]
     if state.outage_active():
         return await _outage(request, state)
-    await asyncio.sleep(state.latency_s())
     charge = state.charges.get(request.match_info["charge_id"])
+    await asyncio.sleep(state.latency_s())
     if charge is None:
         return _error(404, "invalid_request_error", message="no such charge", param="id")
     return web.json_response(charge)

@@ -10,6 +10,7 @@ import asyncio
 import re
 import time
 from collections.abc import Callable, Coroutine, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import httpx
@@ -62,9 +63,7 @@ def connect(sim: SimulatorThread, timeout_s: float = 5.0) -> httpx.Client:
     return httpx.Client(base_url=sim.url, headers=AUTH, timeout=timeout_s)
 
 
-def charge(
-    client: httpx.Client, key: str, body: dict[str, Any] | None = None
-) -> httpx.Response:
+def charge(client: httpx.Client, key: str, body: dict[str, Any] | None = None) -> httpx.Response:
     return client.post(
         "/v1/charges", json=BODY if body is None else body, headers={"Idempotency-Key": key}
     )
@@ -172,9 +171,7 @@ def test_body_validation_names_the_param(
 
 def test_a_body_that_is_not_a_json_object_is_refused(client: httpx.Client) -> None:
     for content in (b"not json", b"[1, 2]"):
-        response = client.post(
-            "/v1/charges", content=content, headers={"Idempotency-Key": "k"}
-        )
+        response = client.post("/v1/charges", content=content, headers={"Idempotency-Key": "k"})
         assert response.status_code == 400
         assert response.json()["error"]["type"] == "invalid_request_error"
 
@@ -321,9 +318,7 @@ def test_script_covers_every_step_but_reset() -> None:
 
 
 @pytest.mark.parametrize(("step", "status", "code", "stored"), SCRIPT_EXPECTATIONS)
-def test_script_step(
-    start: Start, step: str, status: int, code: str | None, stored: bool
-) -> None:
+def test_script_step(start: Start, step: str, status: int, code: str | None, stored: bool) -> None:
     sim = start(script=[step], timeout_delay_s=0.2, trickle_duration_s=0.2)
     with connect(sim) as c:
         response = charge(c, "k-script")
@@ -400,9 +395,8 @@ def test_decline_rate_declines_and_stores(start: Start) -> None:
 
 def test_timeout_charges_first_and_a_retry_during_the_wait_is_a_replay(start: Start) -> None:
     sim = start(timeout_rate=1.0, timeout_delay_s=1.5)
-    with connect(sim, timeout_s=0.3) as impatient:
-        with pytest.raises(httpx.ReadTimeout):
-            charge(impatient, "k-slow")
+    with connect(sim, timeout_s=0.3) as impatient, pytest.raises(httpx.ReadTimeout):
+        charge(impatient, "k-slow")
     with connect(sim) as c:
         assert stats(c)["charges"] == 1
         found = lookup(c, "k-slow")
@@ -442,9 +436,9 @@ def test_trickle_sends_headers_at_once_and_the_body_slowly(start: Start) -> None
         assert headers_after_s < 0.3
         assert body_after_s >= 0.8
         assert len(chunks) > 10
-        assert CHARGE_ID.fullmatch(response.json()["id"]) if False else True
         body = httpx.Response(200, content=b"".join(chunks)).json()
         assert body["object"] == "charge"
+        assert CHARGE_ID.fullmatch(body["id"])
         assert stats(c)["charges"] == 1
         assert lookup(c, "k-trickle").json()["id"] == body["id"]
 
@@ -484,9 +478,9 @@ def test_outage_in_reset_mode_drops_connections(start: Start) -> None:
 def test_latency_applies_to_every_v1_answer(start: Start) -> None:
     sim = start(latency_ms=200, latency_jitter_ms=100)
     with connect(sim) as c:
-        for call in (lambda: charge(c, "k-lat"), lambda: lookup(c, "k-lat")):
+        for method, path in (("POST", "/v1/charges"), ("GET", "/v1/charges?idempotency_key=k")):
             began = time.monotonic()
-            call()
+            c.request(method, path, json=BODY, headers={"Idempotency-Key": "k"})
             assert 0.2 <= time.monotonic() - began < 1.0
         began = time.monotonic()
         stats(c)
@@ -499,20 +493,32 @@ def test_latency_applies_to_every_v1_answer(start: Start) -> None:
 def test_250_requests_in_flight_at_once(start: Start) -> None:
     sim = start(latency_ms=1000)
 
-    async def scenario() -> list[int]:
-        limits = httpx.Limits(max_connections=300, max_keepalive_connections=300)
-        async with httpx.AsyncClient(
-            base_url=sim.url, headers=AUTH, timeout=10.0, limits=limits
-        ) as c:
+    async def scenario() -> tuple[list[int], float]:
+        # Several clients: one httpx pool is slow to open hundreds of connections at once.
+        clients = [
+            httpx.AsyncClient(
+                base_url=sim.url,
+                headers=AUTH,
+                timeout=10.0,
+                limits=httpx.Limits(max_connections=25),
+            )
+            for _ in range(10)
+        ]
+        try:
             calls = [
-                c.post("/v1/charges", json=BODY, headers={"Idempotency-Key": f"k-{n}"})
+                clients[n % 10].post(
+                    "/v1/charges", json=BODY, headers={"Idempotency-Key": f"k-{n}"}
+                )
                 for n in range(250)
             ]
-            return [response.status_code for response in await asyncio.gather(*calls)]
+            began = time.monotonic()
+            responses = await asyncio.gather(*calls)
+            return [r.status_code for r in responses], time.monotonic() - began
+        finally:
+            for c in clients:
+                await c.aclose()
 
-    began = time.monotonic()
-    statuses = run(scenario())
-    elapsed_s = time.monotonic() - began
+    statuses, elapsed_s = run(scenario())
     assert statuses == [200] * 250
     assert elapsed_s < 4.0
     with connect(sim) as c:
@@ -537,7 +543,9 @@ def test_concurrent_same_key_requests_charge_once(start: Start) -> None:
             return list(await asyncio.gather(*calls))
 
     responses = run(scenario())
-    created = [r for r in responses if r.status_code == 200 and "Idempotent-Replayed" not in r.headers]
+    created = [
+        r for r in responses if r.status_code == 200 and "Idempotent-Replayed" not in r.headers
+    ]
     assert len(created) == 1
     assert all(r.status_code in (200, 409) for r in responses)
     with connect(sim) as c:
@@ -622,3 +630,35 @@ def test_simulator_thread_helpers() -> None:
     sim.stop()  # stopping twice is harmless
     with pytest.raises(ValueError, match="api_key"):
         SimulatorThread("")
+
+
+def test_a_client_hanging_up_mid_trickle_gets_no_answer_but_is_charged(start: Start) -> None:
+    sim = start(script=["trickle"], trickle_duration_s=3.0)
+    with connect(sim, timeout_s=5.0) as c:
+        with c.stream(
+            "POST", "/v1/charges", json=BODY, headers={"Idempotency-Key": "k-gone"}
+        ) as response:
+            assert response.status_code == 200
+            next(response.iter_raw())
+        # Leaving the block closes the connection half way through the body.
+        wait_for(lambda: stats(c)["in_flight"] == 0)
+        assert attempts(c, "k-gone")[0]["status"] is None
+        assert stats(c)["charges"] == 1
+        assert charge(c, "k-gone").headers["Idempotent-Replayed"] == "true"
+
+
+def test_stop_is_quick_while_a_client_still_waits(start: Start) -> None:
+    sim = start(timeout_rate=1.0, timeout_delay_s=30.0)
+    with ThreadPoolExecutor(1) as pool, connect(sim, timeout_s=30.0) as c:
+        waiting = pool.submit(charge, c, "k-stop")
+        wait_for(lambda: sim.state.stats()["charges"] == 1)
+        began = time.monotonic()
+        sim.stop()
+        assert time.monotonic() - began < 3.0
+        with pytest.raises(httpx.TransportError):
+            waiting.result(timeout=5.0)
+
+
+def test_start_reports_a_port_in_use(sim: SimulatorThread) -> None:
+    with pytest.raises(OSError):
+        SimulatorThread(API_KEY, port=sim.port).start()
