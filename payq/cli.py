@@ -115,9 +115,9 @@ def cmd_provider_sim(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from payq.demo import run_demo
+    from payq.ops.demo import run_demo
 
-    return run_demo(charges=args.charges)
+    return run_demo(charges_total=args.charges)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,120 @@
+"""The relay against real PostgreSQL and Redis: it publishes what is lost, and only that."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+import redis
+from sqlalchemy import text
+
+from payq.db import transaction
+from producers import enqueue_charge
+from producers.relay import relay_once
+from tests.conftest import NAMESPACE, REDIS_URL
+from tests.helpers import charge
+
+pytestmark = pytest.mark.usefixtures("clean")
+
+
+def client() -> redis.Redis:
+    return redis.Redis.from_url(REDIS_URL)
+
+
+def queued(queue: str = "charges") -> list[str]:
+    r = client()
+    try:
+        return [json.loads(p)["args"][0] for p in r.hvals(f"{NAMESPACE}:{queue}.msgs")]
+    finally:
+        r.close()
+
+
+def age(seconds: int) -> None:
+    with transaction() as conn:
+        conn.execute(
+            text(
+                "UPDATE charges SET created_at = created_at - make_interval(secs => :s), "
+                "published_at = published_at - make_interval(secs => :s), "
+                "next_attempt_at = next_attempt_at - make_interval(secs => :s)"
+            ),
+            {"s": seconds},
+        )
+
+
+def test_a_queued_charge_is_left_alone() -> None:
+    c = enqueue_charge(100, "usd", "tok_visa", "relay-1")
+    age(60)
+    result = relay_once()
+    assert (result.checked, result.republished) == (1, 0)
+    assert queued() == [str(c.id)]
+
+
+def test_a_charge_whose_message_was_lost_is_published_again() -> None:
+    c = enqueue_charge(100, "usd", "tok_visa", "relay-2")
+    r = client()
+    r.delete(f"{NAMESPACE}:charges", f"{NAMESPACE}:charges.msgs")  # Redis lost it
+    r.close()
+    assert relay_once().republished == 0  # too recent: the producer may still publish
+    age(60)
+    assert relay_once().republished == 1
+    assert queued() == [str(c.id)]
+    assert charge(c.id).message_id != c.message_id
+    assert relay_once().checked == 0  # stamped: not looked at again at once
+
+
+def test_an_expired_lease_is_published_once() -> None:
+    c = enqueue_charge(100, "usd", "tok_visa", "relay-3")
+    with transaction() as conn:
+        conn.execute(
+            text(
+                "UPDATE charges SET status = 'processing', attempts = 1, "
+                "lease_expires_at = now() - interval '1 s'"
+            )
+        )
+    first, second = relay_once(), relay_once()
+    assert (first.lease_expired, second.lease_expired) == (1, 0)
+    assert queued().count(str(c.id)) == 2  # the original delivery and the takeover
+
+
+def test_an_overdue_retry_whose_delayed_message_was_lost_is_published() -> None:
+    c = enqueue_charge(100, "usd", "tok_visa", "relay-4")
+    with transaction() as conn:
+        conn.execute(
+            text(
+                "UPDATE charges SET status = 'retrying', next_attempt_at = now(), "
+                "message_id = 'lost', published_at = now()"
+            )
+        )
+    assert relay_once().republished == 0  # not overdue long enough yet
+    age(60)
+    assert relay_once().republished == 1
+    assert str(c.id) in queued()
+
+
+def test_final_charges_are_never_published() -> None:
+    enqueue_charge(100, "usd", "tok_visa", "relay-5")
+    with transaction() as conn:
+        conn.execute(text("UPDATE charges SET status = 'succeeded'"))
+    age(3600)
+    assert relay_once().checked == 0
+
+
+def test_relays_running_side_by_side_publish_each_charge_once() -> None:
+    from producers import enqueue_charges
+
+    made = enqueue_charges(
+        [{"amount": 1, "currency": "usd", "source": "tok_visa", "idempotency_key": f"p-{i}"} for i in range(300)]
+    )
+    r = client()
+    r.delete(f"{NAMESPACE}:charges", f"{NAMESPACE}:charges.msgs")
+    r.close()
+    age(60)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(relay_once())) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(x.republished for x in results) == 300
+    assert sorted(queued()) == sorted(str(c.id) for c in made)
