@@ -13,9 +13,53 @@ from collections.abc import Iterator
 
 import pytest
 
+from payq.devservices import (
+    DevServiceError,
+    ThrowawayPostgres,
+    ThrowawayRedis,
+    postgres_answers,
+    redis_answers,
+)
+
 TEST_DB = f"payq_test_{os.getpid()}"
 PG_SERVER = os.environ.get("PAYQ_TEST_POSTGRES", "postgresql+psycopg2://postgres@127.0.0.1:5432")
 REDIS_URL = os.environ.get("PAYQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def _start_missing_services() -> list[str]:
+    """Where a configured server does not answer, start a throwaway one if we can.
+
+    Returns what is still missing, with what to start; the suite then stops there.
+    """
+    global PG_SERVER, REDIS_URL
+    missing = []
+    if not postgres_answers(f"{PG_SERVER}/postgres"):
+        try:
+            pg = ThrowawayPostgres()
+            pg.start()
+            PG_SERVER = f"postgresql+psycopg2://postgres@127.0.0.1:{pg.port}"
+            print(f"PostgreSQL did not answer: the suite uses a throwaway server at {PG_SERVER}")
+        except DevServiceError as exc:
+            missing.append(
+                f"PostgreSQL does not answer at {PG_SERVER} and none can be started ({exc}): "
+                "start it (pg_ctlcluster --skip-systemctl-redirect 15 main start) or set "
+                "PAYQ_TEST_POSTGRES"
+            )
+    if not redis_answers(REDIS_URL):
+        try:
+            throwaway = ThrowawayRedis()
+            throwaway.start()
+            REDIS_URL = throwaway.url
+            print(f"Redis did not answer: the suite uses a throwaway server at {REDIS_URL}")
+        except DevServiceError as exc:
+            missing.append(
+                f"Redis does not answer at {REDIS_URL} and none can be started ({exc}): start it "
+                "(redis-server --daemonize yes --bind 127.0.0.1) or set PAYQ_TEST_REDIS_URL"
+            )
+    return missing
+
+
+MISSING = _start_missing_services()
 NAMESPACE = f"payq-test-{uuid.uuid4().hex[:8]}"
 API_KEY = "sk_test_" + uuid.uuid4().hex
 
@@ -42,21 +86,8 @@ os.environ.update(TEST_ENV)
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
-    from payq.devservices import postgres_answers, redis_answers
-
-    problems = []
-    if not postgres_answers(f"{PG_SERVER}/postgres"):
-        problems.append(
-            f"PostgreSQL does not answer at {PG_SERVER}: start it (e.g. pg_ctlcluster "
-            "--skip-systemctl-redirect 15 main start) or set PAYQ_TEST_POSTGRES"
-        )
-    if not redis_answers(REDIS_URL):
-        problems.append(
-            f"Redis does not answer at {REDIS_URL}: start it (e.g. redis-server --daemonize yes "
-            "--bind 127.0.0.1) or set PAYQ_TEST_REDIS_URL"
-        )
-    if problems:
-        pytest.exit("the test suite needs real services:\n  " + "\n  ".join(problems), returncode=3)
+    if MISSING:
+        pytest.exit("the test suite needs real services:\n  " + "\n  ".join(MISSING), returncode=3)
 
 
 @pytest.fixture(scope="session")

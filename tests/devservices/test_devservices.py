@@ -25,18 +25,6 @@ from payq.devservices import (
 )
 
 
-def _have_postgres() -> bool:
-    try:
-        devservices._pg_bindir()
-    except DevServiceError:
-        return False
-    return True
-
-
-needs_redis = pytest.mark.skipif(shutil.which("redis-server") is None, reason="no redis-server")
-needs_postgres = pytest.mark.skipif(not _have_postgres(), reason="no PostgreSQL server binaries")
-
-
 @pytest.fixture(scope="module")
 def pg() -> Iterator[ThrowawayPostgres]:
     with ThrowawayPostgres(max_connections=50) as server:
@@ -66,7 +54,6 @@ def test_nothing_answers_on_a_free_port() -> None:
     assert not postgres_answers(f"postgresql+psycopg2://postgres@127.0.0.1:{port}/payq")
 
 
-@needs_redis
 def test_redis_restart_wipes_data_on_the_same_port() -> None:
     with ThrowawayRedis() as server:
         assert server.url == f"redis://127.0.0.1:{server.port}/0"
@@ -90,7 +77,6 @@ def test_redis_restart_wipes_data_on_the_same_port() -> None:
     assert not workdir.exists()
 
 
-@needs_redis
 def test_redis_refuses_a_port_in_use() -> None:
     with ThrowawayRedis() as first:
         with pytest.raises(DevServiceError, match="already in use"):
@@ -111,7 +97,6 @@ def test_postgres_missing_binaries(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
         ThrowawayPostgres().start()
 
 
-@needs_postgres
 def test_postgres_create_database_connect_and_answer(pg: ThrowawayPostgres) -> None:
     assert pg.dsn() == f"postgresql+psycopg2://postgres@127.0.0.1:{pg.port}/postgres"
     dsn = pg.create_database("payq_test")
@@ -124,7 +109,6 @@ def test_postgres_create_database_connect_and_answer(pg: ThrowawayPostgres) -> N
     assert postgres_answers(f"postgresql://postgres@127.0.0.1:{pg.port}/postgres")  # libpq URL
 
 
-@needs_postgres
 def test_ensure_database_is_idempotent_and_quotes(pg: ThrowawayPostgres) -> None:
     odd = 'pay "q"; DROP DATABASE postgres'
     dsn = f"postgresql+psycopg2://postgres@127.0.0.1:{pg.port}/{odd.replace(' ', '%20')}"
@@ -136,7 +120,6 @@ def test_ensure_database_is_idempotent_and_quotes(pg: ThrowawayPostgres) -> None
     assert {odd, "postgres"} <= names
 
 
-@needs_postgres
 def test_postgres_restart_keeps_data_on_the_same_port(pg: ThrowawayPostgres) -> None:
     dsn = pg.create_database("restart_test")
     _query(dsn, "CREATE TABLE charges (id int PRIMARY KEY); INSERT INTO charges VALUES (1)")
@@ -150,7 +133,6 @@ def test_postgres_restart_keeps_data_on_the_same_port(pg: ThrowawayPostgres) -> 
     assert _query(dsn, "SELECT id FROM charges") == [(1,)]
 
 
-@needs_postgres
 def test_postgres_stop_removes_everything() -> None:
     server = ThrowawayPostgres()
     server.start()
