@@ -40,7 +40,7 @@ _lock = threading.Lock()
 _broker: RedisBroker | None = None
 
 
-class SafeJSONEncoder(JSONEncoder):  # type: ignore[misc]
+class SafeJSONEncoder(JSONEncoder):
     """Dramatiq's JSON encoder, except that an undecodable message is not fatal.
 
     Dramatiq's Redis consumer decodes a message before it knows how to reject it;
@@ -93,7 +93,7 @@ def make_broker(settings: Settings) -> RedisBroker:
         socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
         health_check_interval=30,
     )
-    return RedisBroker(client=client, namespace=settings.payq_namespace)
+    return RedisBroker(client=client, namespace=settings.payq_namespace)  # type: ignore[no-untyped-call]
 
 
 def get_broker() -> RedisBroker:

@@ -15,15 +15,15 @@ import threading
 from collections.abc import Callable, Sequence
 
 from payq.errors import ChargeInputError, ConfigError, IdempotencyConflict, ServiceUnavailable
+from payq.settings import Settings, get_settings
 
 __all__ = ["main"]
 
 Command = Callable[[argparse.Namespace], int]
 
 
-def _settings():  # type: ignore[no-untyped-def]
+def _settings() -> Settings:
     from payq.logs import configure_logging
-    from payq.settings import get_settings
 
     settings = get_settings()
     configure_logging(settings)
@@ -42,7 +42,10 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         migrate(engine)
     finally:
         engine.dispose()
-    print(("created the database and " if created else "") + "migrated the schema to the newest revision")
+    print(
+        ("created the database and " if created else "")
+        + "migrated the schema to the newest revision"
+    )
     return 0
 
 

@@ -225,50 +225,63 @@ def _record(
             )
         )
         if isinstance(outcome, ProviderCharge):
-            result, done = Result.SUCCEEDED, _finish(
-                conn, claim, S.SUCCEEDED, provider_charge_id=outcome.id
+            result, done = (
+                Result.SUCCEEDED,
+                _finish(conn, claim, S.SUCCEEDED, provider_charge_id=outcome.id),
             )
         elif isinstance(outcome, CardDeclined):
-            result, done = Result.FAILED, _finish(
-                conn,
-                claim,
-                S.FAILED,
-                provider_charge_id=outcome.provider_charge_id,
-                decline_code=outcome.code,
-                **_error_fields(outcome),
+            result, done = (
+                Result.FAILED,
+                _finish(
+                    conn,
+                    claim,
+                    S.FAILED,
+                    provider_charge_id=outcome.provider_charge_id,
+                    decline_code=outcome.code,
+                    **_error_fields(outcome),
+                ),
             )
         elif isinstance(outcome, FinalProviderError):
-            result, done = Result.DEAD, _finish(
-                conn,
-                claim,
-                S.DEAD,
-                dead_reason=f"{outcome.error_class}: {outcome}",
-                **_error_fields(outcome),
+            result, done = (
+                Result.DEAD,
+                _finish(
+                    conn,
+                    claim,
+                    S.DEAD,
+                    dead_reason=f"{outcome.error_class}: {outcome}",
+                    **_error_fields(outcome),
+                ),
             )
         elif isinstance(outcome, RetryableProviderError) and policy.exhausted(claim.attempt):
-            result, done = Result.DEAD, _finish(
-                conn,
-                claim,
-                S.DEAD,
-                dead_reason=(
-                    f"attempts exhausted ({claim.attempt} of {policy.max_attempts}); last "
-                    f"error {outcome.error_class}: {outcome}"
+            result, done = (
+                Result.DEAD,
+                _finish(
+                    conn,
+                    claim,
+                    S.DEAD,
+                    dead_reason=(
+                        f"attempts exhausted ({claim.attempt} of {policy.max_attempts}); last "
+                        f"error {outcome.error_class}: {outcome}"
+                    ),
+                    **_error_fields(outcome),
                 ),
-                **_error_fields(outcome),
             )
         else:
             assert isinstance(outcome, RetryableProviderError)
             delay_s = policy.delay_s(claim.attempt, outcome.retry_after_s)
             message_id = new_message_id()
             publish_delay_ms = int(delay_s * 1000) + 1
-            result, done = Result.RETRYING, _finish(
-                conn,
-                claim,
-                S.RETRYING,
-                next_attempt_at=func.now() + dt.timedelta(milliseconds=publish_delay_ms),
-                message_id=message_id,
-                published_at=func.now(),
-                **_error_fields(outcome),
+            result, done = (
+                Result.RETRYING,
+                _finish(
+                    conn,
+                    claim,
+                    S.RETRYING,
+                    next_attempt_at=func.now() + dt.timedelta(milliseconds=publish_delay_ms),
+                    message_id=message_id,
+                    published_at=func.now(),
+                    **_error_fields(outcome),
+                ),
             )
     extra = _extra(claim, result.value, latency_ms=latency_ms, error=error)
     if not done:
@@ -321,9 +334,17 @@ def _publish_quietly(cid: uuid.UUID, message_id: str, delay_ms: int) -> None:
 
 
 def _extra(
-    claim: _Claim, outcome: str, *, latency_ms: int | None = None, error: ProviderError | None = None
+    claim: _Claim,
+    outcome: str,
+    *,
+    latency_ms: int | None = None,
+    error: ProviderError | None = None,
 ) -> dict[str, Any]:
-    extra: dict[str, Any] = {"charge_id": str(claim.id), "attempt": claim.attempt, "outcome": outcome}
+    extra: dict[str, Any] = {
+        "charge_id": str(claim.id),
+        "attempt": claim.attempt,
+        "outcome": outcome,
+    }
     if latency_ms is not None:
         extra["latency_ms"] = latency_ms
     if error is not None:

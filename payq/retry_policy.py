@@ -33,7 +33,10 @@ class RetryPolicy:
         return attempts_made >= self.max_attempts
 
     def delay_s(
-        self, attempts_made: int, retry_after_s: float | None = None, rng: random.Random | None = None
+        self,
+        attempts_made: int,
+        retry_after_s: float | None = None,
+        rng: random.Random | None = None,
     ) -> float:
         """The wait before attempt ``attempts_made + 1``."""
         exponent = min(max(attempts_made - 1, 0), 32)

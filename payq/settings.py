@@ -7,6 +7,7 @@ allowed; ``.env.example`` lists every variable with its default.
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, model_validator
@@ -124,7 +125,15 @@ class Settings(BaseSettings):
             )
 
 
-def _describe(error: dict[str, Any]) -> str:
+_PATTERN_HINTS = {
+    "redis_url": "must be a redis:// or rediss:// URL",
+    "database_url": "must be a postgresql:// or postgresql+psycopg2:// URL",
+    "payment_provider_url": "must be an http:// or https:// URL",
+    "payq_namespace": "must be 1-64 letters, digits, '_', '.' or '-'",
+}
+
+
+def _describe(error: Mapping[str, Any]) -> str:
     loc = [str(part) for part in error.get("loc", ()) if part != "__root__"]
     message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
     if not loc:  # a model-level check: its message already names the variable
@@ -141,7 +150,7 @@ def load_settings(**overrides: Any) -> Settings:
     try:
         return Settings(**overrides)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc.errors()[0])) from None
+        raise ConfigError(_describe(dict(exc.errors()[0]))) from None
 
 
 @functools.lru_cache(maxsize=1)

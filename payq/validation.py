@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
+
 from payq.errors import ChargeInputError, RawCardNumberError
 
 __all__ = ["ChargeRequest", "looks_like_card_number", "validate_charge"]
@@ -24,7 +25,7 @@ ISO_4217 = frozenset(
     pyg qar ron rsd rub rwf sar sbd scr sdg sek sgd shp sle sll sos srd ssp stn svc syp szl thb
     tjs tmt tnd top try ttd twd tzs uah ugx usd usn uyi uyu uyw uzs ved ves vnd vuv wst xaf xcd
     xcg xof xpf yer zar zmw zwg zwl
-    """.split()
+    """.split()  # noqa: SIM905 - a word list reads better than 180 quoted strings
 )
 
 METADATA_MAX_KEYS = 50
@@ -32,10 +33,10 @@ METADATA_MAX_KEY_CHARS = 40
 METADATA_MAX_VALUE_CHARS = 500
 METADATA_MAX_BYTES = 8192
 DESCRIPTION_MAX_CHARS = 1000
-_TOKEN = re.compile(r"^[A-Za-z0-9_\-.:]{3,255}$")
-_KEY = re.compile(r"^[\x20-\x7e]{1,255}$")
-# 13-19 digits, optionally grouped by single spaces or dashes.
-_CARD_CANDIDATE = re.compile(r"(?<!\d)\d(?:[ -]?\d){12,18}(?!\d)")
+_TOKEN = re.compile(r"[A-Za-z0-9_\-.:]{3,255}")
+_KEY = re.compile(r"[\x20-\x7e]{1,255}")
+# Runs of digit groups joined by single spaces or dashes ("4242 4242 4242 4242 123").
+_DIGIT_RUN = re.compile(r"\d+(?:[ -]\d+)*")
 
 
 def _luhn_ok(digits: str) -> bool:
@@ -49,11 +50,22 @@ def _luhn_ok(digits: str) -> bool:
 
 
 def looks_like_card_number(value: str) -> bool:
-    """True when ``value`` contains 13-19 digits (spaces/dashes allowed) passing Luhn."""
-    for match in _CARD_CANDIDATE.finditer(value):
-        digits = re.sub(r"[ -]", "", match.group())
-        if 13 <= len(digits) <= 19 and _luhn_ok(digits):
-            return True
+    """True when ``value`` contains 13-19 digits (spaces/dashes allowed) passing Luhn.
+
+    Within a run of digit groups, every stretch of whole groups holding 13-19 digits is
+    checked, so a number followed by a CVV or an expiry ("4242 4242 4242 4242 123") is
+    still found; one unbroken run of more than 19 digits (an order number) is not a card.
+    """
+    for run in _DIGIT_RUN.finditer(value):
+        groups = re.split(r"[ -]", run.group())
+        for start in range(len(groups)):
+            digits = ""
+            for group in groups[start:]:
+                digits += group
+                if len(digits) > 19:
+                    break
+                if len(digits) >= 13 and _luhn_ok(digits):
+                    return True
     return False
 
 
@@ -91,10 +103,13 @@ def validate_charge(
     """Return the normalised request or raise ``ChargeInputError`` naming the field."""
     if isinstance(amount, bool) or not isinstance(amount, int):
         raise ChargeInputError(
-            "amount", f"must be an integer number of minor units (cents), got {type(amount).__name__}"
+            "amount",
+            f"must be an integer number of minor units (cents), got {type(amount).__name__}",
         )
     if not 1 <= amount <= max_amount:
-        raise ChargeInputError("amount", f"must be between 1 and {max_amount} minor units, got {amount}")
+        raise ChargeInputError(
+            "amount", f"must be between 1 and {max_amount} minor units, got {amount}"
+        )
 
     if not isinstance(currency, str) or currency.lower() not in ISO_4217:
         raise ChargeInputError(
@@ -104,14 +119,14 @@ def validate_charge(
     if not isinstance(source, str):
         raise ChargeInputError("source", "must be a payment token string such as 'tok_visa'")
     _refuse_card("source", source)
-    if not _TOKEN.match(source):
+    if not _TOKEN.fullmatch(source):
         raise ChargeInputError(
             "source",
             "must be a payment token issued by the provider (3-255 letters, digits, '_', '-', "
             "'.', ':')",
         )
 
-    if not isinstance(idempotency_key, str) or not _KEY.match(idempotency_key):
+    if not isinstance(idempotency_key, str) or not _KEY.fullmatch(idempotency_key):
         raise ChargeInputError(
             "idempotency_key", "must be 1-255 printable ASCII characters (no control characters)"
         )
@@ -147,11 +162,13 @@ def _validate_metadata(metadata: object) -> dict[str, str]:
             raise ChargeInputError(
                 "metadata", f"keys must be strings of 1-{METADATA_MAX_KEY_CHARS} characters"
             )
+        _refuse_card("metadata", key)
         if key == "charge_id":
             raise ChargeInputError("metadata", "'charge_id' is reserved: payq sets it")
         if not isinstance(value, str) or len(value) > METADATA_MAX_VALUE_CHARS:
             raise ChargeInputError(
-                f"metadata.{key}", f"must be a string of at most {METADATA_MAX_VALUE_CHARS} characters"
+                f"metadata.{key}",
+                f"must be a string of at most {METADATA_MAX_VALUE_CHARS} characters",
             )
         _refuse_card(f"metadata.{key}", value)
         clean[key] = value

@@ -19,12 +19,13 @@ import datetime as dt
 import logging
 import threading
 import time
-
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 from dramatiq.brokers.redis import RedisBroker
-from sqlalchemy import and_, case, func, or_, select, update
+from sqlalchemy import Row, and_, case, func, or_, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
@@ -79,7 +80,9 @@ def relay_once(settings: Settings | None = None, broker: RedisBroker | None = No
             return RelayPass(0, 0, 0)
         expired = [r.id for r in rows if r.status == S.PROCESSING]
         waiting = [r for r in rows if r.status != S.PROCESSING]
-        lost = [r.id for r, queued in zip(waiting, _queued(broker, waiting), strict=True) if not queued]
+        lost = [
+            r.id for r, queued in zip(waiting, _queued(broker, waiting), strict=True) if not queued
+        ]
         fresh = {cid: new_message_id() for cid in [*expired, *lost]}
         publish(fresh.items(), broker=broker)
         conn.execute(
@@ -107,13 +110,13 @@ def relay_once(settings: Settings | None = None, broker: RedisBroker | None = No
     return result
 
 
-def _queued(broker: RedisBroker, rows: list[object]) -> list[bool]:
+def _queued(broker: RedisBroker, rows: Sequence[Row[Any, Any, Any]]) -> list[bool]:
     """Whether each row's last message is still in Redis (ready, delayed or in flight)."""
     if not rows:
         return []
     with broker.client.pipeline(transaction=False) as pipe:
         for row in rows:
-            message_id = getattr(row, "message_id", None) or "-"
+            message_id = row.message_id or "-"
             pipe.hexists(f"{broker.namespace}:{QUEUE_NAME}.msgs", message_id)
             pipe.hexists(f"{broker.namespace}:{QUEUE_NAME}.DQ.msgs", message_id)
         found = pipe.execute()
@@ -126,7 +129,10 @@ def run_relay(stop: threading.Event | None = None, settings: Settings | None = N
     stop = stop or threading.Event()
     log.info(
         "relay started",
-        extra={"interval_s": settings.relay_interval_s, "stale_after_s": settings.relay_stale_after_s},
+        extra={
+            "interval_s": settings.relay_interval_s,
+            "stale_after_s": settings.relay_stale_after_s,
+        },
     )
     while not stop.is_set():
         started = time.monotonic()
@@ -139,6 +145,3 @@ def run_relay(stop: threading.Event | None = None, settings: Settings | None = N
         if not busy:
             stop.wait(max(0.0, settings.relay_interval_s - (time.monotonic() - started)))
     log.info("relay stopped")
-
-
-

@@ -61,4 +61,6 @@ class PayqProcess:
         if exc_type is None:
             self.log.unlink(missing_ok=True)
         else:
-            sys.stderr.write(f"--- output of payq {' '.join(self.args)} ---\n{self.output()[-6000:]}\n")
+            sys.stderr.write(
+                f"--- output of payq {' '.join(self.args)} ---\n{self.output()[-6000:]}\n"
+            )

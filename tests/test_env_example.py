@@ -27,4 +27,6 @@ def test_listed_defaults_are_the_real_defaults() -> None:
     for name, value in example().items():
         default = Settings.model_fields[name.lower()].default
         expected = "" if default is None else str(default)
-        assert value == expected, f"{name}: .env.example says {value!r}, the default is {expected!r}"
+        assert value == expected, (
+            f"{name}: .env.example says {value!r}, the default is {expected!r}"
+        )

@@ -77,7 +77,9 @@ def test_decline_is_failed_final_not_retried(h: Harness) -> None:
         ("key_reused", "idempotency_key_reused"),
     ],
 )
-def test_final_errors_go_dead_at_once_with_the_reason(h: Harness, step: str, error_class: str) -> None:
+def test_final_errors_go_dead_at_once_with_the_reason(
+    h: Harness, step: str, error_class: str
+) -> None:
     h.sim.faults(script=[step])
     cid = h.enqueue()
     assert h.run(cid) is Result.DEAD
@@ -87,7 +89,9 @@ def test_final_errors_go_dead_at_once_with_the_reason(h: Harness, step: str, err
     assert [a["error_class"] for a in attempts(cid)] == [error_class]
 
 
-@pytest.mark.parametrize("step", ["error", "rate_limit", "key_in_use", "timeout", "reset", "bad_body"])
+@pytest.mark.parametrize(
+    "step", ["error", "rate_limit", "key_in_use", "timeout", "reset", "bad_body"]
+)
 def test_retryable_outcomes_schedule_a_retry_then_succeed(h: Harness, step: str) -> None:
     h.sim.faults(script=[step], timeout_delay_s=3)
     cid = h.enqueue()

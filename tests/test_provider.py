@@ -76,7 +76,9 @@ def test_each_answer_maps_to_its_outcome(
         client(sim).create_charge(f"k-{step}", BODY)
     assert caught.value.status == status
     retryable = isinstance(caught.value, errors.RetryableProviderError)
-    assert retryable == (step in {"key_in_use", "rate_limit", "error", "bad_body", "unexpected_status"})
+    assert retryable == (
+        step in {"key_in_use", "rate_limit", "error", "bad_body", "unexpected_status"}
+    )
 
 
 def test_decline_carries_code_and_provider_charge() -> None:

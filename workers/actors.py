@@ -27,7 +27,7 @@ except ConfigError as exc:  # one clear line, not a traceback, under `dramatiq w
     raise SystemExit(2) from None
 
 
-class PoolGuard(Middleware):  # type: ignore[misc]
+class PoolGuard(Middleware):
     """Refuses to boot a worker whose threads could outnumber its connection pools."""
 
     def before_worker_boot(self, broker: Any, worker: Any) -> None:
@@ -45,7 +45,7 @@ broker.add_middleware(CurrentMessage())
 broker.add_middleware(PoolGuard())
 
 
-@dramatiq.actor(  # type: ignore[misc]
+@dramatiq.actor(
     actor_name=ACTOR_NAME,
     queue_name=QUEUE_NAME,
     # Provider retries are payq's own (counted in the database, delayed messages).

@@ -124,11 +124,12 @@ def _run(env: _Env, total: int, workdir: Path, run: str) -> int:
     logs = {name: workdir / f"{name}.log" for name in ("provider-sim", "worker", "relay")}
     for path in logs.values():
         path.write_bytes(b"")
-    children = [
-        Supervised("provider-sim", ["provider-sim", "--port", str(port), *FAULTS], child_env, logs["provider-sim"]),
-        Supervised("worker", ["worker", "--processes", "2", "--threads", "4"], child_env, logs["worker"]),
-        Supervised("relay", ["relay"], child_env, logs["relay"]),
-    ]  # fmt: skip
+    commands = {
+        "provider-sim": ["provider-sim", "--port", str(port), *FAULTS],
+        "worker": ["worker", "--processes", "2", "--threads", "4"],
+        "relay": ["relay"],
+    }
+    children = [Supervised(name, argv, child_env, logs[name]) for name, argv in commands.items()]
     try:
         children[0].start()
         _wait_for_http(f"{sim_url}/_stats")

@@ -85,7 +85,9 @@ def test_undecodable_message_is_dead_lettered_and_the_worker_keeps_serving(sim: 
     garbage_id = "garbage-" + uuid.uuid4().hex
     client.hset(f"{NAMESPACE}:charges.msgs", garbage_id, b"\x00not json at all")
     client.rpush(f"{NAMESPACE}:charges", garbage_id)
-    with PayqProcess("worker", "--processes", "1", "--threads", "2", env={"PAYMENT_PROVIDER_URL": sim.url}) as worker:
+    with PayqProcess(
+        "worker", "--processes", "1", "--threads", "2", env={"PAYMENT_PROVIDER_URL": sim.url}
+    ) as worker:
         wait_until(
             lambda: client.zscore(f"{NAMESPACE}:charges.XQ", garbage_id) is not None,
             20,
@@ -104,7 +106,9 @@ def test_message_for_a_charge_that_does_not_exist_is_dead_lettered(sim: Sim) -> 
     missing = uuid.uuid4()
     publish([(missing, "m-" + uuid.uuid4().hex)])
     client = redis.Redis.from_url(REDIS_URL)
-    with PayqProcess("worker", "--processes", "1", "--threads", "1", env={"PAYMENT_PROVIDER_URL": sim.url}):
+    with PayqProcess(
+        "worker", "--processes", "1", "--threads", "1", env={"PAYMENT_PROVIDER_URL": sim.url}
+    ):
         wait_until(lambda: client.zcard(f"{NAMESPACE}:charges.XQ") == 1, 20, "the dead letter")
         ids = enqueue(3)
         wait_until(lambda: all_final(ids), 20, "later charges to complete")

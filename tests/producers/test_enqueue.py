@@ -80,7 +80,12 @@ def test_caller_transaction_rolled_back_leaves_no_charge_and_no_message() -> Non
 def test_batch_is_one_transaction() -> None:
     made = enqueue_charges(
         [
-            {"amount": 100 + i, "currency": "usd", "source": "tok_visa", "idempotency_key": f"b-{i}"}
+            {
+                "amount": 100 + i,
+                "currency": "usd",
+                "source": "tok_visa",
+                "idempotency_key": f"b-{i}",
+            }
             for i in range(50)
         ]
     )
@@ -98,7 +103,9 @@ def test_batch_is_one_transaction() -> None:
 
 
 def test_batch_repeating_a_key_returns_existing_and_refuses_conflicts() -> None:
-    [a] = enqueue_charges([{"amount": 1, "currency": "usd", "source": "tok_a1", "idempotency_key": "k"}])
+    [a] = enqueue_charges(
+        [{"amount": 1, "currency": "usd", "source": "tok_a1", "idempotency_key": "k"}]
+    )
     again = enqueue_charges(
         [
             {"amount": 1, "currency": "usd", "source": "tok_a1", "idempotency_key": "k"},
@@ -107,7 +114,9 @@ def test_batch_repeating_a_key_returns_existing_and_refuses_conflicts() -> None:
     )
     assert again[0].id == a.id and row_count() == 2
     with pytest.raises(IdempotencyConflict):
-        enqueue_charges([{"amount": 9, "currency": "usd", "source": "tok_a1", "idempotency_key": "k"}])
+        enqueue_charges(
+            [{"amount": 9, "currency": "usd", "source": "tok_a1", "idempotency_key": "k"}]
+        )
 
 
 BAD_INPUT: list[tuple[dict[str, Any], type[Exception], str]] = [

@@ -104,7 +104,10 @@ def test_relays_running_side_by_side_publish_each_charge_once() -> None:
     from producers import enqueue_charges
 
     made = enqueue_charges(
-        [{"amount": 1, "currency": "usd", "source": "tok_visa", "idempotency_key": f"p-{i}"} for i in range(300)]
+        [
+            {"amount": 1, "currency": "usd", "source": "tok_visa", "idempotency_key": f"p-{i}"}
+            for i in range(300)
+        ]
     )
     r = client()
     r.delete(f"{NAMESPACE}:charges", f"{NAMESPACE}:charges.msgs")
