@@ -1,0 +1,315 @@
+"""The deployment files, checked without a Docker engine.
+
+``docker-compose.yml`` is parsed and checked for what payq relies on: persistence,
+loopback-only ports, a worker that restarts, drains and scales, commands the ``payq`` CLI
+accepts and environment variables that are real settings. Where a Docker Compose v2
+client is installed, ``docker compose config`` validates the file against the Compose
+specification as well. The Dockerfile's entry point and user are checked too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from payq.cli import build_parser
+from payq.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+DOCKERFILE = ROOT / "Dockerfile"
+
+INFRA_SERVICES = frozenset({"redis", "postgres"})
+PAYQ_SERVICES = frozenset({"provider-sim", "migrate", "worker", "relay"})
+LONG_RUNNING = ("worker", "relay")
+KNOWN_SETTINGS = frozenset(name.upper() for name in Settings.model_fields)
+SHARED_ENV = {
+    "REDIS_URL",
+    "DATABASE_URL",
+    "PAYMENT_PROVIDER_URL",
+    "PAYMENT_PROVIDER_API_KEY",
+    "LOG_FORMAT",
+}
+RESTARTING = {"always", "unless-stopped", "on-failure"}
+LOOPBACK = "127.0.0.1"
+
+# ${NAME}, ${NAME:-default}, ${NAME-default}, ${NAME:?error}, ${NAME?error}, ${NAME:+alt}
+_INTERPOLATION = re.compile(r"\$\{[A-Za-z_][A-Za-z0-9_]*(?:(?::?[-?+])[^}]*)?\}")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|us|ns|h|m|s)")
+_DURATION_S = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "ns": 1e-9}
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    loaded = yaml.safe_load(COMPOSE_FILE.read_text(encoding="utf-8"))
+    assert isinstance(loaded, dict), "docker-compose.yml is not a mapping"
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    found = compose.get("services")
+    assert isinstance(found, dict), "docker-compose.yml has no services"
+    return found
+
+
+def words(value: str | list[Any] | None) -> list[str]:
+    """A command, entrypoint or healthcheck as a list of words (string or list form)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return shlex.split(value)
+    return [str(word) for word in value]
+
+
+def environment(service: dict[str, Any]) -> dict[str, str | None]:
+    """A service's `environment:` in either form (mapping or list of NAME=value)."""
+    env = service.get("environment") or {}
+    if isinstance(env, dict):
+        return {str(name): None if value is None else str(value) for name, value in env.items()}
+    pairs = (str(item).partition("=") for item in env)
+    return {name: value if sep else None for name, sep, value in pairs}
+
+
+def duration_s(value: str | int | float) -> float:
+    """A Compose duration ("30s", "1m30s", "500ms") in seconds."""
+    if isinstance(value, int | float):
+        return float(value)
+    text = value.strip()
+    parts = _DURATION_PART.findall(text)
+    assert parts and "".join(n + u for n, u in parts) == text, f"not a duration: {value!r}"
+    return sum(float(number) * _DURATION_S[unit] for number, unit in parts)
+
+
+def host_ip(port: str | int | dict[str, Any]) -> str | None:
+    """The host address a `ports:` entry binds to; None means every interface."""
+    if isinstance(port, dict):
+        ip = port.get("host_ip")
+        return str(ip) if ip else None
+    spec = str(port).split("/", 1)[0]  # drop "/tcp"
+    parts = spec.rsplit(":", 2)
+    return parts[0] if len(parts) == 3 and parts[0] else None
+
+
+def payq_subcommands() -> dict[str, argparse.ArgumentParser]:
+    for action in build_parser()._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    raise AssertionError("payq's parser has no subcommands")
+
+
+def compose_client() -> list[str] | None:
+    """`docker compose` (v2 plugin) or a standalone Compose v2, if one is installed."""
+    for command in (["docker", "compose"], ["docker-compose"]):
+        if shutil.which(command[0]) is None:
+            continue
+        try:
+            done = subprocess.run(
+                [*command, "version", "--short"],
+                capture_output=True,
+                text=True,
+                timeout=20,
+                check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        major = done.stdout.strip().lstrip("v").split(".", 1)[0]
+        if done.returncode == 0 and major.isdigit() and int(major) >= 2:  # v1 lacks the spec
+            return command
+    return None
+
+
+def test_the_services_are_all_there(compose: dict[str, Any], services: dict[str, Any]) -> None:
+    assert "version" not in compose, "the Compose spec has no `version:` key"
+    assert set(services) == INFRA_SERVICES | PAYQ_SERVICES
+
+
+def test_payq_services_share_one_image(services: dict[str, Any]) -> None:
+    images = {name: service.get("image") for name, service in services.items()}
+    built = {name for name, service in services.items() if "build" in service}
+    assert built == PAYQ_SERVICES, "every payq service (and only those) builds the payq image"
+    assert len({images[name] for name in PAYQ_SERVICES}) == 1, f"one image for all: {images}"
+    assert all(images[name] for name in PAYQ_SERVICES), "name the image so it is built once"
+
+
+def strings(node: Any) -> list[str]:
+    """Every string in a parsed YAML document, keys included."""
+    if isinstance(node, dict):
+        return [text for key, value in node.items() for text in (*strings(key), *strings(value))]
+    if isinstance(node, list):
+        return [text for item in node for text in strings(item)]
+    return [node] if isinstance(node, str) else []
+
+
+def test_compose_file_is_valid(compose: dict[str, Any]) -> None:
+    # Every $ is an escaped $$ or a well-formed ${NAME...}: a stray $ is a silent typo.
+    for text in strings(compose):
+        for match in re.finditer(r"\$\$|\$", text):
+            if match.group() != "$$":
+                assert _INTERPOLATION.match(text, match.start()), f"write ${{NAME}} or $$: {text!r}"
+
+    client = compose_client()
+    if client is None:  # no Compose v2 here: the structural checks in this module stand
+        return
+    env = {**os.environ, "PAYMENT_PROVIDER_API_KEY": "sk_test_compose_config"}
+    base = [*client, "-f", str(COMPOSE_FILE), "--project-directory", str(ROOT), "config"]
+    checked = subprocess.run(
+        [*base, "-q"], capture_output=True, text=True, timeout=60, env=env, check=False
+    )
+    assert checked.returncode == 0, f"docker compose config: {checked.stderr.strip()}"
+    rendered = subprocess.run(
+        [*base, "--format", "json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
+    assert rendered.returncode == 0, rendered.stderr
+    model = json.loads(rendered.stdout)
+    assert set(model["services"]) == INFRA_SERVICES | PAYQ_SERVICES
+    for name in PAYQ_SERVICES:
+        assert set(model["services"][name]["environment"]) >= SHARED_ENV, name
+
+
+def test_redis_persists_its_data(compose: dict[str, Any], services: dict[str, Any]) -> None:
+    redis = services["redis"]
+    command = words(redis.get("command"))
+    assert "--appendonly" in command, f"redis runs without AOF: {command}"
+    assert command[command.index("--appendonly") + 1] == "yes"
+    sources = {str(v).split(":", 1)[0] for v in redis.get("volumes", []) if ":/data" in str(v)}
+    assert sources, "redis keeps /data in a volume"
+    assert sources <= set(compose.get("volumes") or {}), "redis's volume is a named volume"
+    assert words(redis["healthcheck"]["test"])[-2:] == ["redis-cli", "ping"]
+
+
+def test_postgres_needs_a_password(compose: dict[str, Any], services: dict[str, Any]) -> None:
+    postgres = services["postgres"]
+    env = environment(postgres)
+    assert (env.get("POSTGRES_HOST_AUTH_METHOD") or "").lower() != "trust"
+    assert env.get("POSTGRES_PASSWORD"), "postgres has no password"
+    sources = {str(v).split(":", 1)[0] for v in postgres.get("volumes", [])}
+    assert sources and sources <= set(compose.get("volumes") or {}), "data in a named volume"
+    assert "pg_isready" in words(postgres["healthcheck"]["test"])
+
+
+@pytest.mark.parametrize("name", sorted(PAYQ_SERVICES))
+def test_commands_are_payq_commands(services: dict[str, Any], name: str) -> None:
+    command = words(services[name].get("command"))
+    assert command, f"{name} has no command"
+    assert command[0] in payq_subcommands(), f"{name}: `payq {command[0]}` does not exist"
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        try:
+            parsed = build_parser().parse_args(command)
+        except SystemExit:
+            pytest.fail(f"{name}: payq refuses {command}: {stderr.getvalue().strip()}")
+    assert parsed.command == command[0]
+
+
+@pytest.mark.parametrize("name", LONG_RUNNING)
+def test_long_running_services_restart(services: dict[str, Any], name: str) -> None:
+    assert services[name].get("restart") in RESTARTING, f"{name} is never restarted"
+    depends = services[name].get("depends_on")
+    assert isinstance(depends, dict), f"{name}: depends_on with conditions"
+    assert depends["redis"]["condition"] == "service_healthy"
+    assert depends["migrate"]["condition"] == "service_completed_successfully"
+
+
+def test_migrate_runs_once_after_postgres(services: dict[str, Any]) -> None:
+    migrate = services["migrate"]
+    assert migrate.get("restart") == "no"
+    assert migrate["depends_on"]["postgres"]["condition"] == "service_healthy"
+
+
+def test_healthy_conditions_have_healthchecks(services: dict[str, Any]) -> None:
+    for name, service in services.items():
+        depends = service.get("depends_on") or {}
+        for target, rule in depends.items() if isinstance(depends, dict) else ():
+            if rule.get("condition") == "service_healthy":
+                assert "healthcheck" in services[target], f"{name} waits on {target}'s health"
+
+
+def test_worker_scales(services: dict[str, Any]) -> None:
+    worker = services["worker"]
+    assert "container_name" not in worker, "a fixed container_name stops --scale worker=N"
+    assert not worker.get("ports"), "fixed host ports stop --scale worker=N"
+
+
+def test_worker_drains_before_it_is_killed(services: dict[str, Any]) -> None:
+    fields = Settings.model_fields
+    payment_timeout_s = fields["payment_timeout_ms"].default / 1000
+    attempt_s = payment_timeout_s + 2 * fields["db_timeout_ms"].default / 1000
+    grace = services["worker"].get("stop_grace_period", "10s")  # Compose's default
+    assert duration_s(grace) > attempt_s, (
+        f"stop_grace_period {grace} is shorter than one attempt ({attempt_s:g} s): "
+        "SIGTERM would kill charges in flight"
+    )
+
+
+def test_published_ports_are_loopback_only(services: dict[str, Any]) -> None:
+    for name, service in services.items():
+        assert service.get("network_mode") != "host", f"{name} bypasses port bindings"
+        for port in service.get("ports") or []:
+            assert host_ip(port) == LOOPBACK, f"{name} publishes {port!r} beyond {LOOPBACK}"
+    assert "127.0.0.1:8099:8099" in [str(p) for p in services["provider-sim"].get("ports", [])]
+
+
+@pytest.mark.parametrize("name", sorted(PAYQ_SERVICES))
+def test_environment_names_are_settings(services: dict[str, Any], name: str) -> None:
+    service = services[name]
+    env = environment(service)
+    unknown = sorted(set(env) - KNOWN_SETTINGS)
+    assert not unknown, f"{name} passes variables payq does not read (typo?): {unknown}"
+    assert set(env) >= SHARED_ENV, f"{name} lacks {sorted(SHARED_ENV - set(env))}"
+    assert env["LOG_FORMAT"] == "json"
+    key = env["PAYMENT_PROVIDER_API_KEY"] or ""
+    assert re.fullmatch(r"\$\{PAYMENT_PROVIDER_API_KEY:\?[^}]*\}", key), "no key in the file"
+    env_files = service.get("env_file")
+    assert isinstance(env_files, list), f"{name}: env_file in long form"
+    assert {"path": ".env", "required": False} in env_files, f"{name}: optional .env"
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, comments dropped and continued lines joined."""
+    text = DOCKERFILE.read_text(encoding="utf-8")
+    lines = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
+    joined = re.sub(r"\\\n", " ", "\n".join(lines))
+    instructions = []
+    for line in joined.splitlines():
+        keyword, _, arguments = line.strip().partition(" ")
+        if keyword:
+            instructions.append((keyword.upper(), arguments.strip()))
+    return instructions
+
+
+def test_dockerfile_runs_payq_as_a_user() -> None:
+    instructions = dockerfile_instructions()
+    values = {keyword: args for keyword, args in instructions}  # the last of each wins
+    assert values["FROM"].startswith("python:3.11-slim")
+    assert json.loads(values["ENTRYPOINT"]) == ["payq"], "ENTRYPOINT in exec form"
+    user = values.get("USER", "root").split(":", 1)[0]
+    assert user not in {"root", "0"}, "the image runs as root"
+    runs = " ".join(args for keyword, args in instructions if keyword == "RUN")
+    assert re.search(r"pip install (?:[^\s&;|]+ )*\.(?:\s|$)", runs), (
+        "installs the project non-editable"
+    )
+    assert "-e ." not in runs and "--editable" not in runs
+    baked = [
+        args
+        for keyword, args in instructions
+        if keyword in {"ENV", "ARG"} and re.search(r"KEY|SECRET|PASSWORD|TOKEN|DSN", args)
+    ]
+    assert not baked, f"secrets baked into the image: {baked}"
