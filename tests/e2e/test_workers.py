@@ -80,6 +80,40 @@ def test_charges_under_faults_each_end_final_and_are_charged_once(sim: Sim) -> N
             assert history[-1]["outcome"] == "succeeded" and c.provider_charge_id
 
 
+def test_retry_after_is_honoured_by_real_workers(sim: Sim) -> None:
+    sim.faults(script=["rate_limit", "error", "ok"], retry_after_s=2)
+    env = {"PAYMENT_PROVIDER_URL": sim.url}
+    with PayqProcess("worker", "--processes", "1", "--threads", "2", env=env):
+        [cid] = enqueue(1, "retry-after")
+        wait_until(lambda: all_final([cid]), 30, "the charge to end final")
+    c = charge(cid)
+    requests = sim.requests(c.idempotency_key)
+    assert c.status == "succeeded" and [r["status"] for r in requests] == [429, 503, 200]
+    waited = requests[1]["at"] - requests[0]["at"]
+    assert waited >= 2.0, (
+        f"the provider said Retry-After: 2 and was called again after {waited:.2f} s"
+    )
+    assert [a["error_class"] for a in attempts(cid)] == [
+        "rate_limited",
+        "provider_unavailable",
+        None,
+    ]
+
+
+def test_one_message_delivered_twice_to_two_worker_processes_charges_once(sim: Sim) -> None:
+    from payq.broker import publish
+
+    sim.faults(latency_ms=300)
+    [cid] = enqueue(1, "twice")
+    publish([(cid, f"dup-{uuid.uuid4().hex}") for _ in range(3)])  # three more messages
+    env = {"PAYMENT_PROVIDER_URL": sim.url}
+    with PayqProcess("worker", "--processes", "2", "--threads", "2", env=env):
+        wait_until(lambda: all_final([cid]), 30, "the charge to end final")
+        time.sleep(1)  # let the duplicates be delivered and skipped
+    assert charge(cid).attempts == 1 and len(attempts(cid)) == 1
+    assert sim.stats()["requests"] == 1 and sim.stats()["charges"] == 1
+
+
 def test_undecodable_message_is_dead_lettered_and_the_worker_keeps_serving(sim: Sim) -> None:
     client = redis.Redis.from_url(REDIS_URL)
     garbage_id = "garbage-" + uuid.uuid4().hex
