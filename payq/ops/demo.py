@@ -35,7 +35,7 @@ from payq.devservices import (
 from payq.migrate import migrate
 from payq.models import charge_attempts, charges
 from payq.ops.supervise import Supervised
-from payq.settings import Settings, get_settings, load_settings
+from payq.settings import Settings, get_settings
 
 __all__ = ["run_demo"]
 
@@ -79,8 +79,10 @@ def _services(settings: Settings, workdir: Path) -> Iterator[_Env]:
             pg.start()
             started.append(pg)
             overrides["DATABASE_URL"] = pg.dsn("payq")
-        demo_settings = load_settings(**{k.lower(): v for k, v in overrides.items()})
-        yield _Env(demo_settings, overrides, started)
+        if overrides:  # this process enqueues too: point its settings at the throwaways
+            os.environ.update(overrides)
+            get_settings.cache_clear()
+        yield _Env(get_settings(), overrides, started)
     finally:
         for service in reversed(started):
             service.stop()
@@ -136,7 +138,8 @@ def _run(env: _Env, total: int, workdir: Path, run: str) -> int:
         for child in children[1:]:
             child.start()
         _say(f"· provider simulator on {sim_url} (errors, declines, 429s, timeouts, resets)")
-        _say(f"· 2 worker processes x 4 threads and the relay; logs in {workdir}/")
+        _wait_for_log(logs["worker"], "ready for action", count=2)
+        _say(f"· 2 worker processes x 4 threads and the relay are up; logs in {workdir}/")
         started = time.monotonic()
         _enqueue(settings, total, run)
         _say(f"· enqueued {total} charges in {time.monotonic() - started:.1f} s")
@@ -160,6 +163,15 @@ def _wait_for_http(url: str, timeout_s: float = 15) -> None:
             return
         time.sleep(0.1)
     raise RuntimeError(f"{url} did not answer within {timeout_s} s")
+
+
+def _wait_for_log(path: Path, needle: str, count: int, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if path.read_text(errors="replace").count(needle) >= count:
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"workers did not start within {timeout_s} s; see {path}")
 
 
 def _enqueue(settings: Settings, total: int, run: str) -> None:
