@@ -224,65 +224,13 @@ def _record(
                 latency_ms=latency_ms,
             )
         )
-        if isinstance(outcome, ProviderCharge):
-            result, done = (
-                Result.SUCCEEDED,
-                _finish(conn, claim, S.SUCCEEDED, provider_charge_id=outcome.id),
-            )
-        elif isinstance(outcome, CardDeclined):
-            result, done = (
-                Result.FAILED,
-                _finish(
-                    conn,
-                    claim,
-                    S.FAILED,
-                    provider_charge_id=outcome.provider_charge_id,
-                    decline_code=outcome.code,
-                    **_error_fields(outcome),
-                ),
-            )
-        elif isinstance(outcome, FinalProviderError):
-            result, done = (
-                Result.DEAD,
-                _finish(
-                    conn,
-                    claim,
-                    S.DEAD,
-                    dead_reason=f"{outcome.error_class}: {outcome}",
-                    **_error_fields(outcome),
-                ),
-            )
-        elif isinstance(outcome, RetryableProviderError) and policy.exhausted(claim.attempt):
-            result, done = (
-                Result.DEAD,
-                _finish(
-                    conn,
-                    claim,
-                    S.DEAD,
-                    dead_reason=(
-                        f"attempts exhausted ({claim.attempt} of {policy.max_attempts}); last "
-                        f"error {outcome.error_class}: {outcome}"
-                    ),
-                    **_error_fields(outcome),
-                ),
-            )
-        else:
-            assert isinstance(outcome, RetryableProviderError)
-            delay_s = policy.delay_s(claim.attempt, outcome.retry_after_s)
-            message_id = new_message_id()
-            publish_delay_ms = int(delay_s * 1000) + 1
-            result, done = (
-                Result.RETRYING,
-                _finish(
-                    conn,
-                    claim,
-                    S.RETRYING,
-                    next_attempt_at=func.now() + dt.timedelta(milliseconds=publish_delay_ms),
-                    message_id=message_id,
-                    published_at=func.now(),
-                    **_error_fields(outcome),
-                ),
-            )
+        result, values = _next_state(outcome, claim.attempt, policy)
+        if result is Result.RETRYING:
+            message_id = values["message_id"]
+            publish_delay_ms = values.pop("delay_ms")
+            values["next_attempt_at"] = func.now() + dt.timedelta(milliseconds=publish_delay_ms)
+            values["published_at"] = func.now()
+        done = _finish(conn, claim, ChargeStatus(result.value), **values)
     extra = _extra(claim, result.value, latency_ms=latency_ms, error=error)
     if not done:
         log.warning("lease lost: another worker took this charge over", extra=extra)
@@ -292,6 +240,32 @@ def _record(
     if publish_delay_ms is not None and message_id is not None:
         _publish_quietly(claim.id, message_id, publish_delay_ms)
     return result
+
+
+def _next_state(
+    outcome: ProviderCharge | ProviderError, attempt: int, policy: RetryPolicy
+) -> tuple[Result, dict[str, Any]]:
+    """Where one attempt's outcome takes the charge, exactly as provider-api.md says."""
+    if isinstance(outcome, ProviderCharge):
+        return Result.SUCCEEDED, {"provider_charge_id": outcome.id}
+    errors = {"last_error": str(outcome)[:2000], "last_error_class": outcome.error_class}
+    if isinstance(outcome, CardDeclined):
+        return Result.FAILED, {
+            "provider_charge_id": outcome.provider_charge_id,
+            "decline_code": outcome.code,
+            **errors,
+        }
+    if isinstance(outcome, FinalProviderError):
+        return Result.DEAD, {"dead_reason": f"{outcome.error_class}: {outcome}", **errors}
+    assert isinstance(outcome, RetryableProviderError)
+    if policy.exhausted(attempt):
+        reason = (
+            f"attempts exhausted ({attempt} of {policy.max_attempts}); last error "
+            f"{outcome.error_class}: {outcome}"
+        )
+        return Result.DEAD, {"dead_reason": reason, **errors}
+    delay_ms = int(policy.delay_s(attempt, outcome.retry_after_s) * 1000) + 1
+    return Result.RETRYING, {"delay_ms": delay_ms, "message_id": new_message_id(), **errors}
 
 
 def _finish(conn: Connection, claim: _Claim, status: ChargeStatus, **values: Any) -> bool:
@@ -306,10 +280,6 @@ def _finish(conn: Connection, claim: _Claim, status: ChargeStatus, **values: Any
         .values(status=status, lease_expires_at=None, updated_at=func.now(), **values)
     )
     return done.rowcount == 1
-
-
-def _error_fields(error: ProviderError) -> dict[str, Any]:
-    return {"last_error": str(error)[:2000], "last_error_class": error.error_class}
 
 
 def _attempt_outcome(outcome: ProviderCharge | ProviderError) -> str:
