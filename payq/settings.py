@@ -75,6 +75,7 @@ class Settings(BaseSettings):
     relay_interval_s: float = Field(1.0, gt=0, le=300)
     relay_stale_after_s: float = Field(30.0, gt=0, le=86_400)
     relay_batch_size: int = Field(500, ge=1, le=100_000)
+    relay_dead_worker_s: float = Field(15.0, ge=5, le=3600)
 
     # Operations.
     health_check_interval_s: int = Field(30, ge=1, le=3600)

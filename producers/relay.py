@@ -11,6 +11,13 @@ due, under ``FOR UPDATE SKIP LOCKED`` so several relays can run side by side:
 
 Every charge a pass looks at is stamped ``published_at = now()``, so the next pass
 looks at others and each is checked about once every ``RELAY_STALE_AFTER_S``.
+
+Messages a worker had fetched but not finished when it died sit in that worker's
+Redis ack set, where Dramatiq recovers them only after a 60 s heartbeat timeout *and*
+a random maintenance pass (minutes, unbounded when idle). Each pass therefore also
+puts back the ack sets of workers silent for ``RELAY_DEAD_WORKER_S``, as Dramatiq's
+maintenance would; a worker wrongly thought dead costs at most a duplicate delivery,
+which the guarded claim turns into a no-op.
 """
 
 from __future__ import annotations
@@ -42,17 +49,35 @@ log = logging.getLogger("payq.relay")
 S = ChargeStatus
 
 
+# Put one dead worker's fetched messages back on their queue (as Dramatiq's own
+# maintenance does): only those whose payload still exists.
+_REQUEUE_ACKS = """
+local ids = redis.call("smembers", KEYS[1])
+local moved = 0
+for _, id in ipairs(ids) do
+    if redis.call("hexists", KEYS[3], id) == 1 then
+        redis.call("rpush", KEYS[2], id)
+        moved = moved + 1
+    end
+end
+redis.call("del", KEYS[1])
+return moved
+"""
+
+
 @dataclass(frozen=True, slots=True)
 class RelayPass:
     checked: int
     republished: int
     lease_expired: int
+    recovered: int = 0
 
 
 def relay_once(settings: Settings | None = None, broker: RedisBroker | None = None) -> RelayPass:
     """One pass: publish again what should be queued and is not."""
     settings = settings or get_settings()
     broker = broker or get_broker()
+    recovered = recover_dead_workers(broker, settings.relay_dead_worker_s)
     now = func.now()
     stale = now - dt.timedelta(seconds=settings.relay_stale_after_s)
     last_seen = func.coalesce(charges.c.published_at, charges.c.created_at)
@@ -77,7 +102,7 @@ def relay_once(settings: Settings | None = None, broker: RedisBroker | None = No
             .with_for_update(skip_locked=True)
         ).all()
         if not rows:
-            return RelayPass(0, 0, 0)
+            return RelayPass(0, 0, 0, recovered)
         expired = [r.id for r in rows if r.status == S.PROCESSING]
         waiting = [r for r in rows if r.status != S.PROCESSING]
         lost = [
@@ -98,7 +123,7 @@ def relay_once(settings: Settings | None = None, broker: RedisBroker | None = No
                 else charges.c.message_id,
             )
         )
-    result = RelayPass(checked=len(rows), republished=len(lost), lease_expired=len(expired))
+    result = RelayPass(len(rows), len(lost), len(expired), recovered)
     if fresh:
         log.warning(
             "relay published %d charges again (%d lost messages, %d expired leases)",
@@ -108,6 +133,31 @@ def relay_once(settings: Settings | None = None, broker: RedisBroker | None = No
             extra={"republished": len(lost), "lease_expired": len(expired)},
         )
     return result
+
+
+def recover_dead_workers(broker: RedisBroker, dead_after_s: float) -> int:
+    """Requeue what workers silent for ``dead_after_s`` had fetched; return how many."""
+    client, ns = broker.client, broker.namespace
+    heartbeats = f"{ns}:__heartbeats__"
+    cutoff_ms = int((time.time() - dead_after_s) * 1000)
+    moved = 0
+    dead: list[bytes] = client.zrangebyscore(heartbeats, 0, cutoff_ms)
+    for raw_id in dead:
+        worker_id = raw_id.decode()
+        prefix = f"{ns}:__acks__.{worker_id}."
+        for raw_key in client.scan_iter(match=f"{prefix}*", count=500):
+            key = raw_key.decode()
+            queue = key[len(prefix) :]
+            queue_key = f"{ns}:{queue}"
+            moved += int(client.eval(_REQUEUE_ACKS, 3, key, queue_key, f"{queue_key}.msgs"))
+        client.zrem(heartbeats, worker_id)
+        log.warning(
+            "worker %s silent for over %g s: its fetched messages are back on the queue",
+            worker_id,
+            dead_after_s,
+            extra={"worker_id": worker_id},
+        )
+    return moved
 
 
 def _queued(broker: RedisBroker, rows: Sequence[Row[Any, Any, Any]]) -> list[bool]:

@@ -121,3 +121,27 @@ def test_relays_running_side_by_side_publish_each_charge_once() -> None:
         t.join()
     assert sum(x.republished for x in results) == 300
     assert sorted(queued()) == sorted(str(c.id) for c in made)
+
+
+def test_messages_held_by_a_dead_worker_go_back_on_the_queue() -> None:
+    import time
+
+    from payq.settings import get_settings
+
+    c = enqueue_charge(100, "usd", "tok_visa", "relay-dead-worker")
+    r = client()
+    ns = NAMESPACE
+    r.lrem(f"{ns}:charges", 0, c.message_id)  # fetched: off the list, into an ack set
+    now_ms = int(time.time() * 1000)
+    stale_ms = now_ms - int(get_settings().relay_dead_worker_s * 1000) - 1000
+    r.zadd(f"{ns}:__heartbeats__", {"dead-worker": stale_ms, "live-worker": now_ms})
+    r.sadd(f"{ns}:__acks__.dead-worker.charges", c.message_id)
+    r.sadd(f"{ns}:__acks__.live-worker.charges", "busy-message")
+    r.hset(f"{ns}:charges.msgs", "busy-message", b"{}")
+
+    assert relay_once().recovered == 1
+    assert r.lrange(f"{ns}:charges", 0, -1) == [c.message_id.encode()]  # type: ignore[union-attr]
+    assert not r.exists(f"{ns}:__acks__.dead-worker.charges")
+    assert r.smembers(f"{ns}:__acks__.live-worker.charges") == {b"busy-message"}
+    assert r.zscore(f"{ns}:__heartbeats__", "dead-worker") is None
+    r.close()
