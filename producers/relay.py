@@ -141,12 +141,11 @@ def recover_dead_workers(broker: RedisBroker, dead_after_s: float) -> int:
     heartbeats = f"{ns}:__heartbeats__"
     cutoff_ms = int((time.time() - dead_after_s) * 1000)
     moved = 0
-    dead: list[bytes] = client.zrangebyscore(heartbeats, 0, cutoff_ms)
-    for raw_id in dead:
-        worker_id = raw_id.decode()
+    for raw_id in client.zrangebyscore(heartbeats, 0, cutoff_ms):
+        worker_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
         prefix = f"{ns}:__acks__.{worker_id}."
         for raw_key in client.scan_iter(match=f"{prefix}*", count=500):
-            key = raw_key.decode()
+            key = raw_key.decode() if isinstance(raw_key, bytes) else str(raw_key)
             queue = key[len(prefix) :]
             queue_key = f"{ns}:{queue}"
             moved += int(client.eval(_REQUEUE_ACKS, 3, key, queue_key, f"{queue_key}.msgs"))
