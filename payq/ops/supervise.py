@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Self
 
 __all__ = ["Supervised"]
 
@@ -32,7 +33,7 @@ class Supervised:
         self.restarts = 0
         self._stopping = False
 
-    def start(self) -> None:
+    def start(self) -> Self:
         with self.log_path.open("ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "payq.cli", *self.args],
@@ -41,6 +42,7 @@ class Supervised:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+        return self
 
     def check(self) -> None:
         """Restart the process if it died (call this now and then)."""

@@ -205,3 +205,35 @@ def test_dramatiq_workers_directly_refuses_too_many_threads_too() -> None:
         "DATABASE_POOL_MAX_CONNECTIONS=10" in result.stderr
     )
     assert time.monotonic() - started < 30
+
+
+def test_worker_killed_mid_call_its_charges_finish_elsewhere_once(sim: Sim) -> None:
+    import os
+    import signal
+
+    sim.faults(latency_ms=1000)  # under the suite's 1500 ms PAYMENT_TIMEOUT_MS
+    env = {
+        "PAYMENT_PROVIDER_URL": sim.url,
+        "CHARGE_LEASE_S": "6",
+        "RELAY_DEAD_WORKER_S": "5",
+    }
+    with PayqProcess("relay", env=env):
+        victim = PayqProcess("worker", "--processes", "1", "--threads", "2", env=env).start()
+        try:
+            ids = enqueue(6, "killed")
+            wait_until(lambda: sim.stats()["in_flight"] >= 1, 20, "a provider call in flight")
+            assert victim.proc is not None
+            os.killpg(victim.proc.pid, signal.SIGKILL)  # no goodbye: calls, prefetch, acks lost
+            killed_at = time.monotonic()
+            with PayqProcess("worker", "--processes", "1", "--threads", "2", env=env):
+                wait_until(lambda: all_final(ids), 40, "the killed worker's charges to finish")
+                recovery_s = time.monotonic() - killed_at
+        finally:
+            victim.stop()
+            victim.log_path.unlink(missing_ok=True)
+    assert statuses() == {"succeeded": 6}
+    stats = sim.stats()
+    assert stats["duplicate_charges"] == 0 and stats["charges"] == 6
+    # Bounded by the lease (6 s) plus relay passes, not by Dramatiq's 60 s heartbeat lottery.
+    assert recovery_s < 25, f"recovery took {recovery_s:.1f} s"
+    print(f"recovery after SIGKILL: {recovery_s:.1f} s")
