@@ -70,13 +70,23 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_relay(args: argparse.Namespace) -> int:
+    import redis
+    from sqlalchemy.exc import OperationalError
+    from sqlalchemy.exc import TimeoutError as PoolTimeout
+
     from payq import db
     from producers.relay import relay_once, run_relay
 
     settings = _settings()
     db.set_role("relay")
     if args.once:
-        result = relay_once(settings)
+        try:
+            result = relay_once(settings)
+        except (redis.RedisError, OperationalError, PoolTimeout) as exc:
+            raise ServiceUnavailable(
+                f"relay pass failed ({type(exc).__name__}): check that PostgreSQL "
+                "(DATABASE_URL) and Redis (REDIS_URL) answer"
+            ) from None
         print(
             f"checked {result.checked}, published again {result.republished}, "
             f"expired leases {result.lease_expired}"
@@ -93,7 +103,7 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
     from producers import enqueue_charge
 
     _settings()
-    metadata = dict(item.split("=", 1) for item in args.metadata or [])
+    metadata = dict(args.metadata or [])
     charge = enqueue_charge(
         amount=args.amount,
         currency=args.currency,
@@ -123,6 +133,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(charges_total=args.charges)
 
 
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="payq", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -148,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", required=True, help="a provider payment token, e.g. tok_visa")
     p.add_argument("--key", required=True, help="idempotency key")
     p.add_argument("--description")
-    p.add_argument("--metadata", action="append", metavar="KEY=VALUE")
+    p.add_argument("--metadata", action="append", metavar="KEY=VALUE", type=_key_value)
     p.set_defaults(func=cmd_enqueue)
 
     p = sub.add_parser("provider-sim", help="run the payment provider simulator")

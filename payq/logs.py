@@ -1,8 +1,8 @@
 """Logging an ops team can search: one JSON object per line, or a readable console line.
 
 Context travels as ``extra=`` fields (charge_id, attempt, outcome, latency_ms,
-error_class). A filter masks the provider API key and DSN passwords in case one
-ever reaches a message.
+error_class). Every line is scrubbed of the provider API key, the Sentry DSN and
+passwords in URLs, in case one ever reaches a message or a traceback.
 """
 
 from __future__ import annotations
@@ -19,22 +19,22 @@ from payq.settings import Settings
 __all__ = ["configure_logging"]
 
 _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
-_DSN_PASSWORD = re.compile(r"(://[^:/@\s]+:)[^@\s]+@")
+_DSN_PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@\s]+@")
 
 
-class _Redact(logging.Filter):
-    def __init__(self, secrets: list[str]) -> None:
+class _Redacting(logging.Formatter):
+    """Wraps a formatter and masks secrets in the whole line: message, extras, traceback."""
+
+    def __init__(self, inner: logging.Formatter, secrets: list[str]) -> None:
         super().__init__()
+        self.inner = inner
         self.secrets = [s for s in secrets if len(s) >= 6]
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        cleaned = _DSN_PASSWORD.sub(r"\1***@", message)
+    def format(self, record: logging.LogRecord) -> str:
+        line = _DSN_PASSWORD.sub(r"\1***@", self.inner.format(record))
         for secret in self.secrets:
-            cleaned = cleaned.replace(secret, "***")
-        if cleaned != message:
-            record.msg, record.args = cleaned, None
-        return True
+            line = line.replace(secret, "***")
+        return line
 
 
 class _ConsoleFormatter(logging.Formatter):
@@ -72,10 +72,7 @@ def configure_logging(settings: Settings, *, stream: Any = None) -> None:
         if s is not None
     ]
     for handler in root.handlers:
-        handler.setFormatter(formatter)
-        for old in [f for f in handler.filters if isinstance(f, _Redact)]:
-            handler.removeFilter(old)
-        handler.addFilter(_Redact(secrets))
+        handler.setFormatter(_Redacting(formatter, secrets))
     root.setLevel(settings.log_level)
     for noisy in ("httpx", "httpcore", "alembic"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

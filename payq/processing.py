@@ -87,22 +87,15 @@ def process_charge(
     with transaction() as conn:
         claim = _claim(conn, cid, settings)
         if claim is None:
-            return _not_claimed(conn, cid, message_id)
-        if claim.expired:
-            _finish(
-                conn,
-                claim,
-                S.DEAD,
-                dead_reason=(
-                    f"older than the provider's idempotency-key retention "
-                    f"({settings.provider_idempotency_ttl_s} s): not sent again, since the "
-                    "provider may have forgotten the key and charge twice; reconcile or "
-                    "decide by hand"
-                ),
-                attempts=claim.attempt - 1,
-            )
-            log.warning("charge dead: key retention passed", extra=_extra(claim, "dead"))
-            return Result.DEAD
+            result, redo_in_ms = _not_claimed(conn, cid, message_id)
+        elif claim.expired:
+            return _expire(conn, claim, settings)
+    if claim is None:
+        if redo_in_ms is not None and message_id is not None:
+            # The scheduled retry itself came early (clocks differ between hosts): send
+            # it again for when it is due rather than call before Retry-After.
+            _publish_quietly(cid, message_id, redo_in_ms)
+        return result
 
     started_at = dt.datetime.now(dt.UTC)
     t0 = time.monotonic()
@@ -113,6 +106,22 @@ def process_charge(
         outcome = exc
     latency_ms = int((time.monotonic() - t0) * 1000)
     return _record(claim, outcome, started_at, latency_ms, settings)
+
+
+def _expire(conn: Connection, claim: _Claim, settings: Settings) -> Result:
+    _finish(
+        conn,
+        claim,
+        S.DEAD,
+        dead_reason=(
+            f"older than the provider's idempotency-key retention "
+            f"({settings.provider_idempotency_ttl_s} s): not sent again, since the provider "
+            "may have forgotten the key and charge twice; reconcile or decide by hand"
+        ),
+        attempts=claim.attempt - 1,
+    )
+    log.warning("charge dead: key retention passed", extra=_extra(claim, "dead"))
+    return Result.DEAD
 
 
 def _claim(conn: Connection, cid: uuid.UUID, settings: Settings) -> _Claim | None:
@@ -169,7 +178,10 @@ def _claim(conn: Connection, cid: uuid.UUID, settings: Settings) -> _Claim | Non
     )
 
 
-def _not_claimed(conn: Connection, cid: uuid.UUID, message_id: str | None) -> Result:
+def _not_claimed(
+    conn: Connection, cid: uuid.UUID, message_id: str | None
+) -> tuple[Result, int | None]:
+    """Why a charge could not be claimed, and when to try again if this message is early."""
     row = (
         conn.execute(
             select(
@@ -187,16 +199,13 @@ def _not_claimed(conn: Connection, cid: uuid.UUID, message_id: str | None) -> Re
         raise UnknownCharge(f"no charge with id {cid}")
     early = row["status"] == S.RETRYING and (row["due_in_ms"] or 0) > 0
     if early and message_id is not None and message_id == row["message_id"]:
-        # The scheduled retry itself came early (clocks differ between hosts): send it
-        # again for when it is due rather than call before Retry-After.
-        _publish_quietly(cid, row["message_id"], int(row["due_in_ms"]) + 1)
-        return Result.DEFERRED
+        return Result.DEFERRED, int(row["due_in_ms"]) + 1
     log.info(
         "message skipped: charge is %s",
         row["status"],
         extra={"charge_id": str(cid), "status": row["status"]},
     )
-    return Result.SKIPPED
+    return Result.SKIPPED, None
 
 
 def _record(

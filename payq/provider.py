@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import email.utils
 import json
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from payq.errors import (
     IdempotencyKeyReused,
     InvalidRequest,
     ProviderConnectionError,
+    ProviderError,
     ProviderRateLimited,
     ProviderTimeout,
     ProviderUnavailable,
@@ -141,10 +143,16 @@ class ProviderClient:
                 f"no answer within {self.timeout_s * 1000:.0f} ms ({type(exc).__name__}); the "
                 "charge may or may not have happened"
             ) from exc
-        except httpx.TransportError as exc:
+        except httpx.LocalProtocolError as exc:
+            # Its text can quote our own request headers, the API key among them.
             raise ProviderConnectionError(
-                f"connection failed before an answer ({type(exc).__name__}: {exc}); the charge "
-                "may or may not have happened"
+                f"the request could not be sent ({type(exc).__name__}); check "
+                "PAYMENT_PROVIDER_URL and PAYMENT_PROVIDER_API_KEY"
+            ) from None
+        except httpx.HTTPError as exc:
+            raise ProviderConnectionError(
+                f"connection failed before a whole answer ({type(exc).__name__}: "
+                f"{str(exc)[:200]}); the charge may or may not have happened"
             ) from exc
 
 
@@ -159,18 +167,43 @@ def _cut(response: httpx.Response) -> str:
     return response.content[:BODY_LOG_LIMIT].decode("utf-8", "replace")
 
 
+RETRY_AFTER_MAX_S = 3600.0
+
+
 def _retry_after_s(value: str | None) -> float | None:
+    """Seconds or an HTTP date; ``None`` when absent or unreadable; at most an hour."""
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
-        parsed = email.utils.parsedate_to_datetime(value) if value else None
-        return max(0.0, parsed.timestamp() - time.time()) if parsed else None
+        try:
+            seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+        except (ValueError, TypeError, OverflowError):
+            return None
+    if not math.isfinite(seconds):
+        return None
+    return min(max(0.0, seconds), RETRY_AFTER_MAX_S)
 
 
 def classify(response: httpx.Response) -> ProviderCharge:
-    """Turn one provider answer into a ``ProviderCharge`` or raise the matching error."""
+    """Turn one provider answer into a ``ProviderCharge`` or raise the matching error.
+
+    Whatever the provider sends, only payq's provider errors come out of here.
+    """
+    try:
+        return _classify(response)
+    except ProviderError:
+        raise
+    except Exception as exc:  # a malformed answer is provider trouble, never a crash
+        raise ProviderUnavailable(
+            f"unreadable answer, status {response.status_code} ({type(exc).__name__}): "
+            f"{_cut(response)}",
+            status=response.status_code,
+        ) from None
+
+
+def _classify(response: httpx.Response) -> ProviderCharge:
     status = response.status_code
     data = _json(response)
     error = data.get("error") if isinstance(data, dict) else None

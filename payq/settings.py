@@ -7,6 +7,7 @@ allowed; ``.env.example`` lists every variable with its default.
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -95,12 +96,21 @@ class Settings(BaseSettings):
                 "RETRY_BACKOFF_MIN_S: must not exceed RETRY_BACKOFF_MAX_S "
                 f"({self.retry_backoff_min_s} > {self.retry_backoff_max_s})"
             )
-        # A lease must outlast one whole attempt: claim, provider call, record.
-        attempt_s = (self.payment_timeout_ms + 2 * self.db_timeout_ms) / 1000
+        # A lease must outlast one whole attempt: claim, provider call, record (each
+        # database step may wait for a connection and then for its statements).
+        db_step_ms = self.db_timeout_ms + self.db_statement_timeout_ms
+        attempt_s = (self.payment_timeout_ms + 2 * db_step_ms) / 1000
         if self.charge_lease_s <= attempt_s:
             raise ValueError(
                 f"CHARGE_LEASE_S: must exceed one attempt's worst case, PAYMENT_TIMEOUT_MS + "
-                f"2 x DB_TIMEOUT_MS = {attempt_s:g} s (got {self.charge_lease_s})"
+                f"2 x (DB_TIMEOUT_MS + DB_STATEMENT_TIMEOUT_MS) = {attempt_s:g} s "
+                f"(got {self.charge_lease_s})"
+            )
+        key = self.payment_provider_api_key
+        if key is not None and not re.fullmatch(r"[\x21-\x7e]*", key.get_secret_value()):
+            raise ValueError(
+                "PAYMENT_PROVIDER_API_KEY: contains a space, newline or other control "
+                "character (a secret file's trailing newline?); set the bare key"
             )
         return self
 

@@ -69,6 +69,13 @@ def looks_like_card_number(value: str) -> bool:
     return False
 
 
+def _refuse_unstorable(field_name: str, value: str) -> None:
+    if "\x00" in value or any("\ud800" <= ch <= "\udfff" for ch in value):
+        raise ChargeInputError(
+            field_name, "contains a NUL or an unpaired surrogate character; send valid UTF-8 text"
+        )
+
+
 def _refuse_card(field_name: str, value: str) -> None:
     if looks_like_card_number(value):
         raise RawCardNumberError(
@@ -137,6 +144,7 @@ def validate_charge(
             raise ChargeInputError(
                 "description", f"must be a string of at most {DESCRIPTION_MAX_CHARS} characters"
             )
+        _refuse_unstorable("description", description)
         _refuse_card("description", description)
 
     return ChargeRequest(
@@ -162,6 +170,7 @@ def _validate_metadata(metadata: object) -> dict[str, str]:
             raise ChargeInputError(
                 "metadata", f"keys must be strings of 1-{METADATA_MAX_KEY_CHARS} characters"
             )
+        _refuse_unstorable("metadata", key)
         _refuse_card("metadata", key)
         if key == "charge_id":
             raise ChargeInputError("metadata", "'charge_id' is reserved: payq sets it")
@@ -170,6 +179,7 @@ def _validate_metadata(metadata: object) -> dict[str, str]:
                 f"metadata.{key}",
                 f"must be a string of at most {METADATA_MAX_VALUE_CHARS} characters",
             )
+        _refuse_unstorable(f"metadata.{key}", value)
         _refuse_card(f"metadata.{key}", value)
         clean[key] = value
     if len(json.dumps(clean)) > METADATA_MAX_BYTES:

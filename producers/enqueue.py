@@ -11,7 +11,7 @@ from sqlalchemy import Connection, event, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, SessionTransaction
 
 from payq.broker import new_message_id, publish
 from payq.constants import ChargeStatus
@@ -74,7 +74,9 @@ def enqueue_charges(
     if not validated:
         return []
     if session is not None:
-        result, fresh = _insert(session.connection(), validated)
+        # In a savepoint, so that a refused batch leaves the caller's transaction as it was.
+        with session.begin_nested():
+            result, fresh = _insert(session.connection(), validated)
         _publish_after_commit(session, fresh)
         return result
     try:
@@ -190,19 +192,35 @@ def _publish_quietly(fresh: list[tuple[uuid.UUID, str]]) -> None:
 
 
 def _publish_after_commit(session: Session, fresh: list[tuple[uuid.UUID, str]]) -> None:
-    """Publish when the caller's transaction commits; forget on rollback."""
+    """Publish when the caller's transaction commits; forget what a rollback undid.
+
+    Each charge is remembered with the (sub)transaction it was written in, so rolling
+    back a savepoint forgets only the charges written inside it.
+    """
     if not fresh:
         return
     if not session.info.get("payq_listening"):
         session.info["payq_listening"] = True
         event.listen(session, "after_commit", _on_commit)
-        event.listen(session, "after_rollback", _on_rollback)
-    session.info.setdefault(_SESSION_KEY, []).extend(fresh)
+        event.listen(session, "after_soft_rollback", _on_rollback)
+    written_in = session.get_nested_transaction() or session.get_transaction()
+    session.info.setdefault(_SESSION_KEY, []).extend((written_in, *pair) for pair in fresh)
 
 
 def _on_commit(session: Session) -> None:
-    _publish_quietly(session.info.pop(_SESSION_KEY, []))
+    if session.in_nested_transaction():  # a savepoint was released: not yet committed
+        return
+    pending = session.info.pop(_SESSION_KEY, [])
+    _publish_quietly([(cid, mid) for _, cid, mid in pending])
 
 
-def _on_rollback(session: Session) -> None:
-    session.info.pop(_SESSION_KEY, None)
+def _on_rollback(session: Session, previous_transaction: SessionTransaction) -> None:
+    def undone(txn: SessionTransaction | None) -> bool:
+        while txn is not None:
+            if txn is previous_transaction:
+                return True
+            txn = txn.parent
+        return False
+
+    pending = session.info.get(_SESSION_KEY, [])
+    session.info[_SESSION_KEY] = [entry for entry in pending if not undone(entry[0])]

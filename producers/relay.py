@@ -6,8 +6,8 @@ due, under ``FOR UPDATE SKIP LOCKED`` so several relays can run side by side:
 - ``pending`` or overdue ``retrying`` charges whose last message is no longer in
   Redis (never published, lost with Redis's data, or dead-lettered after the
   database blinked) are published again;
-- ``processing`` charges whose lease ran out (their worker died) are published once
-  per expiry, so another worker takes them over.
+- ``processing`` charges whose lease ran out (their worker died) are published at
+  once, and again every ``RELAY_STALE_AFTER_S`` while nobody takes them over.
 
 Every charge a pass looks at is stamped ``published_at = now()``, so the next pass
 looks at others and each is checked about once every ``RELAY_STALE_AFTER_S``.
@@ -90,6 +90,7 @@ def relay_once(settings: Settings | None = None, broker: RedisBroker | None = No
             or_(
                 charges.c.published_at.is_(None),
                 charges.c.published_at < charges.c.lease_expires_at,
+                charges.c.published_at < stale,  # the takeover message was lost too
             ),
         ),
     )
@@ -189,7 +190,12 @@ def run_relay(stop: threading.Event | None = None, settings: Settings | None = N
             result = relay_once(settings)
             busy = result.checked >= settings.relay_batch_size
         except (ServiceUnavailable, redis.RedisError, OperationalError, PoolTimeout) as exc:
-            log.warning("relay pass failed, will try again: %s", type(exc).__name__)
+            log.warning(
+                "relay pass failed (%s: %s); check that PostgreSQL (DATABASE_URL) and Redis "
+                "(REDIS_URL) answer. Trying again.",
+                type(exc).__name__,
+                str(exc).splitlines()[0][:300] if str(exc) else "",
+            )
             busy = False
         if not busy:
             stop.wait(max(0.0, settings.relay_interval_s - (time.monotonic() - started)))

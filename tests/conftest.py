@@ -72,8 +72,9 @@ TEST_ENV = {
     "PAYMENT_PROVIDER_URL": "http://127.0.0.1:9",  # each test points at its own simulator
     "PAYMENT_TIMEOUT_MS": "1500",
     "PAYMENT_CONNECT_TIMEOUT_MS": "500",
-    "DB_TIMEOUT_MS": "2000",
-    "CHARGE_LEASE_S": "8",
+    "DB_TIMEOUT_MS": "1500",
+    "DB_STATEMENT_TIMEOUT_MS": "2000",
+    "CHARGE_LEASE_S": "9",
     "RETRY_MAX_ATTEMPTS": "4",
     "RETRY_BACKOFF_MIN_S": "0.2",
     "RETRY_BACKOFF_MAX_S": "1",

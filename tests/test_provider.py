@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from typing import cast
 
 import pytest
+from pydantic import SecretStr
 
 from payq import errors
 from payq.provider import ProviderClient, charge_body
@@ -150,3 +152,48 @@ def test_find_charge_by_key(sim: Sim) -> None:
     made = c.create_charge("k-find", BODY)
     found = c.find_charge("k-find")
     assert found is not None and found.id == made.id
+
+
+def test_malformed_answers_are_provider_errors_not_crashes() -> None:
+    import httpx
+
+    from payq.provider import classify
+
+    cases = [
+        httpx.Response(429, headers={"Retry-After": "soon"}),
+        httpx.Response(429, headers={"Retry-After": "inf"}),
+        httpx.Response(
+            200, json={"object": "charge", "id": "ch_1", "status": "succeeded", "amount": "12.5"}
+        ),
+        httpx.Response(200, content=b"\xff\xfe not json"),
+        httpx.Response(402, json={"error": "not an object"}),
+        httpx.Response(409, json={"error": {"code": "something_new"}}),
+    ]
+    for response in cases:
+        with pytest.raises(errors.ProviderError) as caught:
+            classify(response)
+        assert caught.value.status == response.status_code
+        retryable = isinstance(caught.value, errors.RetryableProviderError)
+        assert retryable or isinstance(caught.value, errors.CardDeclined)
+
+
+def test_an_api_key_that_cannot_be_sent_never_appears_in_the_error(sim: Sim) -> None:
+    from payq.settings import Settings
+
+    settings = load_settings(payment_provider_url=sim.url)
+    bad = settings.model_copy(update={"payment_provider_api_key": SecretStr("sk_bad\nkey")})
+    c = ProviderClient(cast(Settings, bad))
+    _open.append(c)
+    with pytest.raises(errors.ProviderConnectionError) as caught:
+        c.create_charge("k-badkey", BODY)
+    assert "sk_bad" not in str(caught.value) and caught.value.__cause__ is None
+
+
+@pytest.mark.parametrize(
+    "retry_after", ["soon", "inf", "nan", "-5", "Wed, 99 Foo 2026 00:00:00 GMT", "1e400"]
+)
+def test_a_malformed_retry_after_is_ignored_or_bounded(retry_after: str) -> None:
+    from payq.provider import _retry_after_s
+
+    seconds = _retry_after_s(retry_after)
+    assert seconds is None or 0 <= seconds <= 3600

@@ -130,12 +130,17 @@ def test_settings_are_frozen(clean_env: pytest.MonkeyPatch) -> None:
             "RETRY_BACKOFF_MIN_S",
             "must not exceed RETRY_BACKOFF_MAX_S",
         ),
-        # Default attempt: PAYMENT_TIMEOUT_MS 5 s + 2 x DB_TIMEOUT_MS 3 s = 11 s.
-        ({"CHARGE_LEASE_S": "11"}, "CHARGE_LEASE_S", "must exceed one attempt's worst case"),
+        # Default attempt: PAYMENT_TIMEOUT_MS 5 s + 2 x (DB_TIMEOUT_MS 3 s + statements 5 s).
+        ({"CHARGE_LEASE_S": "21"}, "CHARGE_LEASE_S", "must exceed one attempt's worst case"),
         (
-            {"PAYMENT_TIMEOUT_MS": "20000", "CHARGE_LEASE_S": "26"},
+            {"PAYMENT_TIMEOUT_MS": "20000", "CHARGE_LEASE_S": "36"},
             "CHARGE_LEASE_S",
-            "= 26 s",
+            "= 36 s",
+        ),
+        (
+            {"PAYMENT_PROVIDER_API_KEY": "sk_live_abc\n"},
+            "PAYMENT_PROVIDER_API_KEY",
+            "set the bare key",
         ),
     ],
     ids=env_id,
@@ -153,7 +158,7 @@ def test_bad_value_names_the_variable_and_what_is_allowed(
     [
         {"PAYMENT_CONNECT_TIMEOUT_MS": "5000"},  # equal to the total: allowed
         {"RETRY_BACKOFF_MIN_S": "5", "RETRY_BACKOFF_MAX_S": "5"},
-        {"CHARGE_LEASE_S": "12"},  # just above the 11 s worst case
+        {"CHARGE_LEASE_S": "22"},  # just above the 21 s worst case
         {
             "PAYMENT_TIMEOUT_MS": "100",
             "PAYMENT_CONNECT_TIMEOUT_MS": "100",

@@ -214,7 +214,9 @@ def test_worker_killed_mid_call_its_charges_finish_elsewhere_once(sim: Sim) -> N
     sim.faults(latency_ms=1000)  # under the suite's 1500 ms PAYMENT_TIMEOUT_MS
     env = {
         "PAYMENT_PROVIDER_URL": sim.url,
-        "CHARGE_LEASE_S": "6",
+        "CHARGE_LEASE_S": "6",  # over 1.5 + 2 x (1 + 1) s, the worst case of one attempt
+        "DB_TIMEOUT_MS": "1000",
+        "DB_STATEMENT_TIMEOUT_MS": "1000",
         "RELAY_DEAD_WORKER_S": "5",
     }
     with PayqProcess("relay", env=env):

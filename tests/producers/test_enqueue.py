@@ -180,3 +180,44 @@ def test_redis_down_at_enqueue_keeps_the_charge_and_the_relay_publishes_it(
         conn.execute(text("UPDATE charges SET created_at = now() - interval '1 minute'"))
     result = relay_once()
     assert result.republished == 1 and queued_ids() == [str(c.id)]
+
+
+def test_caller_savepoint_rolled_back_forgets_only_its_charges() -> None:
+    with Session(get_engine()) as session:
+        kept = enqueue_charge(500, "eur", "tok_visa", "order-kept", session=session)
+        savepoint = session.begin_nested()
+        enqueue_charge(600, "eur", "tok_visa", "order-undone", session=session)
+        savepoint.rollback()
+        assert queued_ids() == []  # nothing before the outer commit, savepoints included
+        session.commit()
+    assert queued_ids() == [str(kept.id)]
+    assert row_count() == 1
+
+
+def test_refused_batch_in_caller_session_leaves_its_transaction_as_it_was() -> None:
+    enqueue_charge(100, "usd", "tok_visa", "taken")
+    with Session(get_engine()) as session:
+        mine = enqueue_charge(200, "usd", "tok_visa", "mine", session=session)
+        with pytest.raises(IdempotencyConflict):
+            enqueue_charges(
+                [
+                    {
+                        "amount": 1,
+                        "currency": "usd",
+                        "source": "tok_visa",
+                        "idempotency_key": "new",
+                    },
+                    {
+                        "amount": 999,
+                        "currency": "usd",
+                        "source": "tok_visa",
+                        "idempotency_key": "taken",
+                    },
+                ],
+                session=session,
+            )
+        session.commit()  # the app carries on after catching the conflict
+    with transaction() as conn:
+        keys = set(conn.execute(select(charges.c.idempotency_key)).scalars())
+    assert keys == {"taken", "mine"}
+    assert str(mine.id) in queued_ids() and len(queued_ids()) == 2

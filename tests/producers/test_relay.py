@@ -63,7 +63,7 @@ def test_a_charge_whose_message_was_lost_is_published_again() -> None:
     assert relay_once().checked == 0  # stamped: not looked at again at once
 
 
-def test_an_expired_lease_is_published_once() -> None:
+def test_an_expired_lease_is_published_at_once_and_again_if_that_is_lost() -> None:
     c = enqueue_charge(100, "usd", "tok_visa", "relay-3")
     with transaction() as conn:
         conn.execute(
@@ -75,6 +75,8 @@ def test_an_expired_lease_is_published_once() -> None:
     first, second = relay_once(), relay_once()
     assert (first.lease_expired, second.lease_expired) == (1, 0)
     assert queued().count(str(c.id)) == 2  # the original delivery and the takeover
+    age(60)  # nobody took it over: the takeover message is presumed lost
+    assert relay_once().lease_expired == 1
 
 
 def test_an_overdue_retry_whose_delayed_message_was_lost_is_published() -> None:

@@ -1,0 +1,53 @@
+"""Log lines: JSON one object per line, extras kept, secrets never written."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator
+
+import pytest
+
+from payq.logs import configure_logging
+from payq.settings import load_settings
+
+KEY = "sk_live_Zx81mQ0pLr7"
+
+
+@pytest.fixture
+def stream() -> Iterator[io.StringIO]:
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+    buffer = io.StringIO()
+    root.handlers = [logging.StreamHandler(buffer)]
+    yield buffer
+    root.handlers, root.level = saved_handlers, saved_level
+
+
+def test_json_lines_carry_the_charge_context(stream: io.StringIO) -> None:
+    configure_logging(load_settings(log_format="json", payment_provider_api_key=KEY))
+    logging.getLogger("payq.charge").info(
+        "charge succeeded", extra={"charge_id": "c-1", "attempt": 2, "latency_ms": 41}
+    )
+    [line] = stream.getvalue().splitlines()
+    record = json.loads(line)
+    assert record["message"] == "charge succeeded" and record["level"] == "INFO"
+    assert (record["charge_id"], record["attempt"], record["latency_ms"]) == ("c-1", 2, 41)
+
+
+@pytest.mark.parametrize("log_format", ["json", "console"])
+def test_secrets_are_masked_in_messages_extras_and_tracebacks(
+    stream: io.StringIO, log_format: str
+) -> None:
+    configure_logging(load_settings(log_format=log_format, payment_provider_api_key=KEY))
+    log = logging.getLogger("payq.test")
+    log.warning("calling with Bearer %s", KEY)
+    log.warning("broker at redis://:hunter2secret@cache:6379/0", extra={"key": KEY})
+    try:
+        raise RuntimeError(f"postgresql://app:hunter2secret@db/payq refused {KEY}")
+    except RuntimeError:
+        log.exception("boom")
+    text = stream.getvalue()
+    assert KEY not in text and "hunter2secret" not in text
+    assert text.count("***") >= 4
