@@ -163,7 +163,8 @@ def test_bad_value_names_the_variable_and_what_is_allowed(
             "PAYMENT_TIMEOUT_MS": "100",
             "PAYMENT_CONNECT_TIMEOUT_MS": "100",
             "DB_TIMEOUT_MS": "100",
-            "CHARGE_LEASE_S": "2",
+            "DB_STATEMENT_TIMEOUT_MS": "100",
+            "CHARGE_LEASE_S": "2",  # over 0.1 + 2 x (0.1 + 0.1) = 0.5 s
         },
     ],
     ids=env_id,

@@ -58,4 +58,13 @@ broker.add_middleware(PoolGuard())
 )
 def process_charge(charge_id: str) -> None:
     message = CurrentMessage.get_current_message()
-    processing.process_charge(charge_id, message_id=message.message_id if message else None)
+    message_id = message.message_id if message else None
+    try:
+        processing.process_charge(charge_id, message_id=message_id)
+    except processing.UnknownCharge as exc:
+        log.error(
+            "message moved to the dead-letter set: %s",
+            exc,
+            extra={"message_id": message_id, "reason": str(exc)},
+        )
+        raise

@@ -142,8 +142,9 @@ def test_message_for_a_charge_that_does_not_exist_is_dead_lettered(sim: Sim) -> 
     client = redis.Redis.from_url(REDIS_URL)
     with PayqProcess(
         "worker", "--processes", "1", "--threads", "1", env={"PAYMENT_PROVIDER_URL": sim.url}
-    ):
+    ) as worker:
         wait_until(lambda: client.zcard(f"{NAMESPACE}:charges.XQ") == 1, 20, "the dead letter")
+        assert f"no charge with id {missing}" in worker.output()
         ids = enqueue(3)
         wait_until(lambda: all_final(ids), 20, "later charges to complete")
     [payload] = client.hvals(f"{NAMESPACE}:charges.XQ.msgs")
