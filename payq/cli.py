@@ -174,6 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_cli_arguments(p)
     p.set_defaults(func=cmd_provider_sim)
 
+    from payq.ops.cli import add_ops_commands
+
+    add_ops_commands(sub)
+
     p = sub.add_parser("demo", help="the main job end to end, with progress and a summary")
     p.add_argument("--charges", type=int, default=500)
     p.set_defaults(func=cmd_demo)

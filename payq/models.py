@@ -24,12 +24,12 @@ from sqlalchemy import (
     func,
     text,
 )
-from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
 from sqlalchemy.engine import RowMapping
 
 from payq.constants import ChargeStatus
 
-__all__ = ["Charge", "charge_attempts", "charges", "metadata"]
+__all__ = ["Charge", "charge_attempts", "charges", "metadata", "operator_actions"]
 
 metadata = MetaData(
     naming_convention={
@@ -69,11 +69,23 @@ charges = Table(
     # publish so that the relay can tell a queued message from a lost one.
     Column("message_id", String(64)),
     Column("published_at", DateTime(timezone=True)),
+    # Attempts made before the last operator replay: each replay gets a fresh budget.
+    Column("retry_base", Integer, nullable=False, server_default=text("0")),
+    # Out of the dead-letter view (never deleted): who and when.
+    Column("purged_at", DateTime(timezone=True)),
+    Column("purged_by", String(255)),
+    # A dead charge whose outcome was unknown, looked up at the provider.
+    Column("reconciled_at", DateTime(timezone=True)),
     CheckConstraint("amount > 0", name="amount_positive"),
     CheckConstraint(f"status IN ({_STATUSES})", name="status_known"),
     CheckConstraint("attempts >= 0", name="attempts_not_negative"),
     # The relay scans only charges that are not final.
     Index("ix_charges_unfinished", "status", "updated_at", postgresql_where=text(_NOT_FINAL)),
+    Index(
+        "ix_charges_dead",
+        "updated_at",
+        postgresql_where=text("status = 'dead' AND purged_at IS NULL"),
+    ),
 )
 
 charge_attempts = Table(
@@ -95,6 +107,19 @@ charge_attempts = Table(
     Column("error_message", Text),
     Column("latency_ms", Integer, nullable=False),
     UniqueConstraint("charge_id", "number", name="uq_charge_attempts_charge_id_number"),
+)
+
+
+operator_actions = Table(
+    "operator_actions",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column("at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("actor", String(255), nullable=False),
+    Column("action", String(32), nullable=False),
+    Column("params", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("charge_ids", ARRAY(UUID(as_uuid=True)), nullable=False),
+    Column("count", Integer, nullable=False),
 )
 
 
@@ -122,6 +147,10 @@ class Charge:
     updated_at: dt.datetime
     message_id: str | None
     published_at: dt.datetime | None
+    retry_base: int
+    purged_at: dt.datetime | None
+    purged_by: str | None
+    reconciled_at: dt.datetime | None
 
     @classmethod
     def from_row(cls, row: RowMapping) -> Charge:

@@ -64,7 +64,8 @@ class Result(StrEnum):
 @dataclass(frozen=True, slots=True)
 class _Claim:
     id: uuid.UUID
-    attempt: int
+    attempt: int  # the attempt's number, counted over the charge's whole life
+    budget_used: int  # attempts since the last operator replay, this one included
     key: str
     body: bytes
     expired: bool
@@ -144,6 +145,7 @@ def _claim(conn: Connection, cid: uuid.UUID, settings: Settings) -> _Claim | Non
             .returning(
                 charges.c.id,
                 charges.c.attempts,
+                charges.c.retry_base,
                 charges.c.idempotency_key,
                 charges.c.amount,
                 charges.c.currency,
@@ -164,6 +166,7 @@ def _claim(conn: Connection, cid: uuid.UUID, settings: Settings) -> _Claim | Non
     return _Claim(
         id=row["id"],
         attempt=row["attempts"],
+        budget_used=row["attempts"] - row["retry_base"],
         key=row["idempotency_key"],
         body=charge_body(
             charge_id=str(row["id"]),
@@ -233,7 +236,7 @@ def _record(
                 latency_ms=latency_ms,
             )
         )
-        result, values = _next_state(outcome, claim.attempt, policy)
+        result, values = _next_state(outcome, claim.budget_used, policy)
         if result is Result.RETRYING:
             message_id = values["message_id"]
             publish_delay_ms = values.pop("delay_ms")
