@@ -1,0 +1,221 @@
+"""Dead-letter draining and reconciliation against real PostgreSQL, Redis and the simulator."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from sqlalchemy import select, text
+
+from payq.db import transaction
+from payq.models import operator_actions
+from payq.ops import broker_dlq
+from payq.ops.dlq import DeadFilter, dead_charges, purge, replay, show, totals
+from payq.ops.reconcile import reconcile
+from payq.processing import Result, process_charge
+from payq.provider import ProviderClient
+from payq.settings import load_settings
+from payq.sim import SimulatorThread
+from producers import enqueue_charge
+from tests.conftest import API_KEY, NAMESPACE, REDIS_URL, TEST_ENV
+from tests.helpers import Sim, charge
+
+pytestmark = pytest.mark.usefixtures("clean")
+
+
+class Ops:
+    def __init__(self, sim: Sim) -> None:
+        self.sim = sim
+        self.settings = load_settings(payment_provider_url=sim.url, retry_max_attempts=1)
+        self.provider = ProviderClient(self.settings)
+
+    def dead(self, step: str, amount: int = 1999, currency: str = "usd") -> uuid.UUID:
+        """A charge that went dead after one attempt ending in ``step``."""
+        self.sim.faults(script=[step], timeout_delay_s=3)
+        cid = enqueue_charge(amount, currency, "tok_visa", f"dead-{uuid.uuid4().hex}").id
+        result = process_charge(str(cid), settings=self.settings, provider=self.provider)
+        assert result is Result.DEAD
+        return cid
+
+    def run(self, cid: uuid.UUID) -> Result:
+        settings = load_settings(payment_provider_url=self.sim.url)
+        return process_charge(str(cid), settings=settings, provider=self.provider)
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "payq.cli", *args],
+            env={**TEST_ENV, "PATH": "/usr/bin:/bin", "PAYMENT_PROVIDER_URL": self.sim.url},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+
+@pytest.fixture
+def ops() -> Iterator[Ops]:
+    with SimulatorThread(api_key=API_KEY) as thread:
+        o = Ops(Sim(thread.url))
+        yield o
+        o.provider.close()
+
+
+def audit_rows() -> list[dict[str, Any]]:
+    with transaction() as conn:
+        return [dict(r) for r in conn.execute(select(operator_actions)).mappings()]
+
+
+def test_list_filters_and_totals(ops: Ops) -> None:
+    bad = ops.dead("invalid_request", 1000, "usd")
+    unknown = ops.dead("timeout", 2500, "usd")
+    eur = ops.dead("auth", 700, "eur")
+    everything = DeadFilter()
+    assert {d.charge.id for d in dead_charges(everything)} == {bad, unknown, eur}
+    assert totals(everything) == {"eur": (1, 700), "usd": (2, 3500)}
+    assert [d.charge.id for d in dead_charges(DeadFilter(error_class="timeout"))] == [unknown]
+    assert [d.charge.id for d in dead_charges(DeadFilter(reason="AUTHENTICATION"))] == [eur]
+    assert [d.charge.id for d in dead_charges(DeadFilter(currency="EUR"))] == [eur]
+    assert [d.charge.id for d in dead_charges(DeadFilter(min_amount=2000))] == [unknown]
+    assert {d.charge.id: d.outcome_unknown for d in dead_charges(everything)} == {
+        bad: False,
+        unknown: True,
+        eur: False,
+    }
+
+
+def test_cli_list_is_a_table_with_totals_and_json_on_request(ops: Ops) -> None:
+    ops.dead("invalid_request", 1999, "usd")
+    ops.dead("timeout", 500, "jpy")
+    table = ops.cli("dlq", "list")
+    assert table.returncode == 0, table.stderr
+    assert "outcome unknown" in table.stdout
+    assert "2 dead charges: 500 JPY, 19.99 USD" in table.stdout
+    as_json = json.loads(ops.cli("dlq", "list", "--json").stdout)
+    assert as_json["count"] == 2 and as_json["totals"]["usd"] == {"count": 1, "amount": 1999}
+
+
+def test_show_has_every_attempt(ops: Ops) -> None:
+    cid = ops.dead("timeout")
+    dead, attempts = show(cid)
+    assert dead.outcome_unknown and [a["outcome"] for a in attempts] == ["no_answer"]
+    out = ops.cli("dlq", "show", str(cid))
+    assert out.returncode == 0 and "no_answer" in out.stdout and "timeout" in out.stdout
+
+
+def test_replay_uses_the_same_key_a_fresh_budget_and_is_audited(ops: Ops) -> None:
+    cid = ops.dead("error")
+    key = charge(cid).idempotency_key
+    report = replay(DeadFilter(ids=[cid]), actor="alice")
+    assert report.replayed == [cid]
+    c = charge(cid)
+    assert (c.status, c.idempotency_key, c.retry_base, c.dead_reason) == ("pending", key, 1, None)
+    client = redis.Redis.from_url(REDIS_URL)
+    payloads = [json.loads(p) for p in client.hvals(f"{NAMESPACE}:charges.msgs")]
+    client.close()
+    assert [p["args"] for p in payloads if p["message_id"] == c.message_id] == [[str(cid)]]
+    assert ops.run(cid) is Result.SUCCEEDED
+    assert [r["status"] for r in ops.sim.requests(key)] == [503, 200]
+    [row] = audit_rows()
+    assert (row["actor"], row["action"], row["charge_ids"], row["count"]) == (
+        "alice",
+        "replay",
+        [cid],
+        1,
+    )
+
+
+def test_replay_dry_run_changes_nothing_and_refuses_to_guess(ops: Ops) -> None:
+    cid = ops.dead("error")
+    out = ops.cli("dlq", "replay", "--all", "--dry-run")
+    assert out.returncode == 0 and "would replay 1" in out.stdout
+    assert charge(cid).status == "dead" and audit_rows() == []
+    nothing = ops.cli("dlq", "replay")
+    assert nothing.returncode == 2 and "give IDs, a filter" in nothing.stderr
+
+
+def test_replay_is_rate_bounded(ops: Ops) -> None:
+    for _ in range(12):
+        ops.dead("invalid_request")
+    started = time.monotonic()
+    report = replay(DeadFilter(), actor="bob", rate_per_s=5)
+    assert len(report.replayed) == 12
+    assert time.monotonic() - started >= 2.0  # 12 at 5/s: three batches, two waits
+
+
+def test_a_charge_older_than_key_retention_is_not_replayed(ops: Ops) -> None:
+    cid = ops.dead("error")
+    with transaction() as conn:
+        conn.execute(text("UPDATE charges SET created_at = now() - interval '2 days'"))
+    report = replay(DeadFilter(ids=[cid]), actor="carol")
+    assert report.replayed == [] and "payq reconcile" in report.skipped[cid]
+    assert charge(cid).status == "dead"
+
+
+def test_purge_hides_but_keeps_and_needs_yes(ops: Ops) -> None:
+    cid = ops.dead("invalid_request")
+    refused = ops.cli("dlq", "purge", str(cid))
+    assert refused.returncode == 2 and "--yes" in refused.stderr
+    assert purge(DeadFilter(ids=[cid]), actor="dave") == [cid]
+    assert dead_charges(DeadFilter()) == []
+    kept = dead_charges(DeadFilter(include_purged=True))
+    assert [d.charge.purged_by for d in kept] == ["dave"] and charge(cid).status == "dead"
+    assert [r["action"] for r in audit_rows()] == ["purge"]
+
+
+def test_export_csv_and_jsonl(ops: Ops) -> None:
+    cid = ops.dead("auth", 4200, "gbp")
+    rows = list(csv.DictReader(io.StringIO(ops.cli("dlq", "export", "--format", "csv").stdout)))
+    assert [(r["id"], r["amount"], r["currency"]) for r in rows] == [(str(cid), "4200", "gbp")]
+    lines = ops.cli("dlq", "export", "--format", "jsonl").stdout.splitlines()
+    assert [json.loads(line)["last_error_class"] for line in lines] == ["authentication_failed"]
+    assert "tok_visa" not in "".join(lines)  # the payment token stays inside
+
+
+def test_reconcile_settles_unknown_outcomes_without_charging(ops: Ops) -> None:
+    charged = ops.dead("timeout")  # the provider charged, then answered too late
+    lost = ops.dead("reset")  # the connection dropped before the provider charged
+    known = ops.dead("invalid_request")
+    charges_before = ops.sim.stats()["charges"]
+    assert "would look up 2 dead charges" in ops.cli("reconcile", "--dry-run").stdout
+    report = reconcile(DeadFilter(), actor="erin", provider=ops.provider)
+    assert report.pending == {}
+    assert report.succeeded == [charged] and report.not_charged == [lost]
+    assert ops.sim.stats()["charges"] == charges_before  # looked up, never charged
+    assert charge(charged).status == "succeeded" and charge(charged).provider_charge_id
+    assert charge(lost).status == "dead" and "not charged at provider" in (
+        charge(lost).dead_reason or ""
+    )
+    assert charge(known).reconciled_at is None
+    assert {d.charge.id: d.outcome_unknown for d in dead_charges(DeadFilter())} == {
+        lost: False,
+        known: False,
+    }
+    assert sorted(r["params"]["result"] for r in audit_rows()) == ["not_charged", "succeeded"]
+    again = reconcile(DeadFilter(), actor="erin", provider=ops.provider)
+    assert again.settled == []
+
+
+def test_broker_dead_letters_list_requeue_drop(ops: Ops) -> None:
+    client = redis.Redis.from_url(REDIS_URL)
+    xq, xq_msgs = f"{NAMESPACE}:charges.XQ", f"{NAMESPACE}:charges.XQ.msgs"
+    good = {"queue_name": "charges", "actor_name": "process_charge", "args": ["x"], "kwargs": {},
+            "options": {"redis_message_id": "m1"}, "message_id": "m1", "message_timestamp": 0}  # fmt: skip
+    client.zadd(xq, {"m1": 1_000, "m2": 2_000})
+    client.hset(xq_msgs, mapping={"m1": json.dumps(good), "m2": b"\x00garbage"})
+    letters = broker_dlq.list_dead_letters()
+    assert [(d.redis_id, d.decodable) for d in letters] == [("m1", True), ("m2", False)]
+    out = ops.cli("dlq", "broker", "requeue", "--all")
+    assert "requeued 1" in out.stdout and "left m2: undecodable" in out.stdout
+    assert client.lrange(f"{NAMESPACE}:charges", 0, -1) == [b"m1"]
+    assert ops.cli("dlq", "broker", "drop", "m2").returncode == 2  # needs --yes
+    assert "dropped 1" in ops.cli("dlq", "broker", "drop", "m2", "--yes").stdout
+    assert client.zcard(xq) == 0
+    client.close()
