@@ -206,8 +206,15 @@ def test_reconcile_settles_unknown_outcomes_without_charging(ops: Ops) -> None:
 def test_broker_dead_letters_list_requeue_drop(ops: Ops) -> None:
     client = redis.Redis.from_url(REDIS_URL)
     xq, xq_msgs = f"{NAMESPACE}:charges.XQ", f"{NAMESPACE}:charges.XQ.msgs"
-    good = {"queue_name": "charges", "actor_name": "process_charge", "args": ["x"], "kwargs": {},
-            "options": {"redis_message_id": "m1"}, "message_id": "m1", "message_timestamp": 0}  # fmt: skip
+    good = {
+        "queue_name": "charges",
+        "actor_name": "process_charge",
+        "args": ["x"],
+        "kwargs": {},
+        "options": {"redis_message_id": "m1"},
+        "message_id": "m1",
+        "message_timestamp": 0,
+    }
     client.zadd(xq, {"m1": 1_000, "m2": 2_000})
     client.hset(xq_msgs, mapping={"m1": json.dumps(good), "m2": b"\x00garbage"})
     letters = broker_dlq.list_dead_letters()
