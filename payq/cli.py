@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import sys
+import tempfile
 import threading
 from collections.abc import Callable, Sequence
 
@@ -54,6 +55,16 @@ def cmd_worker(args: argparse.Namespace) -> int:
     processes = args.processes or settings.worker_processes
     threads = args.threads or settings.worker_threads
     settings.check_worker_pools(threads)
+    if settings.metrics_port:
+        # Dramatiq's Prometheus middleware serves this group's metrics (its own and
+        # payq's) from a fresh multiprocess directory, on METRICS_HOST only.
+        metrics_dir = tempfile.mkdtemp(prefix="payq-metrics-")
+        os.environ.update(
+            dramatiq_prom_host=settings.metrics_host,
+            dramatiq_prom_port=str(settings.metrics_port),
+            dramatiq_prom_db=metrics_dir,
+            PROMETHEUS_MULTIPROC_DIR=metrics_dir,
+        )
     argv = [
         sys.executable,
         "-m",

@@ -24,6 +24,7 @@ from typing import Any
 
 from sqlalchemy import Connection, and_, func, insert, or_, select, update
 
+from payq import metrics
 from payq.broker import new_message_id, publish
 from payq.constants import ChargeStatus
 from payq.db import transaction
@@ -96,6 +97,7 @@ def process_charge(
             # The scheduled retry itself came early (clocks differ between hosts): send
             # it again for when it is due rather than call before Retry-After.
             _publish_quietly(cid, message_id, redo_in_ms)
+            metrics.DEFERRALS.labels("early_message").inc()
         return result
 
     started_at = dt.datetime.now(dt.UTC)
@@ -105,8 +107,12 @@ def process_charge(
         outcome = (provider or get_provider()).create_charge(claim.key, claim.body)
     except ProviderError as exc:
         outcome = exc
-    latency_ms = int((time.monotonic() - t0) * 1000)
-    return _record(claim, outcome, started_at, latency_ms, settings)
+    elapsed_s = time.monotonic() - t0
+    metrics.PROVIDER_LATENCY.observe(elapsed_s)
+    metrics.ATTEMPTS.labels(
+        "none" if isinstance(outcome, ProviderCharge) else outcome.error_class
+    ).inc()
+    return _record(claim, outcome, started_at, int(elapsed_s * 1000), settings)
 
 
 def _expire(conn: Connection, claim: _Claim, settings: Settings) -> Result:
@@ -247,6 +253,7 @@ def _record(
     if not done:
         log.warning("lease lost: another worker took this charge over", extra=extra)
         return Result.LEASE_LOST
+    metrics.CHARGES.labels(result.value).inc()
     level = logging.WARNING if result in (Result.DEAD, Result.RETRYING) else logging.INFO
     log.log(level, "charge %s", result.value, extra=extra)
     if publish_delay_ms is not None and message_id is not None:

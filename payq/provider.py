@@ -78,6 +78,8 @@ class ProviderClient:
             )
         self.timeout_s = settings.payment_timeout_s
         self.pool_size = settings.payment_pool_max_connections
+        self._in_flight = 0
+        self._in_flight_lock = threading.Lock()
         limits = httpx.Limits(
             max_connections=self.pool_size, max_keepalive_connections=self.pool_size
         )
@@ -114,6 +116,11 @@ class ProviderClient:
                 )
         return classify(response)
 
+    @property
+    def in_flight(self) -> int:
+        """Calls under way in this process (each holds one pooled connection)."""
+        return self._in_flight
+
     def close(self) -> None:
         self._client.close()
 
@@ -133,6 +140,8 @@ class ProviderClient:
         params: dict[str, str] | None = None,
     ) -> httpx.Response:
         headers = {"Idempotency-Key": key} if key is not None else {}
+        with self._in_flight_lock:
+            self._in_flight += 1
         try:
             with deadline(self.timeout_s):
                 return self._client.request(
@@ -154,6 +163,9 @@ class ProviderClient:
                 f"connection failed before a whole answer ({type(exc).__name__}: "
                 f"{str(exc)[:200]}); the charge may or may not have happened"
             ) from exc
+        finally:
+            with self._in_flight_lock:
+                self._in_flight -= 1
 
 
 def _json(response: httpx.Response) -> Any:

@@ -80,6 +80,11 @@ class Settings(BaseSettings):
 
     # Operations.
     health_check_interval_s: int = Field(30, ge=1, le=3600)
+    health_error_rate: float = Field(0.5, gt=0, le=1)
+    health_min_attempts: int = Field(10, ge=1)
+    health_pool_utilization: float = Field(0.8, gt=0, le=1)
+    metrics_host: str = Field("127.0.0.1", min_length=1)
+    metrics_port: int = Field(9191, ge=0, le=65535)
     sentry_dsn: SecretStr | None = None
     log_format: Literal["console", "json"] = "console"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

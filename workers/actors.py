@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
-from typing import Any
 
 import dramatiq
-from dramatiq.middleware import CurrentMessage, Middleware
+from dramatiq.middleware import CurrentMessage
 
-from payq import db, processing
+from payq import processing
 from payq.broker import get_broker
 from payq.constants import ACTOR_NAME, QUEUE_NAME
 from payq.errors import ConfigError
 from payq.logs import configure_logging
 from payq.settings import get_settings
+from workers.middleware import PoolGuard, WorkerReport
 
 __all__ = ["broker", "process_charge"]
 
@@ -26,23 +27,17 @@ except ConfigError as exc:  # one clear line, not a traceback, under `dramatiq w
     print(f"payq: {exc}", file=sys.stderr)
     raise SystemExit(2) from None
 
-
-class PoolGuard(Middleware):
-    """Refuses to boot a worker whose threads could outnumber its connection pools."""
-
-    def before_worker_boot(self, broker: Any, worker: Any) -> None:
-        try:
-            settings.check_worker_pools(worker.worker_threads)
-        except ConfigError as exc:
-            log.critical("worker refused to start: %s", exc)
-            raise SystemExit(2) from None
-        db.set_role("worker")
-
-
 configure_logging(settings)
 broker = get_broker()
 broker.add_middleware(CurrentMessage())
-broker.add_middleware(PoolGuard())
+broker.add_middleware(PoolGuard(settings))
+broker.add_middleware(WorkerReport(settings))
+if os.environ.get("dramatiq_prom_host"):  # noqa: SIM112 - Dramatiq reads this lower-case name
+    # `payq worker` sets the address (METRICS_HOST, 127.0.0.1 unless told otherwise) and
+    # a fresh multiprocess directory; Dramatiq's own default would listen on 0.0.0.0.
+    from dramatiq.middleware.prometheus import Prometheus
+
+    broker.add_middleware(Prometheus())
 
 
 @dramatiq.actor(

@@ -13,6 +13,7 @@ import getpass
 import json
 import os
 import sys
+import time
 import uuid
 from collections.abc import Iterable
 from typing import Any
@@ -323,7 +324,49 @@ def cmd_broker(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from payq.ops.status import render, snapshot
+
+    while True:
+        snap = snapshot()
+        if args.json:
+            _print_json(snap)
+        else:
+            if args.watch:
+                print("\033[2J\033[H", end="")
+            print(render(snap), flush=True)
+        if not args.watch:
+            return 0
+        time.sleep(args.interval)
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    from payq.ops.health import run_checks, worst
+    from payq.settings import get_settings
+
+    checks = run_checks(get_settings(), provider=not args.no_provider)
+    overall = worst(checks)
+    if args.json:
+        _print_json({"status": overall.name.lower(), "checks": [c.as_dict() for c in checks]})
+    else:
+        for check in checks:
+            print(f"{check.level.name.lower():<9} {check.name:<13} {check.detail}")
+        print(f"{overall.name.lower()}")
+    return int(overall)
+
+
 def add_ops_commands(sub: Any) -> None:
+    p = sub.add_parser("status", help="queues, charges, provider figures, live workers")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--watch", action="store_true", help="refresh until interrupted")
+    p.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("health", help="check every part; exit 0 healthy, 1 degraded, 2 down")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--no-provider", action="store_true", help="skip the provider lookup")
+    p.set_defaults(func=cmd_health)
+
     dlq = sub.add_parser("dlq", help="dead charges: list, show, replay, purge, export")
     dsub = dlq.add_subparsers(dest="dlq_command", required=True, metavar="VERB")
 

@@ -1,0 +1,187 @@
+"""``payq status``: what the system is doing now, from PostgreSQL and Redis.
+
+Queue depths, charges by status, provider success rate and latency over the last 5
+and 60 minutes, errors by class, and each live worker's own report (workers write
+one to Redis every few seconds: threads busy, HTTP and database pools in use).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from sqlalchemy import func, select, text
+
+from payq.broker import get_broker
+from payq.constants import QUEUE_NAME, ChargeStatus, redis_key
+from payq.db import transaction
+from payq.models import charges
+from payq.settings import Settings, get_settings
+
+__all__ = [
+    "AttemptStats",
+    "attempt_stats",
+    "dead_count",
+    "render",
+    "snapshot",
+    "worker_reports",
+]
+
+#: Attempt outcomes that are answers from a working provider.
+ANSWERED = ("succeeded", "declined")
+
+
+@dataclass
+class AttemptStats:
+    minutes: int
+    attempts: int = 0
+    succeeded: int = 0
+    declined: int = 0
+    errors: int = 0
+    p50_ms: float | None = None
+    p95_ms: float | None = None
+    p99_ms: float | None = None
+    errors_by_class: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def success_rate(self) -> float | None:
+        return self.succeeded / self.attempts if self.attempts else None
+
+
+def attempt_stats(minutes: int) -> AttemptStats:
+    stats = AttemptStats(minutes)
+    window = {"since": dt.datetime.now(dt.UTC) - dt.timedelta(minutes=minutes)}
+    with transaction() as conn:
+        row = conn.execute(
+            text(
+                "SELECT count(*), count(*) FILTER (WHERE outcome = 'succeeded'), "
+                "count(*) FILTER (WHERE outcome = 'declined'), "
+                "percentile_cont(0.5) WITHIN GROUP (ORDER BY latency_ms), "
+                "percentile_cont(0.95) WITHIN GROUP (ORDER BY latency_ms), "
+                "percentile_cont(0.99) WITHIN GROUP (ORDER BY latency_ms) "
+                "FROM charge_attempts WHERE finished_at >= :since"
+            ),
+            window,
+        ).one()
+        by_class = conn.execute(
+            text(
+                "SELECT error_class, count(*) FROM charge_attempts "
+                "WHERE finished_at >= :since AND outcome NOT IN ('succeeded', 'declined') "
+                "GROUP BY error_class ORDER BY count(*) DESC"
+            ),
+            window,
+        ).all()
+    stats.attempts, stats.succeeded, stats.declined = int(row[0]), int(row[1]), int(row[2])
+    stats.p50_ms, stats.p95_ms, stats.p99_ms = row[3], row[4], row[5]
+    stats.errors_by_class = {str(cls): int(n) for cls, n in by_class}
+    stats.errors = sum(stats.errors_by_class.values())
+    return stats
+
+
+def dead_count() -> int:
+    with transaction() as conn:
+        return int(
+            conn.execute(
+                select(func.count())
+                .select_from(charges)
+                .where(charges.c.status == ChargeStatus.DEAD, charges.c.purged_at.is_(None))
+            ).scalar_one()
+        )
+
+
+def worker_reports() -> list[dict[str, Any]]:
+    broker = get_broker()
+    keys = list(broker.client.scan_iter(match=redis_key(broker.namespace, "workers", "*")))
+    values = broker.client.mget(keys) if keys else []
+    reports = [json.loads(v) for v in values if v]
+    now = time.time()
+    for report in reports:
+        report["age_s"] = round(now - report["reported_at"], 1)
+    return sorted(reports, key=lambda r: (r["host"], r["group"], r["pid"]))
+
+
+def snapshot(settings: Settings | None = None) -> dict[str, Any]:
+    settings = settings or get_settings()
+    broker = get_broker()
+    ns, client = broker.namespace, broker.client
+    with client.pipeline(transaction=False) as pipe:
+        pipe.llen(f"{ns}:{QUEUE_NAME}")
+        pipe.hlen(f"{ns}:{QUEUE_NAME}.DQ.msgs")
+        pipe.zcard(f"{ns}:{QUEUE_NAME}.XQ")
+        ready, delayed, broker_dead = pipe.execute()
+    with transaction() as conn:
+        by_status: dict[str, int] = dict(
+            conn.execute(select(charges.c.status, func.count()).group_by(charges.c.status)).all()
+        )
+    workers = worker_reports()
+    return {
+        "at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "queues": {"ready": ready, "delayed": delayed, "broker_dead_letters": broker_dead},
+        "charges": {s.value: int(by_status.get(s.value, 0)) for s in ChargeStatus},
+        "dead_in_view": dead_count(),
+        "provider": {
+            "last_5_min": asdict(attempt_stats(5)),
+            "last_60_min": asdict(attempt_stats(60)),
+        },
+        "breaker": {
+            "state": "none",
+            "detail": "the fleet breaker arrives with the resilience work",
+        },
+        "fleet": {
+            "provider_calls_in_flight": sum(w["http_in_use"] for w in workers),
+            "max_concurrency": settings.payment_max_concurrency,
+        },
+        "workers": workers,
+    }
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f} ms"
+
+
+def render(snap: dict[str, Any]) -> str:
+    q, c = snap["queues"], snap["charges"]
+    lines = [
+        f"payq status at {snap['at']}",
+        f"queues     ready {q['ready']} · delayed {q['delayed']} · "
+        f"broker dead letters {q['broker_dead_letters']}",
+        "charges    " + " · ".join(f"{k} {v}" for k, v in c.items())
+        + f" (in the dead-letter view: {snap['dead_in_view']})",
+    ]  # fmt: skip
+    for label, key in (("last 5 min", "last_5_min"), ("last 60 min", "last_60_min")):
+        p = snap["provider"][key]
+        rate = f"{p['succeeded'] / p['attempts']:.1%}" if p["attempts"] else "-"
+        lines.append(
+            f"provider   {label}: {p['attempts']} attempts, {rate} charged, "
+            f"{p['declined']} declined, {p['errors']} errors; latency p50 {_ms(p['p50_ms'])}, "
+            f"p95 {_ms(p['p95_ms'])}, p99 {_ms(p['p99_ms'])}"
+        )
+    errors = snap["provider"]["last_60_min"]["errors_by_class"]
+    lines.append(
+        "errors     (60 min) " + (" · ".join(f"{k} {v}" for k, v in errors.items()) or "none")
+    )
+    lines.append(f"breaker    {snap['breaker']['state']}: {snap['breaker']['detail']}")
+    fleet = snap["fleet"]
+    lines.append(
+        f"fleet      {fleet['provider_calls_in_flight']} provider calls in flight "
+        f"(PAYMENT_MAX_CONCURRENCY {fleet['max_concurrency']})"
+    )
+    workers = snap["workers"]
+    if not workers:
+        lines.append("workers    none reporting")
+    else:
+        lines.append(f"workers    {len(workers)} processes reporting")
+        lines.append(
+            "  HOST:PID            GROUP   THREADS BUSY  HTTP POOL  DB POOL  DONE  REPORTED"
+        )
+        for w in workers:
+            lines.append(
+                f"  {w['host'][:14] + ':' + str(w['pid']):<19} {w['group']:<7} "
+                f"{w['busy']:>4}/{w['threads']:<8} {w['http_in_use']:>4}/{w['http_size']:<5} "
+                f"{w['db_in_use']:>3}/{w['db_size']:<4} {w['processed']:>5}  "
+                f"{w['age_s']:.0f} s ago"
+            )
+    return "\n".join(lines)

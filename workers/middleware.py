@@ -1,0 +1,196 @@
+"""The worker's middleware: refuse unsafe pool settings, and report on itself.
+
+``WorkerReport`` runs one background thread per worker process. Every few seconds it
+writes the process's figures to Redis (what ``payq status`` shows, and what
+``payq health`` judges pools by); every ``HEALTH_CHECK_INTERVAL_S`` it runs the health
+checks (the fleet-wide ones in one process of the fleet at a time), logs a snapshot,
+and raises an alert (a WARNING/ERROR line, and a Sentry event when Sentry is on)
+when a pool stays busier than ``HEALTH_POOL_UTILIZATION`` for a whole interval, the
+error rate crosses ``HEALTH_ERROR_RATE``, or the dead-letter count grows.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+from dramatiq.middleware import Middleware
+
+from payq import db, metrics
+from payq.broker import get_broker
+from payq.constants import redis_key
+from payq.errors import ConfigError
+from payq.ops.health import Level, run_checks, worst
+from payq.ops.status import dead_count
+from payq.provider import get_provider
+from payq.settings import Settings
+
+__all__ = ["PoolGuard", "WorkerReport"]
+
+log = logging.getLogger("payq.worker")
+REPORT_INTERVAL_S = 5.0
+
+
+class PoolGuard(Middleware):
+    """Refuses to boot a worker whose threads could outnumber its connection pools."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def before_worker_boot(self, broker: Any, worker: Any) -> None:
+        try:
+            self.settings.check_worker_pools(worker.worker_threads)
+        except ConfigError as exc:
+            log.critical("worker refused to start: %s", exc)
+            raise SystemExit(2) from None
+        db.set_role("worker")
+
+
+def _alert(message: str, level: int, **tags: str) -> None:
+    log.log(level, "ALERT %s", message, extra={"alert": True, **tags})
+    try:
+        from payq.sentry import capture_alert
+    except ImportError:  # pragma: no cover - Sentry support is optional at import time
+        return
+    capture_alert(message, level=logging.getLevelName(level).lower(), **tags)
+
+
+class WorkerReport(Middleware):
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.busy = 0
+        self.processed = 0
+        self.threads = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._key = ""
+        self._started = time.time()
+        self._hot_since: float | None = None
+        self._failing: set[str] = set()
+
+    # Dramatiq hooks -----------------------------------------------------------------
+    def after_worker_boot(self, broker: Any, worker: Any) -> None:
+        self.threads = worker.worker_threads
+        self._key = redis_key(broker.namespace, "workers", f"{socket.gethostname()}:{os.getpid()}")
+        self._thread = threading.Thread(target=self._run, name="payq-report", daemon=True)
+        self._thread.start()
+
+    def before_process_message(self, broker: Any, message: Any) -> None:
+        with self._lock:
+            self.busy += 1
+
+    def after_process_message(
+        self, broker: Any, message: Any, *, result: Any = None, exception: Any = None
+    ) -> None:
+        with self._lock:
+            self.busy -= 1
+            self.processed += 1
+
+    after_skip_message = after_process_message
+
+    def before_worker_shutdown(self, broker: Any, worker: Any) -> None:
+        self._stop.set()
+        if self._key:
+            try:
+                get_broker().client.delete(self._key)
+            except Exception:  # shutting down anyway: the report expires on its own
+                log.debug("could not remove the worker report", exc_info=True)
+
+    # The report thread --------------------------------------------------------------
+    def figures(self) -> dict[str, Any]:
+        engine = db.get_engine()
+        pool: Any = engine.pool
+        provider = get_provider()
+        return {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "group": os.getppid(),
+            "threads": self.threads,
+            "busy": self.busy,
+            "processed": self.processed,
+            "http_in_use": provider.in_flight,
+            "http_size": provider.pool_size,
+            "db_in_use": int(pool.checkedout()),
+            "db_size": int(pool.size()),
+            "started_at": self._started,
+            "reported_at": time.time(),
+        }
+
+    def _run(self) -> None:
+        next_health = time.monotonic() + self.settings.health_check_interval_s
+        while not self._stop.wait(REPORT_INTERVAL_S):
+            try:
+                figures = self.figures()
+                get_broker().client.set(
+                    self._key, json.dumps(figures), ex=int(REPORT_INTERVAL_S * 3)
+                )
+                self._watch_pools(figures)
+                if time.monotonic() >= next_health:
+                    next_health = time.monotonic() + self.settings.health_check_interval_s
+                    self._health()
+            except Exception:  # the report must never take the worker down
+                log.warning("worker report failed", exc_info=True)
+
+    def _watch_pools(self, figures: dict[str, Any]) -> None:
+        for pool in ("http", "db"):
+            metrics.POOL_IN_USE.labels(pool).set(figures[f"{pool}_in_use"])
+            metrics.POOL_SIZE.labels(pool).set(figures[f"{pool}_size"])
+        use = max(
+            figures["http_in_use"] / max(1, figures["http_size"]),
+            figures["db_in_use"] / max(1, figures["db_size"]),
+        )
+        if use <= self.settings.health_pool_utilization:
+            self._hot_since = None
+            return
+        now = time.monotonic()
+        if self._hot_since is None:
+            self._hot_since = now
+        elif now - self._hot_since >= self.settings.health_check_interval_s:
+            _alert(
+                f"pool utilization {use:.0%} for over {self.settings.health_check_interval_s} s "
+                f"(HTTP {figures['http_in_use']}/{figures['http_size']}, database "
+                f"{figures['db_in_use']}/{figures['db_size']}): add workers or raise the pools",
+                logging.WARNING,
+                check="pools",
+            )
+            self._hot_since = now
+
+    def _health(self) -> None:
+        client = get_broker().client
+        leader = client.set(
+            redis_key(get_broker().namespace, "health", "leader"),
+            os.getpid(),
+            nx=True,
+            ex=max(1, self.settings.health_check_interval_s - 1),
+        )
+        if not leader:
+            return  # another process of the fleet checks the fleet this interval
+        checks = run_checks(self.settings)
+        overall = worst(checks)
+        log.log(
+            logging.INFO if overall is Level.OK else logging.WARNING,
+            "health %s: %s",
+            overall.name.lower(),
+            "; ".join(
+                f"{c.name} {c.level.name.lower()}"
+                + ("" if c.level is Level.OK else f" ({c.detail})")
+                for c in checks
+            ),
+            extra={"checks": {c.name: c.level.name.lower() for c in checks}},
+        )
+        for check in checks:
+            if check.level is not Level.OK and check.name not in self._failing:
+                level = logging.ERROR if check.level is Level.DOWN else logging.WARNING
+                _alert(f"{check.name} {check.level.name.lower()}: {check.detail}", level,
+                       check=check.name)  # fmt: skip
+        # A growing dead-letter count alerts each time it grows; the rest once until fixed.
+        self._failing = {
+            c.name for c in checks if c.level is not Level.OK and c.name != "dead_letters"
+        }
+        metrics.DEAD_LETTERS.set(dead_count())
