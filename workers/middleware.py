@@ -124,7 +124,7 @@ class WorkerReport(Middleware):
 
     def _run(self) -> None:
         next_health = time.monotonic() + self.settings.health_check_interval_s
-        while not self._stop.wait(REPORT_INTERVAL_S):
+        while True:
             try:
                 figures = self.figures()
                 get_broker().client.set(
@@ -136,6 +136,8 @@ class WorkerReport(Middleware):
                     self._health()
             except Exception:  # the report must never take the worker down
                 log.warning("worker report failed", exc_info=True)
+            if self._stop.wait(REPORT_INTERVAL_S):
+                return
 
     def _watch_pools(self, figures: dict[str, Any]) -> None:
         for pool in ("http", "db"):

@@ -180,6 +180,8 @@ def _enqueue(settings: Settings, total: int, run: str) -> None:
     batch = []
     for i in range(total):
         source = "tok_chargeDeclined" if i % 50 == 7 else "tok_visa"
+        if i % 100 == 42:
+            source = "tok_invalidRevoked"  # the provider refuses it: dead at once
         batch.append(
             {
                 "amount": 500 + (i * 37) % 20_000,

@@ -40,6 +40,8 @@ DECLINE_MESSAGES = {
     "insufficient_funds": "Your card has insufficient funds.",
     "expired_card": "Your card has expired.",
 }
+#: Tokens the simulated provider never issued: refused with a 400 (like a real "no such token").
+UNKNOWN_TOKEN_PREFIX = "tok_invalid"
 _KEY_RE = re.compile(r"[\x20-\x7e]{1,255}")
 _CURRENCY_RE = re.compile(r"[A-Za-z]{3}")
 
@@ -66,6 +68,8 @@ class ChargeParams:
         source = body.get("source")
         if not isinstance(source, str) or not source.strip():
             return "source", "source must be a non-empty payment token"
+        if source.startswith(UNKNOWN_TOKEN_PREFIX):
+            return "source", "no such payment token"
         return None
 
     @classmethod

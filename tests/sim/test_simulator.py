@@ -662,3 +662,18 @@ def test_stop_is_quick_while_a_client_still_waits(start: Start) -> None:
 def test_start_reports_a_port_in_use(sim: SimulatorThread) -> None:
     with pytest.raises(OSError):
         SimulatorThread(API_KEY, port=sim.port).start()
+
+
+def test_a_token_the_provider_never_issued_is_refused() -> None:
+    with SimulatorThread(api_key=API_KEY) as thread:
+        response = httpx.post(
+            f"{thread.url}/v1/charges",
+            headers={"Authorization": f"Bearer {API_KEY}", "Idempotency-Key": "k-unknown-token"},
+            json={"amount": 100, "currency": "usd", "source": "tok_invalidRevoked"},
+        )
+    assert response.status_code == 400
+    assert response.json()["error"] == {
+        "type": "invalid_request_error",
+        "message": "no such payment token",
+        "param": "source",
+    }
