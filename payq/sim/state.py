@@ -41,7 +41,7 @@ DECLINE_MESSAGES = {
     "expired_card": "Your card has expired.",
 }
 #: Tokens the simulated provider never issued: refused with a 400 (like a real "no such token").
-UNKNOWN_TOKEN_PREFIX = "tok_invalid"
+UNKNOWN_TOKEN_PREFIX = "tok_invalid"  # noqa: S105 - a test token prefix, not a secret
 _KEY_RE = re.compile(r"[\x20-\x7e]{1,255}")
 _CURRENCY_RE = re.compile(r"[A-Za-z]{3}")
 
