@@ -86,9 +86,11 @@ def cmd_relay(args: argparse.Namespace) -> int:
     from sqlalchemy.exc import TimeoutError as PoolTimeout
 
     from payq import db
+    from payq.sentry import init_sentry
     from producers.relay import relay_once, run_relay
 
     settings = _settings()
+    init_sentry(settings, component="relay")
     db.set_role("relay")
     if args.once:
         try:

@@ -39,6 +39,7 @@ from payq.errors import (
 from payq.models import charge_attempts, charges
 from payq.provider import ProviderCharge, ProviderClient, charge_body, get_provider
 from payq.retry_policy import RetryPolicy
+from payq.sentry import tag_charge
 from payq.settings import Settings, get_settings
 
 __all__ = ["Result", "UnknownCharge", "process_charge"]
@@ -100,6 +101,7 @@ def process_charge(
             metrics.DEFERRALS.labels("early_message").inc()
         return result
 
+    tag_charge(str(claim.id), claim.attempt)
     started_at = dt.datetime.now(dt.UTC)
     t0 = time.monotonic()
     outcome: ProviderCharge | ProviderError
@@ -127,7 +129,7 @@ def _expire(conn: Connection, claim: _Claim, settings: Settings) -> Result:
         ),
         attempts=claim.attempt - 1,
     )
-    log.warning("charge dead: key retention passed", extra=_extra(claim, "dead"))
+    log.error("charge dead: key retention passed", extra=_extra(claim, "dead"))
     return Result.DEAD
 
 
@@ -254,7 +256,8 @@ def _record(
         log.warning("lease lost: another worker took this charge over", extra=extra)
         return Result.LEASE_LOST
     metrics.CHARGES.labels(result.value).inc()
-    level = logging.WARNING if result in (Result.DEAD, Result.RETRYING) else logging.INFO
+    # A dead charge needs a person: ERROR (which Sentry, when on, reports as an event).
+    level = {Result.DEAD: logging.ERROR, Result.RETRYING: logging.WARNING}.get(result, logging.INFO)
     log.log(level, "charge %s", result.value, extra=extra)
     if publish_delay_ms is not None and message_id is not None:
         _publish_quietly(claim.id, message_id, publish_delay_ms)

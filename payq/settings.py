@@ -86,6 +86,7 @@ class Settings(BaseSettings):
     metrics_host: str = Field("127.0.0.1", min_length=1)
     metrics_port: int = Field(9191, ge=0, le=65535)
     sentry_dsn: SecretStr | None = None
+    payq_environment: str = Field("development", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     log_format: Literal["console", "json"] = "console"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 

@@ -14,6 +14,7 @@ from payq.broker import get_broker
 from payq.constants import ACTOR_NAME, QUEUE_NAME
 from payq.errors import ConfigError
 from payq.logs import configure_logging
+from payq.sentry import init_sentry, tag_charge
 from payq.settings import get_settings
 from workers.middleware import PoolGuard, WorkerReport
 
@@ -28,6 +29,7 @@ except ConfigError as exc:  # one clear line, not a traceback, under `dramatiq w
     raise SystemExit(2) from None
 
 configure_logging(settings)
+init_sentry(settings, component="worker")  # before the broker: it patches Broker.__init__
 broker = get_broker()
 broker.add_middleware(CurrentMessage())
 broker.add_middleware(PoolGuard(settings))
@@ -52,6 +54,7 @@ if os.environ.get("dramatiq_prom_host"):  # noqa: SIM112 - Dramatiq reads this l
     time_limit=settings.charge_lease_s * 1000,
 )
 def process_charge(charge_id: str) -> None:
+    tag_charge(charge_id, None)
     message = CurrentMessage.get_current_message()
     message_id = message.message_id if message else None
     try:

@@ -28,6 +28,7 @@ from payq.errors import ConfigError
 from payq.ops.health import Level, run_checks, worst
 from payq.ops.status import dead_count
 from payq.provider import get_provider
+from payq.sentry import capture_alert
 from payq.settings import Settings
 
 __all__ = ["PoolGuard", "WorkerReport"]
@@ -53,10 +54,6 @@ class PoolGuard(Middleware):
 
 def _alert(message: str, level: int, **tags: str) -> None:
     log.log(level, "ALERT %s", message, extra={"alert": True, **tags})
-    try:
-        from payq.sentry import capture_alert
-    except ImportError:  # pragma: no cover - Sentry support is optional at import time
-        return
     capture_alert(message, level=logging.getLevelName(level).lower(), **tags)
 
 
