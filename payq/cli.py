@@ -188,8 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_provider_sim)
 
     from payq.ops.cli import add_ops_commands
+    from payq.ops.drills import add_simulate_command
 
     add_ops_commands(sub)
+    add_simulate_command(sub)
 
     p = sub.add_parser("demo", help="the main job end to end, with progress and a summary")
     p.add_argument("--charges", type=int, default=500)
