@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -58,7 +59,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if settings.metrics_port:
         # Dramatiq's Prometheus middleware serves this group's metrics (its own and
         # payq's) from a fresh multiprocess directory, on METRICS_HOST only.
-        metrics_dir = tempfile.mkdtemp(prefix="payq-metrics-")
+        # One directory per port, emptied at start (prometheus-client's multiprocess rule).
+        metrics_dir = os.path.join(tempfile.gettempdir(), f"payq-metrics-{settings.metrics_port}")
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        os.makedirs(metrics_dir, mode=0o700)
         os.environ.update(
             dramatiq_prom_host=settings.metrics_host,
             dramatiq_prom_port=str(settings.metrics_port),

@@ -82,6 +82,7 @@ TEST_ENV = {
     "RELAY_STALE_AFTER_S": "1",
     "LOG_LEVEL": "INFO",
     "LOG_FORMAT": "console",
+    "METRICS_PORT": "0",  # tests that want metrics pick a free port
 }
 os.environ.update(TEST_ENV)
 
