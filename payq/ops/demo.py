@@ -35,6 +35,7 @@ from payq.devservices import (
 from payq.migrate import migrate
 from payq.models import charge_attempts, charges
 from payq.ops.supervise import Supervised
+from payq.ops.waiting import wait_for_http, wait_for_log
 from payq.settings import Settings, get_settings
 
 __all__ = ["run_demo"]
@@ -134,11 +135,11 @@ def _run(env: _Env, total: int, workdir: Path, run: str) -> int:
     children = [Supervised(name, argv, child_env, logs[name]) for name, argv in commands.items()]
     try:
         children[0].start()
-        _wait_for_http(f"{sim_url}/_stats")
+        wait_for_http(f"{sim_url}/_stats")
         for child in children[1:]:
             child.start()
         _say(f"· provider simulator on {sim_url} (errors, declines, 429s, timeouts, resets)")
-        _wait_for_log(logs["worker"], "ready for action", count=2)
+        wait_for_log(logs["worker"], "ready for action", count=2)
         _say(f"· 2 worker processes x 4 threads and the relay are up; logs in {workdir}/")
         started = time.monotonic()
         _enqueue(settings, total, run)
@@ -153,25 +154,6 @@ def _run(env: _Env, total: int, workdir: Path, run: str) -> int:
     ok = _summary(engine, run, total, stats, elapsed, finished)
     engine.dispose()
     return 0 if ok else 1
-
-
-def _wait_for_http(url: str, timeout_s: float = 15) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        with contextlib.suppress(httpx.HTTPError):
-            httpx.get(url, timeout=1).raise_for_status()
-            return
-        time.sleep(0.1)
-    raise RuntimeError(f"{url} did not answer within {timeout_s} s")
-
-
-def _wait_for_log(path: Path, needle: str, count: int, timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if path.read_text(errors="replace").count(needle) >= count:
-            return
-        time.sleep(0.1)
-    raise RuntimeError(f"workers did not start within {timeout_s} s; see {path}")
 
 
 def _enqueue(settings: Settings, total: int, run: str) -> None:
