@@ -107,6 +107,14 @@ def _print_json(data: Any) -> None:
     sys.stdout.write("\n")
 
 
+def _report(fields: dict[str, Any]) -> dict[str, Any]:
+    """A report's lists of charge ids and its {charge id: why} maps, as JSON-ready text."""
+    return {
+        name: {str(k): v for k, v in value.items()} if isinstance(value, dict) else value
+        for name, value in fields.items()
+    }
+
+
 def _table(rows: list[list[str]], headers: list[str]) -> None:
     widths = [
         max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
@@ -214,12 +222,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         else lambda r: print(f"  replayed {len(r.replayed)}…", file=sys.stderr),
     )
     if args.json:
-        _print_json(
-            {
-                k: [str(i) for i in v] if isinstance(v, list) else {str(i): w for i, w in v.items()}
-                for k, v in report.__dict__.items()
-            }
-        )
+        _print_json(_report(report.__dict__))
     elif args.dry_run:
         print(f"would replay {len(report.planned)} dead charges (dry run: nothing changed)")
     else:
@@ -268,12 +271,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_reconcile(args: argparse.Namespace) -> int:
     report = reconcile(_filter(args), actor=_actor(args), dry_run=args.dry_run)
     if args.json:
-        _print_json(
-            {
-                k: [str(i) for i in v] if isinstance(v, list) else {str(i): w for i, w in v.items()}
-                for k, v in report.__dict__.items()
-            }
-        )
+        _print_json(_report(report.__dict__))
         return 1 if report.pending else 0
     if args.dry_run:
         print(
