@@ -11,6 +11,7 @@ import asyncio
 import json
 import socket
 import struct
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -25,7 +26,7 @@ from payq.sim.state import (
     StoredOutcome,
 )
 
-__all__ = ["STATE_KEY", "build_app"]
+__all__ = ["STATE_KEY", "TRANSPORTS_KEY", "build_app", "close_transports"]
 
 DROP_POLL_S = 0.05
 
@@ -50,6 +51,26 @@ _EARLY_STEPS = frozenset(
 
 
 STATE_KEY = web.AppKey("state", SimulatorState)
+#: Every connection's transport, so that stopping the simulator can close what a
+#: cancelled handler (a trickle or a held timeout) left open.
+TRANSPORTS_KEY = web.AppKey("transports", weakref.WeakSet[asyncio.Transport])
+
+
+@web.middleware
+async def _track_transport(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if isinstance(request.transport, asyncio.Transport):
+        request.app[TRANSPORTS_KEY].add(request.transport)
+    return await handler(request)
+
+
+def close_transports(app: web.Application) -> None:
+    """Abort connections still open after the server shut down."""
+    transports: weakref.WeakSet[asyncio.Transport] = app[TRANSPORTS_KEY]
+    for transport in list(transports):
+        if not transport.is_closing():
+            transport.abort()
+
+
 _RECORD_KEY = web.RequestKey("record", RequestRecord)
 _NO_ANSWER_KEY = web.RequestKey("no_answer", bool)
 
@@ -375,8 +396,9 @@ async def _forget_keys(request: web.Request) -> web.StreamResponse:
 
 def build_app(state: SimulatorState) -> web.Application:
     """The aiohttp application serving the provider API and the simulator endpoints."""
-    app = web.Application(middlewares=[_v1_middleware])
+    app = web.Application(middlewares=[_track_transport, _v1_middleware])
     app[STATE_KEY] = state
+    app[TRANSPORTS_KEY] = weakref.WeakSet()
     app.router.add_post("/v1/charges", _create_charge)
     app.router.add_get("/v1/charges", _lookup_by_key)
     app.router.add_get("/v1/charges/{charge_id}", _get_charge)

@@ -38,7 +38,7 @@ from typing import Any, Self
 import httpx
 from aiohttp import web
 
-from payq.sim.app import build_app
+from payq.sim.app import build_app, close_transports
 from payq.sim.faults import Faults, add_fault_arguments, faults_from_args
 from payq.sim.state import (
     ChargeParams,
@@ -103,6 +103,7 @@ async def _serve_until_signal(state: SimulatorState, host: str, port: int) -> No
             logger.info("provider simulator stopping")
         finally:
             await runner.cleanup()
+            close_transports(runner.app)
     finally:
         for sig in signals:
             loop.remove_signal_handler(sig)
@@ -233,3 +234,4 @@ class SimulatorThread:
             await self._stop.wait()
         finally:
             await runner.cleanup()
+            close_transports(runner.app)
