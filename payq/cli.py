@@ -34,11 +34,10 @@ def _settings() -> Settings:
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     from payq.db import make_engine
-    from payq.devservices import ensure_database
-    from payq.migrate import migrate
+    from payq.migrate import ensure_database_when_up, migrate
 
     settings = _settings()
-    created = ensure_database(settings.database_url)
+    created = ensure_database_when_up(settings.database_url, args.wait)
     engine = make_engine(settings, "migrate")
     try:
         migrate(engine)
@@ -162,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("migrate", help="create the database if needed and apply migrations")
+    p.add_argument(
+        "--wait", type=float, default=30.0, metavar="S", help="wait this long for PostgreSQL"
+    )
     p.set_defaults(func=cmd_migrate)
 
     p = sub.add_parser("worker", help="run charge workers (a wrapper on `dramatiq workers`)")
