@@ -107,6 +107,7 @@ charge_attempts = Table(
     Column("error_message", Text),
     Column("latency_ms", Integer, nullable=False),
     UniqueConstraint("charge_id", "number", name="uq_charge_attempts_charge_id_number"),
+    Index("ix_charge_attempts_finished_at", "finished_at"),
 )
 
 

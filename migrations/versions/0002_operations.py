@@ -28,6 +28,8 @@ def upgrade() -> None:
         ["updated_at"],
         postgresql_where=sa.text("status = 'dead' AND purged_at IS NULL"),
     )
+    # status and health read the last 5 and 60 minutes of attempts.
+    op.create_index("ix_charge_attempts_finished_at", "charge_attempts", ["finished_at"])
     op.create_table(
         "operator_actions",
         sa.Column("id", sa.BigInteger(), primary_key=True, autoincrement=True),
@@ -44,6 +46,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table("operator_actions")
+    op.drop_index("ix_charge_attempts_finished_at", table_name="charge_attempts")
     op.drop_index("ix_charges_dead", table_name="charges")
     for column in ("reconciled_at", "purged_by", "purged_at", "retry_base"):
         op.drop_column("charges", column)
