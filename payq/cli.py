@@ -16,7 +16,13 @@ import tempfile
 import threading
 from collections.abc import Callable, Sequence
 
-from payq.errors import ChargeInputError, ConfigError, IdempotencyConflict, ServiceUnavailable
+from payq.errors import (
+    ChargeInputError,
+    ChargeNotFound,
+    ConfigError,
+    IdempotencyConflict,
+    ServiceUnavailable,
+)
 from payq.settings import Settings, get_settings
 
 __all__ = ["main"]
@@ -205,6 +211,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _unavailable_service(exc: BaseException) -> str | None:
+    """'PostgreSQL' or 'Redis' when ``exc`` means that service did not answer."""
+    import redis
+    from sqlalchemy.exc import OperationalError
+    from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+    if isinstance(exc, OperationalError | PoolTimeout):
+        return "PostgreSQL"
+    if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
+        return "Redis"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     command: Command = args.func
@@ -213,11 +232,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"payq: {exc}", file=sys.stderr)
         return 2
-    except (ChargeInputError, IdempotencyConflict) as exc:
+    except (ChargeInputError, IdempotencyConflict, ChargeNotFound) as exc:
         print(f"payq: {exc}", file=sys.stderr)
         return 1
     except ServiceUnavailable as exc:
         print(f"payq: {exc}", file=sys.stderr)
+        return 3
+    except Exception as exc:
+        service = _unavailable_service(exc)
+        if service is None:
+            raise
+        print(
+            f"payq: {service} did not answer ({type(exc).__name__}); check {service} and "
+            f"{'DATABASE_URL' if service == 'PostgreSQL' else 'REDIS_URL'}",
+            file=sys.stderr,
+        )
         return 3
     except KeyboardInterrupt:
         return 130

@@ -69,8 +69,13 @@ class _Claim:
     attempt: int  # the attempt's number, counted over the charge's whole life
     budget_used: int  # attempts since the last operator replay, this one included
     key: str
+    source: str
     body: bytes
     expired: bool
+
+    def masked(self, text: str) -> str:
+        """Provider messages may echo the payment token: it is not stored with them."""
+        return text.replace(self.source, "[source]") if self.source else text
 
 
 def process_charge(
@@ -176,6 +181,7 @@ def _claim(conn: Connection, cid: uuid.UUID, settings: Settings) -> _Claim | Non
         attempt=row["attempts"],
         budget_used=row["attempts"] - row["retry_base"],
         key=row["idempotency_key"],
+        source=row["source"],
         body=charge_body(
             charge_id=str(row["id"]),
             amount=row["amount"],
@@ -240,11 +246,14 @@ def _record(
                 outcome=_attempt_outcome(outcome),
                 http_status=200 if error is None else error.status,
                 error_class=None if error is None else error.error_class,
-                error_message=None if error is None else str(error)[:2000],
+                error_message=None if error is None else claim.masked(str(error))[:2000],
                 latency_ms=latency_ms,
             )
         )
         result, values = _next_state(outcome, claim.budget_used, policy)
+        for field in ("last_error", "dead_reason"):
+            if isinstance(values.get(field), str):
+                values[field] = claim.masked(values[field])
         if result is Result.RETRYING:
             message_id = values["message_id"]
             publish_delay_ms = values.pop("delay_ms")

@@ -20,6 +20,7 @@ import time
 from typing import Any
 
 from dramatiq.middleware import Middleware
+from sqlalchemy import Engine
 
 from payq import db, metrics
 from payq.broker import get_broker
@@ -27,7 +28,7 @@ from payq.constants import redis_key
 from payq.errors import ConfigError
 from payq.ops.health import Level, run_checks, worst
 from payq.ops.status import dead_count
-from payq.provider import get_provider
+from payq.provider import ProviderClient, get_provider
 from payq.sentry import capture_alert
 from payq.settings import Settings
 
@@ -70,6 +71,8 @@ class WorkerReport(Middleware):
         self._started = time.time()
         self._hot_since: float | None = None
         self._failing: set[str] = set()
+        self._health_engine: Engine | None = None
+        self._health_client: ProviderClient | None = None
 
     # Dramatiq hooks -----------------------------------------------------------------
     def after_worker_boot(self, broker: Any, worker: Any) -> None:
@@ -170,7 +173,14 @@ class WorkerReport(Middleware):
         )
         if not leader:
             return  # another process of the fleet checks the fleet this interval
-        checks = run_checks(self.settings)
+        if self._health_engine is None:
+            # Connections of its own: the charge threads may need every pooled one.
+            own = self.settings.model_copy(
+                update={"database_pool_max_connections": 1, "payment_pool_max_connections": 1}
+            )
+            self._health_engine = db.make_engine(own, "worker-health")
+            self._health_client = ProviderClient(own)
+        checks = run_checks(self.settings, engine=self._health_engine, client=self._health_client)
         overall = worst(checks)
         log.log(
             logging.INFO if overall is Level.OK else logging.WARNING,
@@ -188,8 +198,8 @@ class WorkerReport(Middleware):
                 level = logging.ERROR if check.level is Level.DOWN else logging.WARNING
                 _alert(f"{check.name} {check.level.name.lower()}: {check.detail}", level,
                        check=check.name)  # fmt: skip
-        # A growing dead-letter count alerts each time it grows; the rest once until fixed.
+        # New dead charges alert every interval they appear; the rest once until fixed.
         self._failing = {
             c.name for c in checks if c.level is not Level.OK and c.name != "dead_letters"
         }
-        metrics.DEAD_LETTERS.set(dead_count())
+        metrics.DEAD_LETTERS.set(dead_count(self._health_engine))

@@ -18,9 +18,19 @@ import uuid
 from collections.abc import Iterable
 from typing import Any
 
+from payq.db import transaction
 from payq.errors import ConfigError
 from payq.ops import broker_dlq
-from payq.ops.dlq import DeadCharge, DeadFilter, iter_dead_charges, purge, replay, show, totals
+from payq.ops.dlq import (
+    DeadCharge,
+    DeadFilter,
+    audit,
+    iter_dead_charges,
+    purge,
+    replay,
+    show,
+    totals,
+)
 from payq.ops.reconcile import reconcile
 
 __all__ = ["add_ops_commands", "format_amount"]
@@ -221,6 +231,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
         if args.json
         else lambda r: print(f"  replayed {len(r.replayed)}…", file=sys.stderr),
     )
+    acted = {*report.replayed, *report.planned, *report.skipped}
+    for cid in flt.ids:
+        if cid not in acted:
+            report.skipped[cid] = "not a dead charge in the view (unknown, not dead, or purged)"
     if args.json:
         _print_json(_report(report.__dict__))
     elif args.dry_run:
@@ -230,6 +244,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
             f"replayed {len(report.replayed)} dead charges with their own idempotency keys "
             f"(at most {args.rate:g}/s); they are pending again"
         )
+    if not args.json:
         for cid, why in report.skipped.items():
             print(f"  skipped {cid}: {why}")
     return 1 if report.skipped else 0
@@ -242,12 +257,16 @@ def cmd_purge(args: argparse.Namespace) -> int:
             "purge takes charges out of the dead-letter view: add --yes (or --dry-run)"
         )
     ids = purge(flt, actor=_actor(args), dry_run=args.dry_run)
+    left = {str(cid): "not a dead charge in the view" for cid in flt.ids if cid not in ids}
     if args.json:
-        _print_json({"purged" if not args.dry_run else "would_purge": [str(i) for i in ids]})
+        key = "would_purge" if args.dry_run else "purged"
+        _print_json({key: [str(i) for i in ids], "left": left})
     else:
         verb = "would purge" if args.dry_run else "purged"
         print(f"{verb} {len(ids)} dead charges (kept in the database, out of the dead-letter view)")
-    return 0
+        for cid, why in left.items():
+            print(f"  left {cid}: {why}")
+    return 1 if left else 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -302,24 +321,33 @@ def cmd_broker(args: argparse.Namespace) -> int:
         )  # fmt: skip
         print(f"\n{len(letters)} messages in Dramatiq's dead-letter set")
         return 0
-    wanted = [d for d in letters if args.all or d.redis_id in set(args.ids)]
     if not args.all and not args.ids:
         raise ConfigError("say which messages: give their Redis ids or --all")
+    wanted = [d for d in letters if args.all or d.redis_id in set(args.ids)]
+    missing = sorted(set(args.ids) - {d.redis_id for d in letters})
+    left: dict[str, str] = {rid: "not in the dead-letter set" for rid in missing}
     if args.action == "requeue":
-        undecodable = [d.redis_id for d in wanted if not d.decodable]
+        left.update({d.redis_id: "undecodable: requeueing cannot help, drop it"
+                     for d in wanted if not d.decodable})  # fmt: skip
         ids = [d.redis_id for d in wanted if d.decodable]
         done = ids if args.dry_run else broker_dlq.requeue(ids)
-        verb = "would requeue" if args.dry_run else "requeued"
-        print(f"{verb} {len(done)} messages")
-        for rid in undecodable:
-            print(f"  left {rid}: undecodable, requeueing cannot help (drop it)")
-        return 0
-    if not args.yes and not args.dry_run:
-        raise ConfigError("drop deletes these messages for good: add --yes (or --dry-run)")
-    ids = [d.redis_id for d in wanted]
-    done = ids if args.dry_run else broker_dlq.drop(ids)
-    print(f"{'would drop' if args.dry_run else 'dropped'} {len(done)} messages")
-    return 0
+    else:
+        if not args.yes and not args.dry_run:
+            raise ConfigError("drop deletes these messages for good: add --yes (or --dry-run)")
+        ids = [d.redis_id for d in wanted]
+        done = ids if args.dry_run else broker_dlq.drop(ids)
+    if done and not args.dry_run:
+        with transaction() as conn:
+            params = {"redis_ids": done, "set": "dramatiq"}
+            audit(conn, actor=_actor(args), action=f"broker_{args.action}", params=params, ids=[])
+    verb = {"requeue": "requeued", "drop": "dropped"}[args.action]
+    if args.json:
+        _print_json({("would_" + args.action) if args.dry_run else verb: done, "left": left})
+    else:
+        print(f"{'would ' + args.action if args.dry_run else verb} {len(done)} messages")
+        for rid, why in left.items():
+            print(f"  left {rid}: {why}")
+    return 1 if left else 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -408,6 +436,7 @@ def add_ops_commands(sub: Any) -> None:
     p.add_argument("--all", action="store_true")
     p.add_argument("--yes", action="store_true", help="yes, drop them")
     p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--actor", help="who is acting (default: PAYQ_ACTOR or the OS user)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_broker)
 

@@ -33,6 +33,7 @@ __all__ = [
     "audit",
     "dead_charges",
     "iter_dead_charges",
+    "key_may_be_forgotten",
     "purge",
     "replay",
     "show",
@@ -242,22 +243,31 @@ def replay(
     """
     settings = settings or get_settings()
     report = ReplayReport()
-    old = charges.c.created_at < func.now() - dt.timedelta(
-        seconds=settings.provider_idempotency_ttl_s
-    )
-    too_old = and_(old, charges.c.attempts > 0)
+    too_old = key_may_be_forgotten(settings)
     batch = max(1, int(rate_per_s))
+    period_s = batch / rate_per_s  # one batch per period: at most rate_per_s a second
+    why_not = (
+        "the provider may have forgotten its idempotency key (older than "
+        f"{settings.provider_idempotency_ttl_s} s): sending it again could charge twice; "
+        "check it at the provider by hand"
+    )
     if dry_run:
-        for dead in iter_dead_charges(flt):
-            report.planned.append(dead.charge.id)
+        with transaction() as conn:
+            for cid, old in conn.execute(
+                select(charges.c.id, too_old).where(flt.where()).order_by(charges.c.updated_at)
+            ):
+                if old:
+                    report.skipped[cid] = why_not
+                else:
+                    report.planned.append(cid)
         return report
-    seen: set[uuid.UUID] = set()
+    skipped: set[uuid.UUID] = set()
     while True:
         started = time.monotonic()
         with transaction() as conn:
             query = select(charges.c.id, too_old.label("too_old")).where(flt.where())
-            if seen:  # skipped ones stay dead: do not pick them again
-                query = query.where(charges.c.id.not_in(seen))
+            if skipped:  # they stay dead: do not pick them again (replayed ones are not dead)
+                query = query.where(charges.c.id.not_in(skipped))
             rows = conn.execute(
                 query.order_by(charges.c.updated_at, charges.c.id)
                 .limit(batch)
@@ -265,13 +275,10 @@ def replay(
             ).all()
             if not rows:
                 break
-            seen.update(r.id for r in rows)
             for r in rows:
                 if r.too_old:
-                    report.skipped[r.id] = (
-                        "the provider may have forgotten its idempotency key (older than "
-                        f"{settings.provider_idempotency_ttl_s} s): run `payq reconcile` instead"
-                    )
+                    skipped.add(r.id)
+                    report.skipped[r.id] = why_not
             fresh = {r.id: new_message_id() for r in rows if not r.too_old}
             for cid, message_id in fresh.items():
                 conn.execute(
@@ -283,6 +290,10 @@ def replay(
                         dead_reason=None,
                         next_attempt_at=None,
                         lease_expires_at=None,
+                        # A replayed charge starts afresh: back in view if it dies again.
+                        reconciled_at=None,
+                        purged_at=None,
+                        purged_by=None,
                         message_id=message_id,
                         published_at=func.now(),
                         updated_at=func.now(),
@@ -295,8 +306,18 @@ def replay(
         report.replayed.extend(fresh)
         if progress:
             progress(report)
-        time.sleep(max(0.0, 1.0 - (time.monotonic() - started)) if len(rows) == batch else 0)
+        if len(rows) == batch:
+            time.sleep(max(0.0, period_s - (time.monotonic() - started)))
     return report
+
+
+def key_may_be_forgotten(settings: Settings) -> ColumnElement[bool]:
+    """The provider may have seen this charge's key longer ago than it keeps keys."""
+    return and_(
+        charges.c.attempts > 0,
+        charges.c.created_at
+        < func.now() - dt.timedelta(seconds=settings.provider_idempotency_ttl_s),
+    )
 
 
 def purge(flt: DeadFilter, *, actor: str, dry_run: bool = False) -> list[uuid.UUID]:

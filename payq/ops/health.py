@@ -6,22 +6,19 @@ one decides the exit code of ``payq health`` (0, 1, 2).
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 
-import redis
-from sqlalchemy import text
+from sqlalchemy import Engine, text
 
 from payq.broker import get_broker
-from payq.constants import redis_key
 from payq.db import transaction
-from payq.errors import AuthenticationFailed, ConfigError, ProviderError
+from payq.errors import AuthenticationFailed, ConfigError, ProviderError, RetryableProviderError
 from payq.ops.status import attempt_stats, dead_count, worker_reports
-from payq.provider import get_provider
+from payq.provider import ProviderClient, get_provider
 from payq.settings import Settings
 
 __all__ = ["Check", "Level", "run_checks", "worst"]
@@ -60,23 +57,27 @@ def check_redis() -> Check:
     return _timed("redis", lambda: "PING answered" if get_broker().client.ping() else "no PONG")
 
 
-def check_postgres() -> Check:
+def check_postgres(engine: Engine | None = None) -> Check:
     def probe() -> str:
-        with transaction() as conn:
+        with transaction(engine) as conn:
             conn.execute(text("SELECT 1"))
         return "SELECT 1 answered"
 
     return _timed("postgres", probe)
 
 
-def check_provider() -> Check:
+def check_provider(client: ProviderClient | None = None) -> Check:
     started = time.monotonic()
     try:
-        found = get_provider().find_charge(f"payq-health-{uuid.uuid4().hex}")
+        found = (client or get_provider()).find_charge(f"payq-health-{uuid.uuid4().hex}")
     except ConfigError as exc:
         return Check("provider", Level.DEGRADED, str(exc))
     except AuthenticationFailed:
         return Check("provider", Level.DOWN, "the provider refused PAYMENT_PROVIDER_API_KEY")
+    except RetryableProviderError as exc:
+        if exc.status is not None and exc.status < 500:  # it answered: busy, not down
+            return Check("provider", Level.DEGRADED, f"{exc.error_class}: {str(exc)[:160]}")
+        return Check("provider", Level.DOWN, f"{exc.error_class}: {str(exc)[:160]}")
     except ProviderError as exc:
         return Check("provider", Level.DOWN, f"{exc.error_class}: {str(exc)[:160]}")
     ms = (time.monotonic() - started) * 1000
@@ -88,8 +89,8 @@ def check_breaker() -> Check:
     return Check("breaker", Level.OK, "no fleet breaker yet: it arrives with the resilience work")
 
 
-def check_error_rate(settings: Settings) -> Check:
-    stats = attempt_stats(minutes=5)
+def check_error_rate(settings: Settings, engine: Engine | None = None) -> Check:
+    stats = attempt_stats(5, engine)
     if stats.attempts < settings.health_min_attempts:
         return Check(
             "error_rate", Level.OK, f"{stats.attempts} attempts in 5 min: too few to judge"
@@ -104,23 +105,19 @@ def check_error_rate(settings: Settings) -> Check:
     )
 
 
-def check_dead_letters(client: redis.Redis, namespace: str) -> Check:
-    """Degraded when the dead-letter view grew since the previous check (anywhere)."""
-    count = dead_count()
-    key = redis_key(namespace, "health", "dead_letters")
-    previous = client.getset(key, json.dumps({"count": count, "at": time.time()}))
-    if previous is None:
-        return Check("dead_letters", Level.OK, f"{count} dead charges")
-    before = json.loads(previous)
-    grown = count - int(before["count"])
-    ago = time.time() - float(before["at"])
-    if grown > 0:
+def check_dead_letters(settings: Settings, engine: Engine | None = None) -> Check:
+    """Degraded when charges went dead within the last check interval."""
+    window_s = settings.health_check_interval_s
+    new = dead_count(engine, within_s=window_s)
+    total = dead_count(engine)
+    if new:
         return Check(
             "dead_letters",
             Level.DEGRADED,
-            f"{count} dead charges, {grown} more than {ago:.0f} s ago: see `payq dlq list`",
+            f"{new} charges went dead in the last {window_s} s ({total} in the view): "
+            "see `payq dlq list`",
         )
-    return Check("dead_letters", Level.OK, f"{count} dead charges, none new in {ago:.0f} s")
+    return Check("dead_letters", Level.OK, f"{total} dead charges, none new in {window_s} s")
 
 
 def check_pools(settings: Settings) -> Check:
@@ -140,16 +137,23 @@ def check_pools(settings: Settings) -> Check:
     return Check("pools", level, f"{detail} (threshold {threshold:.0%}, {len(reports)} workers)")
 
 
-def run_checks(settings: Settings, *, provider: bool = True) -> list[Check]:
-    checks = [check_redis(), check_postgres()]
+def run_checks(
+    settings: Settings,
+    *,
+    provider: bool = True,
+    engine: Engine | None = None,
+    client: ProviderClient | None = None,
+) -> list[Check]:
+    """Every check; ``engine`` and ``client`` let a worker check with connections of its own
+    rather than borrow from the pools its charge threads need."""
+    checks = [check_redis(), check_postgres(engine)]
     if provider:
-        checks.append(check_provider())
+        checks.append(check_provider(client))
     checks.append(check_breaker())
     if checks[0].level is Level.OK and checks[1].level is Level.OK:
-        broker = get_broker()
         fleet_checks: list[Callable[[], Check]] = [
-            lambda: check_error_rate(settings),
-            lambda: check_dead_letters(broker.client, broker.namespace),
+            lambda: check_error_rate(settings, engine),
+            lambda: check_dead_letters(settings, engine),
             lambda: check_pools(settings),
         ]
         for fleet_check in fleet_checks:

@@ -19,8 +19,9 @@ from payq.constants import ChargeStatus
 from payq.db import transaction
 from payq.errors import IdempotencyKeyInUse, ProviderError
 from payq.models import charges
-from payq.ops.dlq import DeadFilter, _outcome_unknown, audit
+from payq.ops.dlq import DeadFilter, _outcome_unknown, audit, key_may_be_forgotten
 from payq.provider import ProviderClient, get_provider
+from payq.settings import Settings, get_settings
 
 __all__ = ["ReconcileReport", "reconcile"]
 
@@ -46,11 +47,18 @@ def reconcile(
     actor: str,
     dry_run: bool = False,
     provider: ProviderClient | None = None,
+    settings: Settings | None = None,
 ) -> ReconcileReport:
+    settings = settings or get_settings()
     report = ReconcileReport()
     with transaction() as conn:
         candidates = conn.execute(
-            select(charges.c.id, charges.c.idempotency_key)
+            select(
+                charges.c.id,
+                charges.c.idempotency_key,
+                charges.c.attempts,
+                key_may_be_forgotten(settings).label("too_old"),
+            )
             .where(flt.where(), _outcome_unknown())
             .order_by(charges.c.updated_at)
         ).all()
@@ -58,7 +66,15 @@ def reconcile(
         report.planned = [c.id for c in candidates]
         return report
     provider = provider or get_provider()
-    for cid, key in candidates:
+    for cid, key, attempts, too_old in candidates:
+        if too_old:
+            # A "not found" could mean the provider forgot the key, not that it never
+            # charged: only a person with the provider's records can settle it.
+            report.pending[cid] = (
+                f"older than the provider's key retention ({settings.provider_idempotency_ttl_s}"
+                " s): a lookup by key cannot prove it was not charged; check by hand"
+            )
+            continue
         try:
             found = provider.find_charge(key)
         except IdempotencyKeyInUse:
@@ -80,15 +96,24 @@ def reconcile(
             values = {"status": ChargeStatus.FAILED, "provider_charge_id": found.id}
         else:
             result, bucket = "not_charged", report.not_charged
+            # Still dead: its dead time (updated_at) stays what it was.
             values = {"dead_reason": func.concat(charges.c.dead_reason, f"; {NOT_CHARGED}")}
+        if "status" in values:
+            values["updated_at"] = func.now()
         with transaction() as conn:
             done = conn.execute(
                 update(charges)
-                .where(charges.c.id == cid, charges.c.status == ChargeStatus.DEAD)
-                .values(reconciled_at=func.now(), updated_at=func.now(), **values)
+                .where(
+                    charges.c.id == cid,
+                    charges.c.status == ChargeStatus.DEAD,
+                    charges.c.attempts == attempts,  # not replayed meanwhile
+                )
+                .values(reconciled_at=func.now(), **values)
             ).rowcount
             if done:
                 params = {**flt.describe(), "result": result}
                 audit(conn, actor=actor, action="reconcile", params=params, ids=[cid])
                 bucket.append(cid)
+            else:
+                report.pending[cid] = "changed while it was looked up (replayed?): try again"
     return report

@@ -13,7 +13,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from sqlalchemy import func, select, text
+from sqlalchemy import Engine, func, select, text
 
 from payq.broker import get_broker
 from payq.constants import QUEUE_NAME, ChargeStatus, redis_key
@@ -51,10 +51,10 @@ class AttemptStats:
         return self.succeeded / self.attempts if self.attempts else None
 
 
-def attempt_stats(minutes: int) -> AttemptStats:
+def attempt_stats(minutes: int, engine: Engine | None = None) -> AttemptStats:
     stats = AttemptStats(minutes)
     window = {"since": dt.datetime.now(dt.UTC) - dt.timedelta(minutes=minutes)}
-    with transaction() as conn:
+    with transaction(engine) as conn:
         row = conn.execute(
             text(
                 "SELECT count(*), count(*) FILTER (WHERE outcome = 'succeeded'), "
@@ -81,15 +81,17 @@ def attempt_stats(minutes: int) -> AttemptStats:
     return stats
 
 
-def dead_count() -> int:
-    with transaction() as conn:
-        return int(
-            conn.execute(
-                select(func.count())
-                .select_from(charges)
-                .where(charges.c.status == ChargeStatus.DEAD, charges.c.purged_at.is_(None))
-            ).scalar_one()
-        )
+def dead_count(engine: Engine | None = None, *, within_s: float | None = None) -> int:
+    """Dead charges in the view; with ``within_s``, only those that died that recently."""
+    query = (
+        select(func.count())
+        .select_from(charges)
+        .where(charges.c.status == ChargeStatus.DEAD, charges.c.purged_at.is_(None))
+    )
+    if within_s is not None:
+        query = query.where(charges.c.updated_at >= func.now() - dt.timedelta(seconds=within_s))
+    with transaction(engine) as conn:
+        return int(conn.execute(query).scalar_one())
 
 
 def worker_reports() -> list[dict[str, Any]]:
