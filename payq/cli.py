@@ -139,7 +139,7 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
 
 
 def cmd_provider_sim(args: argparse.Namespace) -> int:
-    from payq.sim import serve_from_args
+    from payq.sim.server import serve_from_args
 
     _settings()
     try:
@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_enqueue)
 
     p = sub.add_parser("provider-sim", help="run the payment provider simulator")
-    from payq.sim.server import add_cli_arguments
+    from payq.sim.faults import add_cli_arguments
 
     add_cli_arguments(p)
     p.set_defaults(func=cmd_provider_sim)

@@ -2,18 +2,15 @@
 
 Start it in-process with `SimulatorThread` (tests) or blocking with `serve`
 (``payq provider-sim``); tune faults at start with `Faults` or at run time with
-``POST /_faults``.
+``POST /_faults``. The server half (aiohttp) loads on first use, so the ``payq``
+command line can describe the simulator's options without it.
 """
 
-from payq.sim.faults import Faults, Step, add_fault_arguments, faults_from_args
-from payq.sim.server import (
-    SimulatorState,
-    SimulatorThread,
-    add_cli_arguments,
-    build_app,
-    serve,
-    serve_from_args,
-)
+from __future__ import annotations
+
+from typing import Any
+
+from payq.sim.faults import Faults, Step, add_cli_arguments, add_fault_arguments, faults_from_args
 
 __all__ = [
     "Faults",
@@ -27,3 +24,13 @@ __all__ = [
     "serve",
     "serve_from_args",
 ]
+
+_SERVER = {"SimulatorState", "SimulatorThread", "build_app", "serve", "serve_from_args"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SERVER:
+        from payq.sim import server
+
+        return getattr(server, name)
+    raise AttributeError(f"module 'payq.sim' has no attribute {name!r}")

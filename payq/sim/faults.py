@@ -16,16 +16,21 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
 __all__ = [
+    "API_KEY_ENV",
+    "DEFAULT_HOST",
+    "DEFAULT_PORT",
     "KNOBS",
     "OUTAGE_MODES",
     "Faults",
     "Step",
+    "add_cli_arguments",
     "add_fault_arguments",
     "faults_from_args",
 ]
@@ -224,3 +229,25 @@ def faults_from_args(ns: argparse.Namespace) -> Faults:
             value = [step.strip() for step in value.split(",") if step.strip()]
         data[name] = value
     return Faults.from_dict(data)
+
+
+#: The simulator's API key comes from the same variable payq's client reads.
+API_KEY_ENV = "PAYMENT_PROVIDER_API_KEY"
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8099
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--host``, ``--port``, ``--api-key`` and every fault knob to ``parser``.
+
+    Here rather than beside the server so that building ``payq``'s parser does not
+    load aiohttp.
+    """
+    parser.add_argument("--host", default=DEFAULT_HOST, help="address to bind")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to listen on")
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get(API_KEY_ENV),
+        help=f"the Bearer key clients must send (default: ${API_KEY_ENV})",
+    )
+    add_fault_arguments(parser)

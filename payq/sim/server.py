@@ -39,7 +39,14 @@ import httpx
 from aiohttp import web
 
 from payq.sim.app import build_app, close_transports
-from payq.sim.faults import Faults, add_fault_arguments, faults_from_args
+from payq.sim.faults import (
+    API_KEY_ENV,
+    DEFAULT_HOST,
+    DEFAULT_PORT,
+    Faults,
+    add_cli_arguments,
+    faults_from_args,
+)
 from payq.sim.state import (
     ChargeParams,
     JSONObject,
@@ -63,9 +70,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-API_KEY_ENV = "PAYMENT_PROVIDER_API_KEY"
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 8099
 SHUTDOWN_TIMEOUT_S = 1.0
 LISTEN_BACKLOG = 1024
 
@@ -122,18 +126,6 @@ def serve(
     """
     state = SimulatorState(_resolve_api_key(api_key), faults)
     asyncio.run(_serve_until_signal(state, host, port))
-
-
-def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``--host``, ``--port``, ``--api-key`` and every fault knob to ``parser``."""
-    parser.add_argument("--host", default=DEFAULT_HOST, help="address to bind")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to listen on")
-    parser.add_argument(
-        "--api-key",
-        default=os.environ.get(API_KEY_ENV),
-        help=f"the Bearer key clients must send (default: ${API_KEY_ENV})",
-    )
-    add_fault_arguments(parser)
 
 
 def serve_from_args(ns: argparse.Namespace) -> None:

@@ -19,9 +19,9 @@ story, and `cli` registers ``payq simulate``.
 
 from __future__ import annotations
 
-from payq.ops.drills.cli import add_simulate_command
-from payq.ops.drills.orchestration import Figure
-from payq.ops.drills.run import DRILLS, DrillRefused, DrillResult, run_drill
+from typing import Any
+
+from payq.ops.drills.cli import DRILLS, add_simulate_command
 
 __all__ = [
     "DRILLS",
@@ -31,3 +31,16 @@ __all__ = [
     "add_simulate_command",
     "run_drill",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """The drills themselves load on first use: ``payq --help`` need not load them."""
+    if name in {"DrillRefused", "DrillResult", "run_drill"}:
+        from payq.ops.drills import run
+
+        return getattr(run, name)
+    if name == "Figure":
+        from payq.ops.drills.orchestration import Figure
+
+        return Figure
+    raise AttributeError(f"module 'payq.ops.drills' has no attribute {name!r}")

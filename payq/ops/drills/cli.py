@@ -10,10 +10,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from payq.ops.drills.run import DRILLS, DrillRefused, run_drill
-from payq.settings import get_settings
+__all__ = ["DRILLS", "add_simulate_command"]
 
-__all__ = ["add_simulate_command"]
+DRILLS = ("payment_timeout", "database_pool_exhaustion", "connection_error")
 
 
 def _positive(text: str) -> int:
@@ -28,6 +27,8 @@ def _positive(text: str) -> int:
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from payq.logs import configure_logging
+    from payq.ops.drills.run import DrillRefused, run_drill
+    from payq.settings import get_settings
 
     configure_logging(get_settings())
     try:

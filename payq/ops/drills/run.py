@@ -23,6 +23,7 @@ from payq.devservices import ensure_database, postgres_answers, redis_answers
 from payq.errors import PayqError, ServiceUnavailable
 from payq.migrate import migrate
 from payq.models import charges
+from payq.ops.drills.cli import DRILLS
 from payq.ops.drills.connection_error import drill_connection_error
 from payq.ops.drills.orchestration import Drill, Figure, Story, say_verdict
 from payq.ops.drills.payment_timeout import drill_payment_timeout
@@ -31,7 +32,6 @@ from payq.settings import Settings, get_settings, load_settings
 
 __all__ = ["DRILLS", "DrillRefused", "DrillResult", "run_drill"]
 
-DRILLS = ("payment_timeout", "database_pool_exhaustion", "connection_error")
 
 #: Settings a drill must share with its children: it counts rows in the same place.
 _SHARED = frozenset({"DATABASE_URL", "REDIS_URL", "PAYQ_NAMESPACE"})

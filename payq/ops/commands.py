@@ -1,0 +1,344 @@
+"""What ``payq dlq``, ``reconcile``, ``status`` and ``health`` do once parsed: call the ops
+functions, print a table or JSON, return the exit code.
+
+Loaded only when one of those commands runs (``payq/ops/cli.py`` builds the parser).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import getpass
+import json
+import os
+import sys
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from payq.db import transaction
+from payq.errors import ConfigError
+from payq.ops import broker_dlq
+from payq.ops.dlq import (
+    DeadCharge,
+    DeadFilter,
+    audit,
+    iter_dead_charges,
+    purge,
+    replay,
+    show,
+    totals,
+)
+from payq.ops.reconcile import reconcile
+
+__all__ = ["format_amount"]
+
+# ISO 4217 minor-unit exponents that are not 2.
+_ZERO_DECIMALS = "bif clp djf gnf isk jpy kmf krw pyg rwf ugx uyi vnd vuv xaf xof xpf"
+_THREE_DECIMALS = "bhd iqd jod kwd lyd omr tnd"
+_EXPONENT = {
+    **dict.fromkeys(_ZERO_DECIMALS.split(), 0),
+    **dict.fromkeys(_THREE_DECIMALS.split(), 3),
+}
+MESSAGE_WIDTH = 120
+
+
+def format_amount(amount: int, currency: str) -> str:
+    exponent = _EXPONENT.get(currency.lower(), 2)
+    value = f"{amount / 10**exponent:,.{exponent}f}" if exponent else f"{amount:,}"
+    return f"{value} {currency.upper()}"
+
+
+def _actor(args: argparse.Namespace) -> str:
+    return str(args.actor or os.environ.get("PAYQ_ACTOR") or getpass.getuser())
+
+
+def _filter(args: argparse.Namespace) -> DeadFilter:
+    return DeadFilter(
+        ids=tuple(getattr(args, "ids", ()) or ()),
+        reason=args.reason,
+        error_class=args.error_class,
+        since=args.since,
+        until=args.until,
+        min_amount=args.min_amount,
+        max_amount=args.max_amount,
+        currency=args.currency,
+        include_purged=args.include_purged,
+    )
+
+
+def _chosen(args: argparse.Namespace) -> DeadFilter:
+    """Changing commands act on IDs, a filter, or --all: never on nothing said."""
+    flt = _filter(args)
+    if flt.is_empty() and not args.all:
+        raise ConfigError("say which charges: give IDs, a filter (see --help), or --all")
+    return flt
+
+
+def _print_json(data: Any) -> None:
+    json.dump(data, sys.stdout, indent=2, default=str)
+    sys.stdout.write("\n")
+
+
+def _report(fields: dict[str, Any]) -> dict[str, Any]:
+    """A report's lists of charge ids and its {charge id: why} maps, as JSON-ready text."""
+    return {
+        name: {str(k): v for k, v in value.items()} if isinstance(value, dict) else value
+        for name, value in fields.items()
+    }
+
+
+def _table(rows: list[list[str]], headers: list[str]) -> None:
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
+    ]
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip())
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _cut(text: str | None, width: int = 60) -> str:
+    text = (text or "").replace("\n", " ")
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    flt = _filter(args)
+    dead = list(_limited(iter_dead_charges(flt), args.limit))
+    sums = totals(flt)
+    if args.json:
+        _print_json(
+            {
+                "charges": [d.as_dict() for d in dead],
+                "count": sum(n for n, _ in sums.values()),
+                "totals": {cur: {"count": n, "amount": amt} for cur, (n, amt) in sums.items()},
+            }
+        )
+        return 0
+    _table(
+        [
+            [
+                str(d.charge.id),
+                d.charge.updated_at.strftime("%Y-%m-%d %H:%M:%S"),
+                format_amount(d.charge.amount, d.charge.currency),
+                str(d.charge.attempts),
+                d.charge.last_error_class or "",
+                "outcome unknown" if d.outcome_unknown else "",
+                _cut(d.charge.dead_reason),
+            ]
+            for d in dead
+        ],
+        ["ID", "DEAD AT (UTC)", "AMOUNT", "ATT", "LAST ERROR", "NOTE", "REASON"],
+    )
+    count = sum(n for n, _ in sums.values())
+    shown = f" (showing {len(dead)})" if len(dead) < count else ""
+    money = ", ".join(format_amount(amt, cur) for cur, (_, amt) in sums.items()) or "nothing"
+    print(f"\n{count} dead charges{shown}: {money}")
+    return 0
+
+
+def _limited(items: Iterable[DeadCharge], limit: int | None) -> Iterable[DeadCharge]:
+    for i, item in enumerate(items):
+        if limit is not None and i >= limit:
+            return
+        yield item
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    dead, attempts = show(args.id)
+    if args.json:
+        _print_json({**dead.as_dict(), "status": dead.charge.status.value, "attempts": attempts})
+        return 0
+    c = dead.charge
+    unknown = ", outcome unknown" if dead.outcome_unknown else ""
+    print(f"charge     {c.id}  ({c.status.value}{unknown})")
+    print(f"key        {c.idempotency_key}")
+    print(f"amount     {format_amount(c.amount, c.currency)}   {c.description or ''}")
+    stamp = "%Y-%m-%d %H:%M:%S UTC"
+    print(f"created    {c.created_at.strftime(stamp)}, last change {c.updated_at.strftime(stamp)}")
+    if c.dead_reason:
+        print(f"reason     {c.dead_reason}")
+    if c.provider_charge_id:
+        print(f"provider   {c.provider_charge_id}")
+    if c.purged_at:
+        print(f"purged     {c.purged_at:%Y-%m-%d %H:%M:%S} UTC by {c.purged_by}")
+    print()
+    _table(
+        [
+            [
+                str(a["number"]),
+                a["started_at"].strftime("%Y-%m-%d %H:%M:%S.%f")[:-3],
+                f"{a['latency_ms']} ms",
+                a["outcome"],
+                str(a["http_status"] or "-"),
+                a["error_class"] or "",
+                _cut(a["error_message"], MESSAGE_WIDTH),
+            ]
+            for a in attempts
+        ],
+        ["#", "STARTED (UTC)", "LATENCY", "OUTCOME", "HTTP", "ERROR CLASS", "MESSAGE"],
+    )
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    flt = _chosen(args)
+    if args.rate <= 0:
+        raise ConfigError(f"--rate: must be above 0 charges/s, got {args.rate}")
+    report = replay(
+        flt,
+        actor=_actor(args),
+        dry_run=args.dry_run,
+        rate_per_s=args.rate,
+        progress=None
+        if args.json
+        else lambda r: print(f"  replayed {len(r.replayed)}…", file=sys.stderr),
+    )
+    acted = {*report.replayed, *report.planned, *report.skipped}
+    for cid in flt.ids:
+        if cid not in acted:
+            report.skipped[cid] = "not a dead charge in the view (unknown, not dead, or purged)"
+    if args.json:
+        _print_json(_report(report.__dict__))
+    elif args.dry_run:
+        print(f"would replay {len(report.planned)} dead charges (dry run: nothing changed)")
+    else:
+        print(
+            f"replayed {len(report.replayed)} dead charges with their own idempotency keys "
+            f"(at most {args.rate:g}/s); they are pending again"
+        )
+    if not args.json:
+        for cid, why in report.skipped.items():
+            print(f"  skipped {cid}: {why}")
+    return 1 if report.skipped else 0
+
+
+def cmd_purge(args: argparse.Namespace) -> int:
+    flt = _chosen(args)
+    if not args.yes and not args.dry_run:
+        raise ConfigError(
+            "purge takes charges out of the dead-letter view: add --yes (or --dry-run)"
+        )
+    ids = purge(flt, actor=_actor(args), dry_run=args.dry_run)
+    left = {str(cid): "not a dead charge in the view" for cid in flt.ids if cid not in ids}
+    if args.json:
+        key = "would_purge" if args.dry_run else "purged"
+        _print_json({key: [str(i) for i in ids], "left": left})
+    else:
+        verb = "would purge" if args.dry_run else "purged"
+        print(f"{verb} {len(ids)} dead charges (kept in the database, out of the dead-letter view)")
+        for cid, why in left.items():
+            print(f"  left {cid}: {why}")
+    return 1 if left else 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    rows = (d.as_dict() for d in iter_dead_charges(_filter(args)))
+    if args.format == "jsonl":
+        for row in rows:
+            sys.stdout.write(json.dumps(row, default=str) + "\n")
+        return 0
+    fields = [
+        "id", "idempotency_key", "amount", "currency", "description", "attempts", "dead_reason",
+        "last_error_class", "last_error", "outcome_unknown", "created_at", "dead_at",
+        "purged_at", "purged_by", "reconciled_at",
+    ]  # fmt: skip
+    writer = csv.DictWriter(sys.stdout, fieldnames=fields, extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow(row)
+    return 0
+
+
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    report = reconcile(_filter(args), actor=_actor(args), dry_run=args.dry_run)
+    if args.json:
+        _print_json(_report(report.__dict__))
+        return 1 if report.pending else 0
+    if args.dry_run:
+        print(
+            f"would look up {len(report.planned)} dead charges whose outcome is unknown (dry run)"
+        )
+        return 0
+    print(
+        f"looked up {len(report.settled) + len(report.pending)} charges at the provider: "
+        f"{len(report.succeeded)} were charged (now succeeded), {len(report.failed)} declined "
+        f"(now failed), {len(report.not_charged)} not charged (stay dead)"
+    )
+    for cid, why in report.pending.items():
+        print(f"  not settled {cid}: {why}")
+    return 1 if report.pending else 0
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    letters = broker_dlq.list_dead_letters()
+    if args.action == "list":
+        if args.json:
+            _print_json([d.as_dict() for d in letters])
+            return 0
+        _table(
+            [[d.redis_id, d.dead_at.strftime("%Y-%m-%d %H:%M:%S"), d.actor or "-",
+              _cut(json.dumps(d.args) if d.args else "", 40), _cut(d.problem or d.raw, 50)]
+             for d in letters],
+            ["REDIS ID", "DEAD AT (UTC)", "ACTOR", "ARGS", "PROBLEM / PAYLOAD"],
+        )  # fmt: skip
+        print(f"\n{len(letters)} messages in Dramatiq's dead-letter set")
+        return 0
+    if not args.all and not args.ids:
+        raise ConfigError("say which messages: give their Redis ids or --all")
+    wanted = [d for d in letters if args.all or d.redis_id in set(args.ids)]
+    missing = sorted(set(args.ids) - {d.redis_id for d in letters})
+    left: dict[str, str] = {rid: "not in the dead-letter set" for rid in missing}
+    if args.action == "requeue":
+        left.update({d.redis_id: "undecodable: requeueing cannot help, drop it"
+                     for d in wanted if not d.decodable})  # fmt: skip
+        ids = [d.redis_id for d in wanted if d.decodable]
+        done = ids if args.dry_run else broker_dlq.requeue(ids)
+    else:
+        if not args.yes and not args.dry_run:
+            raise ConfigError("drop deletes these messages for good: add --yes (or --dry-run)")
+        ids = [d.redis_id for d in wanted]
+        done = ids if args.dry_run else broker_dlq.drop(ids)
+    if done and not args.dry_run:
+        with transaction() as conn:
+            params = {"redis_ids": done, "set": "dramatiq"}
+            audit(conn, actor=_actor(args), action=f"broker_{args.action}", params=params, ids=[])
+    verb = {"requeue": "requeued", "drop": "dropped"}[args.action]
+    if args.json:
+        _print_json({("would_" + args.action) if args.dry_run else verb: done, "left": left})
+    else:
+        print(f"{'would ' + args.action if args.dry_run else verb} {len(done)} messages")
+        for rid, why in left.items():
+            print(f"  left {rid}: {why}")
+    return 1 if left else 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from payq.ops.status import render, snapshot
+
+    while True:
+        snap = snapshot()
+        if args.json:
+            _print_json(snap)
+        else:
+            if args.watch:
+                print("\033[2J\033[H", end="")
+            print(render(snap), flush=True)
+        if not args.watch:
+            return 0
+        time.sleep(args.interval)
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    from payq.ops.health import run_checks, worst
+    from payq.settings import get_settings
+
+    checks = run_checks(get_settings(), provider=not args.no_provider)
+    overall = worst(checks)
+    if args.json:
+        _print_json({"status": overall.name.lower(), "checks": [c.as_dict() for c in checks]})
+    else:
+        for check in checks:
+            print(f"{check.level.name.lower():<9} {check.name:<13} {check.detail}")
+        print(f"{overall.name.lower()}")
+    return int(overall)
