@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 from sqlalchemy import Engine, func, select, text
 
 from payq.db import make_engine
@@ -28,14 +27,12 @@ from payq.devservices import (
     ThrowawayPostgres,
     ThrowawayRedis,
     ensure_database,
-    free_port,
     postgres_answers,
     redis_answers,
 )
 from payq.migrate import migrate
 from payq.models import charge_attempts, charges
-from payq.ops.supervise import Supervised
-from payq.ops.waiting import wait_for_http, wait_for_log
+from payq.ops.system import LocalSystem, start_local_system
 from payq.settings import Settings, get_settings
 
 __all__ = ["run_demo"]
@@ -110,47 +107,24 @@ def _run(env: _Env, total: int, workdir: Path, run: str) -> int:
     migrate(engine)
     _say("· database ready and migrated")
 
-    port = free_port()
-    sim_url = f"http://127.0.0.1:{port}"
-    api_key = "sk_demo_" + uuid.uuid4().hex
-    child_env = {
-        **os.environ,
+    demo_env = {
         **env.child_env,
-        "PAYMENT_PROVIDER_URL": sim_url,
-        "PAYMENT_PROVIDER_API_KEY": api_key,
         "RETRY_BACKOFF_MIN_S": "0.5",
         "RETRY_BACKOFF_MAX_S": "5",
         "RELAY_STALE_AFTER_S": "5",
-        "WORKER_PROCESSES": "2",
-        "WORKER_THREADS": "4",
     }
-    logs = {name: workdir / f"{name}.log" for name in ("provider-sim", "worker", "relay")}
-    for path in logs.values():
-        path.write_bytes(b"")
-    commands = {
-        "provider-sim": ["provider-sim", "--port", str(port), *FAULTS],
-        "worker": ["worker", "--processes", "2", "--threads", "4"],
-        "relay": ["relay"],
-    }
-    children = [Supervised(name, argv, child_env, logs[name]) for name, argv in commands.items()]
-    try:
-        children[0].start()
-        wait_for_http(f"{sim_url}/_stats")
-        for child in children[1:]:
-            child.start()
-        _say(f"· provider simulator on {sim_url} (errors, declines, 429s, timeouts, resets)")
-        wait_for_log(logs["worker"], "ready for action", count=2)
+    with start_local_system(
+        workdir, sim_args=FAULTS, processes=2, threads=4, env=demo_env
+    ) as system:
+        _say(f"· provider simulator on {system.sim_url} (errors, declines, 429s, timeouts, resets)")
         _say(f"· 2 worker processes x 4 threads and the relay are up; logs in {workdir}/")
         started = time.monotonic()
         _enqueue(settings, total, run)
         _say(f"· enqueued {total} charges in {time.monotonic() - started:.1f} s")
-        finished = _watch(engine, run, total, children, sim_url, started)
+        finished = _watch(engine, run, total, system, started)
         elapsed = time.monotonic() - started
-    finally:
-        for child in reversed(children[1:]):
-            child.stop()
-        stats = _sim_stats(sim_url)
-        children[0].stop()
+        system.stop_workers()
+        stats = system.stats()
     ok = _summary(engine, run, total, stats, elapsed, finished)
     engine.dispose()
     return 0 if ok else 1
@@ -191,29 +165,18 @@ def _counts(engine: Engine, run: str) -> dict[str, int]:
         return {status: n for status, n in rows}
 
 
-def _sim_stats(url: str) -> dict[str, Any]:
-    try:
-        data: dict[str, Any] = httpx.get(f"{url}/_stats", timeout=2).json()
-        return data
-    except httpx.HTTPError:
-        return {}
-
-
-def _watch(
-    engine: Engine, run: str, total: int, children: list[Supervised], sim_url: str, started: float
-) -> bool:
+def _watch(engine: Engine, run: str, total: int, system: LocalSystem, started: float) -> bool:
     outage_done = False
     deadline = started + 240
     while time.monotonic() < deadline:
-        for child in children:
-            child.check()
+        system.check()
         counts = _counts(engine, run)
         done = sum(counts.get(s, 0) for s in FINAL)
         if not outage_done and done >= total // 4:
-            httpx.post(f"{sim_url}/_faults", json={"outage_s": OUTAGE_S}, timeout=2)
+            system.faults(outage_s=OUTAGE_S)
             _say(f"· provider outage for {OUTAGE_S} s: every call fails; charges wait and retry")
             outage_done = True
-        stats = _sim_stats(sim_url)
+        stats = system.stats()
         line = " · ".join(
             f"{s} {counts.get(s, 0)}"
             for s in ("pending", "processing", "retrying", "succeeded", "failed", "dead")

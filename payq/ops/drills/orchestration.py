@@ -14,22 +14,17 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-import os
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 from sqlalchemy import Engine, RowMapping, func, select
 
-from payq.devservices import free_port
 from payq.models import charge_attempts, charges
-from payq.ops.supervise import Supervised
-from payq.ops.waiting import wait_for_http, wait_for_log
+from payq.ops.system import LocalSystem, start_local_system
 from payq.settings import Settings
 
 __all__ = [
@@ -101,52 +96,8 @@ class Drill:
             self.problems.append(problem)
 
 
-@dataclass
-class Rig:
-    """The drill's simulator, worker group and relay, and how to talk to them."""
-
-    sim_url: str
-    api_key: str
-    env: dict[str, str]
-    threads: int
-    sim: Supervised
-    worker: Supervised
-    relay: Supervised
-    worker_log: Path
-
-    def faults(self, **knobs: Any) -> None:
-        httpx.post(f"{self.sim_url}/_faults", json=knobs, timeout=5).raise_for_status()
-
-    def stats(self) -> dict[str, Any]:
-        data: dict[str, Any] = httpx.get(f"{self.sim_url}/_stats", timeout=5).json()
-        return data
-
-    def requests_for(self, key: str) -> list[dict[str, Any]]:
-        response = httpx.get(
-            f"{self.sim_url}/_requests", params={"idempotency_key": key}, timeout=5
-        )
-        data: list[dict[str, Any]] = response.json()
-        return data
-
-    def provider_charge_id(self, key: str) -> str | None:
-        """The provider's charge for ``key``, looked up as payq's reconciliation does."""
-        response = httpx.get(
-            f"{self.sim_url}/v1/charges",
-            params={"idempotency_key": key},
-            headers={"Authorization": f"Bearer {self.api_key}"},
-            timeout=5,
-        )
-        if response.status_code != 200:
-            return None
-        return str(response.json().get("id"))
-
-    def check(self) -> None:
-        for child in (self.sim, self.worker, self.relay):
-            child.check()
-
-    def stop_workers(self) -> None:
-        self.relay.stop()
-        self.worker.stop()
+#: The drill's simulator, worker group and relay.
+Rig = LocalSystem
 
 
 # --- the rig: simulator, worker group, relay ---------------------------------------
@@ -166,44 +117,19 @@ def start_rig(
     sim_args: Sequence[str],
     env: Mapping[str, str] | None = None,
 ) -> Iterator[Rig]:
-    """The simulator (with ``sim_args``), one worker group and the relay; stopped on exit."""
-    port = free_port()
-    sim_url = f"http://127.0.0.1:{port}"
-    api_key = "sk_drill_" + uuid.uuid4().hex
-    child_env = {
-        **os.environ,
-        **drill.overrides,
-        **(env or {}),
-        "PAYMENT_PROVIDER_URL": sim_url,
-        "PAYMENT_PROVIDER_API_KEY": api_key,
-    }
-    logs = {name: drill.workdir / f"{name}.log" for name in ("provider-sim", "worker", "relay")}
-    sim_argv = ["provider-sim", "--port", str(port), *sim_args]
-    worker_argv = ["worker", "--processes", "1", "--threads", str(threads)]
-    rig = Rig(
-        sim_url=sim_url,
-        api_key=api_key,
-        env=child_env,
+    """The simulator (with ``sim_args``), one worker process and the relay; stopped on exit."""
+    with start_local_system(
+        drill.workdir,
+        sim_args=sim_args,
+        processes=1,
         threads=threads,
-        sim=Supervised("provider-sim", sim_argv, child_env, logs["provider-sim"]),
-        worker=Supervised("worker", worker_argv, child_env, logs["worker"]),
-        relay=Supervised("relay", ["relay"], child_env, logs["relay"]),
-        worker_log=logs["worker"],
-    )
-    try:
-        rig.sim.start()
-        wait_for_http(f"{sim_url}/_stats")
-        rig.worker.start()
-        rig.relay.start()
-        wait_for_log(logs["worker"], "ready for action", count=1)
+        env={**drill.overrides, **(env or {})},
+    ) as rig:
         drill.story.progress(
-            f"provider simulator on {sim_url}; 1 worker process x {threads} threads and the "
-            f"relay are up (logs in {drill.workdir}/)"
+            f"provider simulator on {rig.sim_url}; 1 worker process x {threads} threads and "
+            f"the relay are up (logs in {drill.workdir}/)"
         )
         yield rig
-    finally:
-        rig.stop_workers()
-        rig.sim.stop()
 
 
 # --- enqueueing, waiting, counting ---------------------------------------------------

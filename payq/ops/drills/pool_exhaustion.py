@@ -160,7 +160,7 @@ def drill_database_pool_exhaustion(drill: Drill) -> None:
         stats = rig.stats()
         ledger(drill, rig, stats)
         child_env = rig.env
-    log = rig.worker_log.read_text(errors="replace")
+    log = rig.logs["worker"].read_text(errors="replace")
     pool_timeouts = log.count("QueuePool limit")
     attempts = len(attempts_of(drill))
     code, refusal = _refused_worker(child_env, pool + 1)
