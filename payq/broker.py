@@ -29,6 +29,7 @@ __all__ = [
     "make_broker",
     "new_message_id",
     "publish",
+    "publish_or_leave_to_relay",
 ]
 
 log = logging.getLogger(__name__)
@@ -158,3 +159,24 @@ def publish(
             "running. The charges are saved and the relay will publish them."
         ) from exc
     return len(pairs)
+
+
+def publish_or_leave_to_relay(
+    messages: Iterable[tuple[uuid.UUID | str, str]],
+    *,
+    delay_ms: int | None = None,
+    broker: RedisBroker | None = None,
+) -> bool:
+    """``publish`` for charges already committed: if Redis does not answer, say so and
+    leave them to the relay (it publishes what the database says is due). False then."""
+    pairs = list(messages)
+    try:
+        publish(pairs, delay_ms=delay_ms, broker=broker)
+    except ServiceUnavailable as exc:
+        log.warning(
+            "charges saved but not published; the relay will publish them: %s",
+            exc,
+            extra={"charges": len(pairs), "charge_ids": [str(c) for c, _ in pairs[:20]]},
+        )
+        return False
+    return True

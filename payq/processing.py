@@ -25,7 +25,7 @@ from typing import Any
 from sqlalchemy import Connection, and_, func, insert, or_, select, update
 
 from payq import metrics
-from payq.broker import new_message_id, publish
+from payq.broker import new_message_id, publish_or_leave_to_relay
 from payq.constants import ChargeStatus
 from payq.db import transaction
 from payq.errors import (
@@ -34,7 +34,6 @@ from payq.errors import (
     PayqError,
     ProviderError,
     RetryableProviderError,
-    ServiceUnavailable,
 )
 from payq.models import charge_attempts, charges
 from payq.provider import ProviderCharge, ProviderClient, charge_body, get_provider
@@ -102,7 +101,7 @@ def process_charge(
         if redo_in_ms is not None and message_id is not None:
             # The scheduled retry itself came early (clocks differ between hosts): send
             # it again for when it is due rather than call before Retry-After.
-            _publish_quietly(cid, message_id, redo_in_ms)
+            publish_or_leave_to_relay([(cid, message_id)], delay_ms=redo_in_ms)
             metrics.DEFERRALS.labels("early_message").inc()
         return result
 
@@ -269,7 +268,7 @@ def _record(
     level = {Result.DEAD: logging.ERROR, Result.RETRYING: logging.WARNING}.get(result, logging.INFO)
     log.log(level, "charge %s", result.value, extra=extra)
     if publish_delay_ms is not None and message_id is not None:
-        _publish_quietly(claim.id, message_id, publish_delay_ms)
+        publish_or_leave_to_relay([(claim.id, message_id)], delay_ms=publish_delay_ms)
     return result
 
 
@@ -321,17 +320,6 @@ def _attempt_outcome(outcome: ProviderCharge | ProviderError) -> str:
     if isinstance(outcome, FinalProviderError):
         return "rejected"
     return "no_charge" if outcome.status is not None else "no_answer"
-
-
-def _publish_quietly(cid: uuid.UUID, message_id: str, delay_ms: int) -> None:
-    try:
-        publish([(cid, message_id)], delay_ms=delay_ms)
-    except ServiceUnavailable as exc:
-        log.warning(
-            "retry not published; the relay will publish it when due: %s",
-            exc,
-            extra={"charge_id": str(cid)},
-        )
 
 
 def _extra(

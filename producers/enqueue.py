@@ -13,7 +13,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, SessionTransaction
 
-from payq.broker import new_message_id, publish
+from payq.broker import new_message_id, publish_or_leave_to_relay
 from payq.constants import ChargeStatus
 from payq.db import transaction
 from payq.errors import ChargeNotFound, IdempotencyConflict, ServiceUnavailable
@@ -87,7 +87,7 @@ def enqueue_charges(
             f"PostgreSQL did not answer ({type(exc).__name__}); nothing was written. Check "
             "DATABASE_URL and that PostgreSQL is running, then enqueue again with the same key."
         ) from exc
-    _publish_quietly(fresh)
+    publish_or_leave_to_relay(fresh)
     return result
 
 
@@ -178,19 +178,6 @@ def _hint(key: str) -> str:
     return repr(key if len(key) <= 12 else key[:8] + "…")
 
 
-def _publish_quietly(fresh: list[tuple[uuid.UUID, str]]) -> None:
-    if not fresh:
-        return
-    try:
-        publish(fresh)
-    except ServiceUnavailable as exc:
-        log.warning(
-            "charges saved but not published; the relay will publish them: %s",
-            exc,
-            extra={"charges": len(fresh)},
-        )
-
-
 def _publish_after_commit(session: Session, fresh: list[tuple[uuid.UUID, str]]) -> None:
     """Publish when the caller's transaction commits; forget what a rollback undid.
 
@@ -211,7 +198,7 @@ def _on_commit(session: Session) -> None:
     if session.in_nested_transaction():  # a savepoint was released: not yet committed
         return
     pending = session.info.pop(_SESSION_KEY, [])
-    _publish_quietly([(cid, mid) for _, cid, mid in pending])
+    publish_or_leave_to_relay([(cid, mid) for _, cid, mid in pending])
 
 
 def _on_rollback(session: Session, previous_transaction: SessionTransaction) -> None:

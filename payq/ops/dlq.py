@@ -8,7 +8,6 @@ export them; every replay, purge and reconciliation is written to
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import time
 import uuid
@@ -19,10 +18,10 @@ from typing import Any
 from sqlalchemy import Connection, Select, and_, exists, func, insert, select, update
 from sqlalchemy.sql.elements import ColumnElement
 
-from payq.broker import new_message_id, publish
+from payq.broker import new_message_id, publish_or_leave_to_relay
 from payq.constants import ChargeStatus
 from payq.db import transaction
-from payq.errors import ChargeNotFound, ServiceUnavailable
+from payq.errors import ChargeNotFound
 from payq.models import Charge, charge_attempts, charges, operator_actions
 from payq.settings import Settings, get_settings
 
@@ -301,8 +300,7 @@ def replay(
                 )
             if fresh:
                 audit(conn, actor=actor, action="replay", params=flt.describe(), ids=list(fresh))
-        with contextlib.suppress(ServiceUnavailable):  # saved as pending: the relay publishes
-            publish(fresh.items())
+        publish_or_leave_to_relay(fresh.items())
         report.replayed.extend(fresh)
         if progress:
             progress(report)

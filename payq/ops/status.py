@@ -30,9 +30,6 @@ __all__ = [
     "worker_reports",
 ]
 
-#: Attempt outcomes that are answers from a working provider.
-ANSWERED = ("succeeded", "declined")
-
 
 @dataclass
 class AttemptStats:
@@ -45,10 +42,6 @@ class AttemptStats:
     p95_ms: float | None = None
     p99_ms: float | None = None
     errors_by_class: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def success_rate(self) -> float | None:
-        return self.succeeded / self.attempts if self.attempts else None
 
 
 def attempt_stats(minutes: int, engine: Engine | None = None) -> AttemptStats:
