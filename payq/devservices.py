@@ -49,7 +49,9 @@ __all__ = [
     "ensure_database",
     "free_port",
     "postgres_answers",
+    "postgres_or_throwaway",
     "redis_answers",
+    "redis_or_throwaway",
 ]
 
 REDIS_MISSING = (
@@ -464,3 +466,23 @@ class ThrowawayPostgres(_Throwaway):
         with contextlib.suppress(Exception):
             self._pg_ctl_stop("immediate")
         self._disarm_and_clean()
+
+
+def redis_or_throwaway(url: str) -> ThrowawayRedis | None:
+    """None if Redis answers at ``url``; else a started throwaway server (the caller stops
+    it). Raises `DevServiceError` when none can be started."""
+    if redis_answers(url):
+        return None
+    server = ThrowawayRedis()
+    server.start()
+    return server
+
+
+def postgres_or_throwaway(dsn: str) -> ThrowawayPostgres | None:
+    """None if PostgreSQL answers at ``dsn``; else a started throwaway server (the caller
+    stops it). Raises `DevServiceError` when none can be started."""
+    if postgres_answers(dsn):
+        return None
+    server = ThrowawayPostgres()
+    server.start()
+    return server

@@ -13,13 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from payq.devservices import (
-    DevServiceError,
-    ThrowawayPostgres,
-    ThrowawayRedis,
-    postgres_answers,
-    redis_answers,
-)
+from payq.devservices import DevServiceError, postgres_or_throwaway, redis_or_throwaway
 
 TEST_DB = f"payq_test_{os.getpid()}"
 PG_SERVER = os.environ.get("PAYQ_TEST_POSTGRES", "postgresql+psycopg2://postgres@127.0.0.1:5432")
@@ -33,29 +27,25 @@ def _start_missing_services() -> list[str]:
     """
     global PG_SERVER, REDIS_URL
     missing = []
-    if not postgres_answers(f"{PG_SERVER}/postgres"):
-        try:
-            pg = ThrowawayPostgres()
-            pg.start()
+    try:
+        if pg := postgres_or_throwaway(f"{PG_SERVER}/postgres"):
             PG_SERVER = f"postgresql+psycopg2://postgres@127.0.0.1:{pg.port}"
             print(f"PostgreSQL did not answer: the suite uses a throwaway server at {PG_SERVER}")
-        except DevServiceError as exc:
-            missing.append(
-                f"PostgreSQL does not answer at {PG_SERVER} and none can be started ({exc}): "
-                "start it (pg_ctlcluster --skip-systemctl-redirect 15 main start) or set "
-                "PAYQ_TEST_POSTGRES"
-            )
-    if not redis_answers(REDIS_URL):
-        try:
-            throwaway = ThrowawayRedis()
-            throwaway.start()
+    except DevServiceError as exc:
+        missing.append(
+            f"PostgreSQL does not answer at {PG_SERVER} and none can be started ({exc}): "
+            "start it (pg_ctlcluster --skip-systemctl-redirect 15 main start) or set "
+            "PAYQ_TEST_POSTGRES"
+        )
+    try:
+        if throwaway := redis_or_throwaway(REDIS_URL):
             REDIS_URL = throwaway.url
             print(f"Redis did not answer: the suite uses a throwaway server at {REDIS_URL}")
-        except DevServiceError as exc:
-            missing.append(
-                f"Redis does not answer at {REDIS_URL} and none can be started ({exc}): start it "
-                "(redis-server --daemonize yes --bind 127.0.0.1) or set PAYQ_TEST_REDIS_URL"
-            )
+    except DevServiceError as exc:
+        missing.append(
+            f"Redis does not answer at {REDIS_URL} and none can be started ({exc}): start it "
+            "(redis-server --daemonize yes --bind 127.0.0.1) or set PAYQ_TEST_REDIS_URL"
+        )
     return missing
 
 

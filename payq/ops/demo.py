@@ -27,8 +27,8 @@ from payq.devservices import (
     ThrowawayPostgres,
     ThrowawayRedis,
     ensure_database,
-    postgres_answers,
-    redis_answers,
+    postgres_or_throwaway,
+    redis_or_throwaway,
 )
 from payq.migrate import migrate
 from payq.models import charge_attempts, charges
@@ -65,18 +65,18 @@ def _services(settings: Settings, workdir: Path) -> Iterator[_Env]:
     started: list[ThrowawayRedis | ThrowawayPostgres] = []
     overrides: dict[str, str] = {}
     try:
-        if not redis_answers(settings.redis_url):
-            _say("· Redis does not answer at REDIS_URL: starting a throwaway redis-server")
-            redis_server = ThrowawayRedis()
-            redis_server.start()
+        if redis_server := redis_or_throwaway(settings.redis_url):
             started.append(redis_server)
             overrides["REDIS_URL"] = redis_server.url
-        if not postgres_answers(settings.database_url):
-            _say("· PostgreSQL does not answer at DATABASE_URL: starting a throwaway server")
-            pg = ThrowawayPostgres()
-            pg.start()
+            _say(
+                f"· Redis does not answer at REDIS_URL: using a throwaway one ({redis_server.url})"
+            )
+        if pg := postgres_or_throwaway(settings.database_url):
             started.append(pg)
             overrides["DATABASE_URL"] = pg.dsn("payq")
+            _say(
+                f"· PostgreSQL does not answer at DATABASE_URL: using a throwaway on port {pg.port}"
+            )
         if overrides:  # this process enqueues too: point its settings at the throwaways
             os.environ.update(overrides)
             get_settings.cache_clear()
