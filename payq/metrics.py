@@ -11,9 +11,13 @@ from prometheus_client import Counter, Gauge, Histogram
 
 __all__ = [
     "ATTEMPTS",
+    "BREAKER_STATE",
+    "BREAKER_TRANSITIONS",
     "CHARGES",
     "DEAD_LETTERS",
     "DEFERRALS",
+    "FLEET_SLOTS_IN_USE",
+    "POOL_EXHAUSTED",
     "POOL_IN_USE",
     "POOL_SIZE",
     "PROVIDER_LATENCY",
@@ -36,5 +40,21 @@ POOL_SIZE = Gauge("payq_pool_size", "Pool sizes, by pool", ["pool"], multiproces
 DEAD_LETTERS = Gauge(
     "payq_dead_letters",
     "Dead charges in the dead-letter view",
+    multiprocess_mode="mostrecent",
+)
+POOL_EXHAUSTED = Counter(
+    "payq_pool_exhausted", "Checkouts that found a pool exhausted, by pool", ["pool"]
+)
+BREAKER_TRANSITIONS = Counter(
+    "payq_breaker_transitions", "Circuit breaker state changes, by new state", ["state"]
+)
+BREAKER_STATE = Gauge(
+    "payq_breaker_state",
+    "The fleet's circuit breaker: 0 closed, 1 half-open, 2 open",
+    multiprocess_mode="mostrecent",
+)
+FLEET_SLOTS_IN_USE = Gauge(
+    "payq_fleet_slots_in_use",
+    "Provider calls in flight across the fleet (PAYMENT_MAX_CONCURRENCY slots)",
     multiprocess_mode="mostrecent",
 )

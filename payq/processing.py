@@ -22,12 +22,23 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Connection, and_, func, insert, or_, select, update
+from sqlalchemy import Connection, and_, func, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+from sqlalchemy.pool import QueuePool
+from tenacity import (
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_exponential,
+)
 
 from payq import metrics
 from payq.broker import new_message_id, publish_or_leave_to_relay
 from payq.constants import ChargeStatus
-from payq.db import transaction
+from payq.db import get_engine, transaction
 from payq.errors import (
     CardDeclined,
     FinalProviderError,
@@ -35,6 +46,7 @@ from payq.errors import (
     ProviderError,
     RetryableProviderError,
 )
+from payq.gate import ProviderGate, Wait, get_gate, jitter_ms
 from payq.models import charge_attempts, charges
 from payq.provider import ProviderCharge, ProviderClient, charge_body, get_provider
 from payq.retry_policy import RetryPolicy
@@ -44,6 +56,12 @@ from payq.settings import Settings, get_settings
 __all__ = ["Result", "UnknownCharge", "process_charge"]
 
 log = logging.getLogger("payq.charge")
+
+#: The database went away or the connection broke (a restart, a failover, a network blink).
+DB_UNAVAILABLE = (OperationalError, InterfaceError)
+#: How long the worker keeps trying to record an attempt's outcome before leaving the
+#: charge to its lease: a PostgreSQL restart, not an outage.
+RECORD_RETRY_S = 3.0
 
 S = ChargeStatus
 
@@ -58,8 +76,9 @@ class Result(StrEnum):
     RETRYING = "retrying"
     DEAD = "dead"
     SKIPPED = "skipped"  # already claimed, final, or not yet due
-    DEFERRED = "deferred"  # arrived early: sent again for when it is due
+    DEFERRED = "deferred"  # must wait (early, breaker, fleet, database): sent again for later
     LEASE_LOST = "lease_lost"  # another worker took over while we called
+    UNRECORDED = "unrecorded"  # the database did not answer; the lease brings it back
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,42 +102,114 @@ def process_charge(
     message_id: str | None = None,
     settings: Settings | None = None,
     provider: ProviderClient | None = None,
+    gate: ProviderGate | None = None,
 ) -> Result:
-    """Make at most one provider attempt for this charge and record what happened."""
+    """Make at most one provider attempt for this charge and record what happened.
+
+    The breaker and the fleet limit are asked first, the database second: a charge
+    that must wait is deferred before it is claimed, so waiting never uses an attempt.
+    """
     settings = settings or get_settings()
     try:
         cid = uuid.UUID(charge_id)
     except (ValueError, TypeError, AttributeError):
         raise UnknownCharge(f"message names no charge: {charge_id!r} is not a charge id") from None
 
-    with transaction() as conn:
-        claim = _claim(conn, cid, settings)
-        if claim is None:
-            result, redo_in_ms = _not_claimed(conn, cid, message_id)
-        elif claim.expired:
-            return _expire(conn, claim, settings)
-    if claim is None:
-        if redo_in_ms is not None and message_id is not None:
-            # The scheduled retry itself came early (clocks differ between hosts): send
-            # it again for when it is due rather than call before Retry-After.
-            publish_or_leave_to_relay([(cid, message_id)], delay_ms=redo_in_ms)
-            metrics.DEFERRALS.labels("early_message").inc()
-        return result
-
-    tag_charge(str(claim.id), claim.attempt)
-    started_at = dt.datetime.now(dt.UTC)
-    t0 = time.monotonic()
-    outcome: ProviderCharge | ProviderError
+    gate = gate or get_gate()
+    entry = gate.enter()
+    if isinstance(entry, Wait):
+        return _defer(cid, message_id, entry.cause, entry.delay_ms, entry.detail)
+    outcome: ProviderCharge | ProviderError | None = None
+    elapsed_s = 0.0
     try:
-        outcome = (provider or get_provider()).create_charge(claim.key, claim.body)
-    except ProviderError as exc:
-        outcome = exc
-    elapsed_s = time.monotonic() - t0
+        try:
+            with transaction() as conn:
+                claim = _claim(conn, cid, settings)
+                if claim is None:
+                    result, redo_in_ms = _not_claimed(conn, cid, message_id)
+                elif claim.expired:
+                    return _expire(conn, claim, settings)
+        except PoolTimeout:
+            _pool_exhausted(cid, settings)
+            delay_ms = jitter_ms(500, 2000)
+            return _defer(cid, message_id, "db_pool", delay_ms, "no database connection")
+        except DB_UNAVAILABLE as exc:
+            log.warning(
+                "database unavailable at claim (%s); charge deferred",
+                _first_line(exc),
+                extra={"charge_id": str(cid), "cause": "database"},
+            )
+            delay_ms = jitter_ms(1000, 3000)
+            return _defer(cid, message_id, "database", delay_ms, "database unavailable")
+        if claim is None:
+            if redo_in_ms is not None and message_id is not None:
+                # The scheduled retry itself came early (clocks differ between hosts): send
+                # it again for when it is due rather than call before Retry-After.
+                publish_or_leave_to_relay([(cid, message_id)], delay_ms=redo_in_ms)
+                metrics.DEFERRALS.labels("early_message").inc()
+            return result
+
+        tag_charge(str(claim.id), claim.attempt)
+        started_at = dt.datetime.now(dt.UTC)
+        t0 = time.monotonic()
+        try:
+            outcome = (provider or get_provider()).create_charge(claim.key, claim.body)
+        except ProviderError as exc:
+            outcome = exc
+        elapsed_s = time.monotonic() - t0
+    finally:
+        gate.leave(entry, outcome, int(elapsed_s * 1000))
+    assert outcome is not None
     metrics.PROVIDER_LATENCY.observe(elapsed_s)
     metrics.ATTEMPTS.labels(
         "none" if isinstance(outcome, ProviderCharge) else outcome.error_class
     ).inc()
     return _record(claim, outcome, started_at, int(elapsed_s * 1000), settings)
+
+
+def _defer(
+    cid: uuid.UUID, message_id: str | None, cause: str, delay_ms: int, detail: str
+) -> Result:
+    """Send this charge's message again for later; the charge itself is untouched.
+
+    The same Redis message id goes to the delay queue, so the row still names a
+    message that exists and the relay does not publish a second one.
+    """
+    publish_or_leave_to_relay([(cid, message_id or new_message_id())], delay_ms=delay_ms)
+    metrics.DEFERRALS.labels(cause).inc()
+    # A full fleet is routine under load; the rest say something about a dependency.
+    level = logging.DEBUG if cause == "fleet_full" else logging.INFO
+    log.log(
+        level,
+        "charge deferred %.1f s: %s",
+        delay_ms / 1000,
+        detail,
+        extra={"charge_id": str(cid), "cause": cause, "delay_ms": delay_ms},
+    )
+    return Result.DEFERRED
+
+
+def _pool_exhausted(cid: uuid.UUID, settings: Settings) -> None:
+    pool = get_engine().pool
+    figures = {
+        "pool_size": settings.database_pool_max_connections,
+        "pool_checked_out": pool.checkedout() if isinstance(pool, QueuePool) else None,
+        "db_timeout_ms": settings.db_timeout_ms,
+    }
+    metrics.POOL_EXHAUSTED.labels("database").inc()
+    log.warning(
+        "database connection pool exhausted: no connection within DB_TIMEOUT_MS (%d ms), "
+        "%s of %d in use; charge deferred, no attempt used",
+        settings.db_timeout_ms,
+        figures["pool_checked_out"],
+        settings.database_pool_max_connections,
+        extra={"charge_id": str(cid), "cause": "db_pool", **figures},
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:200] if text else ''}"
 
 
 def _expire(conn: Connection, claim: _Claim, settings: Settings) -> Result:
@@ -231,34 +322,33 @@ def _record(
     latency_ms: int,
     settings: Settings,
 ) -> Result:
-    policy = RetryPolicy.from_settings(settings)
-    publish_delay_ms: int | None = None
-    message_id: str | None = None
     error = outcome if isinstance(outcome, ProviderError) else None
-    with transaction() as conn:
-        conn.execute(
-            insert(charge_attempts).values(
-                charge_id=claim.id,
-                number=claim.attempt,
-                started_at=started_at,
-                finished_at=func.now(),
-                outcome=_attempt_outcome(outcome),
-                http_status=200 if error is None else error.status,
-                error_class=None if error is None else error.error_class,
-                error_message=None if error is None else claim.masked(str(error))[:2000],
-                latency_ms=latency_ms,
-            )
+    extra = _extra(claim, "unrecorded", latency_ms=latency_ms, error=error)
+    try:
+        for attempt in Retrying(
+            retry=retry_if_exception_type((PoolTimeout, *DB_UNAVAILABLE)),
+            stop=stop_after_delay(RECORD_RETRY_S) | stop_after_attempt(5),
+            wait=wait_exponential(multiplier=0.2, max=1.0),
+            reraise=True,
+        ):
+            with attempt:
+                if attempt.retry_state.attempt_number > 1:
+                    log.warning("database unavailable: recording the attempt again", extra=extra)
+                saved = _save(claim, outcome, started_at, latency_ms, settings)
+    except (PoolTimeout, *DB_UNAVAILABLE) as exc:
+        # The provider has answered and the answer is lost with this attempt. The lease
+        # brings the charge back; the next attempt sends the same key and the provider
+        # replays its answer: nothing is charged twice.
+        log.error(
+            "attempt not recorded, the database did not answer for %g s (%s); the charge "
+            "is taken up again when its lease (%d s) runs out",
+            RECORD_RETRY_S,
+            _first_line(exc),
+            settings.charge_lease_s,
+            extra=extra,
         )
-        result, values = _next_state(outcome, claim.budget_used, policy)
-        for field in ("last_error", "dead_reason"):
-            if isinstance(values.get(field), str):
-                values[field] = claim.masked(values[field])
-        if result is Result.RETRYING:
-            message_id = values["message_id"]
-            publish_delay_ms = values.pop("delay_ms")
-            values["next_attempt_at"] = func.now() + dt.timedelta(milliseconds=publish_delay_ms)
-            values["published_at"] = func.now()
-        done = _finish(conn, claim, ChargeStatus(result.value), **values)
+        return Result.UNRECORDED
+    result, done, message_id, publish_delay_ms = saved
     extra = _extra(claim, result.value, latency_ms=latency_ms, error=error)
     if not done:
         log.warning("lease lost: another worker took this charge over", extra=extra)
@@ -270,6 +360,48 @@ def _record(
     if publish_delay_ms is not None and message_id is not None:
         publish_or_leave_to_relay([(claim.id, message_id)], delay_ms=publish_delay_ms)
     return result
+
+
+def _save(
+    claim: _Claim,
+    outcome: ProviderCharge | ProviderError,
+    started_at: dt.datetime,
+    latency_ms: int,
+    settings: Settings,
+) -> tuple[Result, bool, str | None, int | None]:
+    """Record the attempt and move the charge on, in one transaction."""
+    policy = RetryPolicy.from_settings(settings)
+    publish_delay_ms: int | None = None
+    message_id: str | None = None
+    error = outcome if isinstance(outcome, ProviderError) else None
+    with transaction() as conn:
+        conn.execute(
+            # A retry after a commit whose answer was lost finds the row there.
+            pg_insert(charge_attempts)
+            .values(
+                charge_id=claim.id,
+                number=claim.attempt,
+                started_at=started_at,
+                finished_at=func.now(),
+                outcome=_attempt_outcome(outcome),
+                http_status=200 if error is None else error.status,
+                error_class=None if error is None else error.error_class,
+                error_message=None if error is None else claim.masked(str(error))[:2000],
+                latency_ms=latency_ms,
+            )
+            .on_conflict_do_nothing(constraint="uq_charge_attempts_charge_id_number")
+        )
+        result, values = _next_state(outcome, claim.budget_used, policy)
+        for field in ("last_error", "dead_reason"):
+            if isinstance(values.get(field), str):
+                values[field] = claim.masked(values[field])
+        if result is Result.RETRYING:
+            message_id = values["message_id"]
+            publish_delay_ms = values.pop("delay_ms")
+            values["next_attempt_at"] = func.now() + dt.timedelta(milliseconds=publish_delay_ms)
+            values["published_at"] = func.now()
+        done = _finish(conn, claim, ChargeStatus(result.value), **values)
+    return result, done, message_id, publish_delay_ms
 
 
 def _next_state(

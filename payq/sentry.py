@@ -23,6 +23,7 @@ the scrubber of our own.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterable
 from typing import Any, Literal, cast
@@ -189,3 +190,9 @@ def capture_alert(message: str, *, level: str = "warning", **tags: str) -> None:
         if tags:  # the text carries figures that change; the check does not
             scope.fingerprint = ["payq-alert", *(f"{k}={v}" for k, v in sorted(tags.items()))]
         sentry_sdk.capture_message(message, level=sentry_level)
+
+
+def alert(logger: logging.Logger, message: str, level: int = logging.WARNING, **tags: str) -> None:
+    """Raise an alert: an ``ALERT`` log line (``alert: true`` in JSON) and a Sentry event."""
+    logger.log(level, "ALERT %s", message, extra={"alert": True, **tags})
+    capture_alert(message, level=logging.getLevelName(level).lower(), **tags)

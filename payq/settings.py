@@ -43,6 +43,7 @@ class Settings(BaseSettings):
     payment_connect_timeout_ms: int = Field(2000, ge=10, le=600_000)
     payment_pool_max_connections: int = Field(5, ge=1, le=1000)
     payment_max_concurrency: int = Field(20, ge=1, le=100_000)
+    fleet_slot_lease_s: float = Field(5.0, ge=0.5, le=300)
     provider_idempotency_ttl_s: int = Field(86_400, ge=60)
 
     # PostgreSQL.

@@ -104,10 +104,14 @@ def database() -> Iterator[str]:
 def _clear_namespace() -> None:
     import redis
 
+    from payq.fleet import FleetLimit
+
     client = redis.Redis.from_url(REDIS_URL)
     keys = list(client.scan_iter(match=f"{NAMESPACE}:*", count=1000))
     if keys:
         client.delete(*keys)
+    # Nothing runs between tests: the fleet limit need not wait for slots to re-register.
+    FleetLimit(client, NAMESPACE, limit=1, lease_s=1).mark_settled()
     client.close()
 
 

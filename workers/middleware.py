@@ -29,7 +29,7 @@ from payq.errors import ConfigError
 from payq.ops.health import Level, run_checks, worst
 from payq.ops.status import dead_count
 from payq.provider import ProviderClient, get_provider
-from payq.sentry import capture_alert
+from payq.sentry import alert
 from payq.settings import Settings
 
 __all__ = ["PoolGuard", "WorkerReport"]
@@ -54,8 +54,7 @@ class PoolGuard(Middleware):
 
 
 def _alert(message: str, level: int, **tags: str) -> None:
-    log.log(level, "ALERT %s", message, extra={"alert": True, **tags})
-    capture_alert(message, level=logging.getLevelName(level).lower(), **tags)
+    alert(log, message, level, **tags)
 
 
 class WorkerReport(Middleware):

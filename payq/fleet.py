@@ -1,0 +1,237 @@
+"""The fleet-wide provider concurrency limit: ``PAYMENT_MAX_CONCURRENCY`` slots in Redis.
+
+Every provider call holds a slot: a member of one sorted set whose score is the
+moment its lease runs out. A slot's lease is short (``FLEET_SLOT_LEASE_S``) and one
+thread per process renews the slots its process holds every third of a lease, so a
+call of any length keeps its slot while a SIGKILLed worker's slot comes back within
+one lease: seconds, not the minutes Dramatiq's ``ConcurrentRateLimiter`` keeps it
+(its ``ttl`` is not renewed, so it must outlast the longest call), and a refusal here
+costs no attempt: the caller defers the message instead of raising.
+
+No library does "a counting semaphore over Redis with renewed leases" (redis-py's
+``Lock`` is a mutex; ``ConcurrentRateLimiter`` is the one described above), so this
+is ours: two short Lua scripts, atomic on the server, timed by the server's clock
+(``TIME``) so hosts whose clocks differ still agree on what has expired.
+
+Redis losing its data also loses the set while calls are in flight. The renewers
+put their slots back within a third of a lease; until then the set under-counts. So
+when the set's epoch marker is missing (a new or wiped Redis) no slot is granted for
+a grace of one renewal interval plus a margin, while the renewers re-register.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import redis
+
+from payq.constants import redis_key
+
+__all__ = ["FleetLimit", "SlotRefused"]
+
+log = logging.getLogger("payq.fleet")
+
+# KEYS: slots, epoch. ARGV: token, limit, lease_ms, grace_ms.
+# Returns {granted (0/1), wait_ms, in_use}.
+_ACQUIRE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local epoch = redis.call('GET', KEYS[2])
+if not epoch then
+    redis.call('SET', KEYS[2], now)
+    epoch = now
+end
+local open_at = tonumber(epoch) + tonumber(ARGV[4])
+if now < open_at then
+    return {0, open_at - now, redis.call('ZCARD', KEYS[1])}
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local in_use = redis.call('ZCARD', KEYS[1])
+if in_use < tonumber(ARGV[2]) then
+    redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
+    return {1, 0, in_use + 1}
+end
+local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+return {0, math.max(0, tonumber(first[2]) - now), in_use}
+"""
+
+# KEYS: slots, epoch. ARGV: lease_ms, grace_ms, tokens... Returns {restored, lost}.
+# Inside the grace after a fresh epoch, slots Redis lost are put back; after it, a slot
+# that is gone stays gone (it was released meanwhile, or its lease ran out) and is
+# reported as lost.
+_RENEW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('SET', KEYS[2], now, 'NX')
+local restoring = now < tonumber(redis.call('GET', KEYS[2])) + tonumber(ARGV[2])
+local restored, lost = 0, {}
+for i = 3, #ARGV do
+    if restoring then
+        restored = restored + redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[i])
+    elseif redis.call('ZADD', KEYS[1], 'XX', 'CH', now + tonumber(ARGV[1]), ARGV[i]) == 0 then
+        table.insert(lost, ARGV[i])
+    end
+end
+return {restored, lost}
+"""
+
+# KEYS: slots. Returns the slots whose lease has not run out.
+_IN_USE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+return redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf')
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class SlotRefused:
+    """No slot: all are taken (or Redis came back empty); try again in ``wait_ms``."""
+
+    wait_ms: int
+    in_use: int
+    limit: int
+    starting: bool  # refused because the set's epoch is fresh, not because it is full
+
+
+class FleetLimit:
+    """At most ``limit`` provider calls at once across every process that shares Redis."""
+
+    def __init__(self, client: redis.Redis, namespace: str, *, limit: int, lease_s: float) -> None:
+        self.client = client
+        self.limit = limit
+        self.lease_ms = int(lease_s * 1000)
+        self.renew_every_s = lease_s / 3
+        self.grace_ms = int(self.renew_every_s * 1000) + 500
+        self.slots_key = redis_key(namespace, "fleet", "slots")
+        self.epoch_key = redis_key(namespace, "fleet", "epoch")
+        self._acquire = client.register_script(_ACQUIRE)
+        self._renew = client.register_script(_RENEW)
+        self._in_use = client.register_script(_IN_USE)
+        self._held: set[str] = set()
+        self._lock = threading.Lock()
+        self._renewer: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def try_acquire(self) -> str | SlotRefused:
+        """A slot's token, or why not. Raises ``redis.RedisError`` if Redis does not answer."""
+        token = uuid.uuid4().hex
+        with self._lock:
+            # Registered before the call, so a renewal racing the grant cannot miss it.
+            self._held.add(token)
+        try:
+            granted, wait_ms, in_use = self._acquire(
+                keys=[self.slots_key, self.epoch_key],
+                args=[token, self.limit, self.lease_ms, self.grace_ms],
+            )
+        except BaseException:
+            self._forget(token)
+            raise
+        if not granted:
+            self._forget(token)
+            starting = bool(in_use < self.limit)
+            return SlotRefused(int(wait_ms), int(in_use), self.limit, starting)
+        self.start_renewing()
+        return token
+
+    def release(self, token: str) -> None:
+        """Give the slot back. If Redis does not answer, its lease runs out instead."""
+        self._forget(token)
+        try:
+            self.client.zrem(self.slots_key, token)
+        except redis.RedisError as exc:
+            log.warning(
+                "fleet slot not released (%s); it frees itself within %g s",
+                type(exc).__name__,
+                self.lease_ms / 1000,
+            )
+
+    @contextmanager
+    def slot(self) -> Iterator[str | SlotRefused]:
+        """``with limit.slot() as got:`` holds a slot for the block when ``got`` is a str."""
+        got = self.try_acquire()
+        try:
+            yield got
+        finally:
+            if isinstance(got, str):
+                self.release(got)
+
+    def in_use(self) -> int:
+        """Slots held across the fleet right now."""
+        return int(self._in_use(keys=[self.slots_key]))
+
+    def mark_settled(self) -> None:
+        """Declare that no call is in flight (a new namespace): no grace for the first slot.
+
+        For a system started from nothing (tests, a fresh demo); never after Redis lost
+        its data while workers were running.
+        """
+        self.client.set(self.epoch_key, 0)
+
+    def held(self) -> int:
+        with self._lock:
+            return len(self._held)
+
+    def renew(self) -> None:
+        """Extend this process's slots (and put back any that Redis lost with its data)."""
+        with self._lock:
+            tokens = list(self._held)
+        restored, lost_tokens = self._renew(
+            keys=[self.slots_key, self.epoch_key], args=[self.lease_ms, self.grace_ms, *tokens]
+        )
+        if restored:
+            log.warning(
+                "fleet slots put back after Redis lost them (%d of %d held here)",
+                restored,
+                len(tokens),
+                extra={"restored": int(restored), "held": len(tokens)},
+            )
+        with self._lock:  # a slot released while this ran is not lost
+            lost = [t for t in map(_text, lost_tokens) if t in self._held]
+        if lost:
+            log.warning(
+                "fleet slots expired while held (%d): this process stalled longer than "
+                "FLEET_SLOT_LEASE_S (%g s)",
+                len(lost),
+                self.lease_ms / 1000,
+                extra={"lost": len(lost)},
+            )
+
+    def start_renewing(self) -> None:
+        """Start this process's renewal thread (once; again after a fork)."""
+        if self._renewer is not None and self._renewer.is_alive():
+            return
+        with self._lock:
+            if self._renewer is not None and self._renewer.is_alive():
+                return
+            self._stop.clear()
+            self._renewer = threading.Thread(
+                target=self._renew_forever, name="payq-fleet-renewer", daemon=True
+            )
+            self._renewer.start()
+
+    def stop_renewing(self) -> None:
+        self._stop.set()
+
+    def _renew_forever(self) -> None:
+        while not self._stop.wait(self.renew_every_s):
+            try:
+                self.renew()
+            except redis.RedisError as exc:
+                log.warning(
+                    "fleet slots not renewed (%s); trying again in %.1f s",
+                    type(exc).__name__,
+                    self.renew_every_s,
+                )
+
+    def _forget(self, token: str) -> None:
+        with self._lock:
+            self._held.discard(token)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
