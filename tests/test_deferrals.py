@@ -1,0 +1,177 @@
+"""A charge that must wait is deferred before its claim: a delayed message, no attempt used.
+
+Real PostgreSQL, Redis and the simulator; the breaker and the fleet limit are the real
+ones, pushed into the state under test through their own API.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from payq.breaker import CallOutcome
+from payq.constants import QUEUE_NAME
+from payq.db import get_engine
+from payq.fleet import FleetLimit
+from payq.gate import ProviderGate
+from payq.processing import Result, UnknownCharge, process_charge
+from payq.provider import ProviderClient
+from payq.settings import Settings, load_settings
+from payq.sim import SimulatorThread
+from producers import enqueue_charge
+from tests.conftest import API_KEY, NAMESPACE, REDIS_URL
+from tests.helpers import Sim, attempts, charge
+
+
+class Rig:
+    def __init__(self, sim: Sim, settings: Settings, client: redis.Redis) -> None:
+        self.sim = sim
+        self.settings = settings
+        self.client = client
+        self.provider = ProviderClient(settings)
+        self.gate = ProviderGate.from_settings(client, settings)
+
+    def enqueue(self) -> uuid.UUID:
+        return enqueue_charge(1999, "usd", "tok_visa", f"order-{uuid.uuid4().hex}").id
+
+    def run(self, cid: uuid.UUID, message_id: str | None = None) -> Result:
+        return process_charge(
+            str(cid),
+            message_id=message_id or charge(cid).message_id,
+            settings=self.settings,
+            provider=self.provider,
+            gate=self.gate,
+        )
+
+    def delayed(self, cid: uuid.UUID) -> dict[str, int]:
+        """The delayed messages for this charge: Redis id -> eta (ms)."""
+        raw = self.client.hgetall(f"{NAMESPACE}:{QUEUE_NAME}.DQ.msgs")
+        found = {}
+        for redis_id, body in raw.items():
+            message = json.loads(body)
+            if message["args"] == [str(cid)]:
+                found[redis_id.decode()] = int(message["options"]["eta"])
+        return found
+
+
+@pytest.fixture
+def rig(clean: None) -> Iterator[Rig]:
+    client = redis.Redis.from_url(REDIS_URL)
+    with SimulatorThread(api_key=API_KEY) as thread:
+        settings = load_settings(
+            payment_provider_url=thread.url,
+            payment_max_concurrency=2,
+            breaker_min_calls=4,
+            breaker_open_s=5,
+        )
+        r = Rig(Sim(thread.url), settings, client)
+        yield r
+        r.provider.close()
+        r.gate.fleet.stop_renewing()
+    client.close()
+
+
+def assert_untouched(rig: Rig, cid: uuid.UUID) -> None:
+    c = charge(cid)
+    assert (c.status, c.attempts) == ("pending", 0)
+    assert attempts(cid) == []
+    assert rig.sim.stats()["requests"] == 0
+
+
+def test_an_open_breaker_defers_to_when_it_may_half_open(rig: Rig) -> None:
+    for _ in range(4):
+        rig.gate.breaker.record(CallOutcome.FAILURE, 10, probe=False)
+    cid = rig.enqueue()
+    before_ms = time.time() * 1000
+    assert rig.run(cid) is Result.DEFERRED
+    assert_untouched(rig, cid)
+    delayed = rig.delayed(cid)
+    # The same Redis id as the row names, so the relay sees it queued and sends no other.
+    assert list(delayed) == [charge(cid).message_id]
+    eta = next(iter(delayed.values()))
+    # Open for 5 s: due then, spread over at most 3 s more so the fleet does not stampede.
+    assert before_ms + 4500 <= eta <= before_ms + 5000 + 3000 + 500
+    assert rig.gate.fleet.in_use() == 0  # no slot kept
+
+
+def test_a_full_fleet_defers_a_moment_without_an_attempt(rig: Rig) -> None:
+    other_process = FleetLimit(rig.client, NAMESPACE, limit=2, lease_s=5)
+    try:
+        assert isinstance(other_process.try_acquire(), str)
+        assert isinstance(other_process.try_acquire(), str)
+        cid = rig.enqueue()
+        before_ms = time.time() * 1000
+        assert rig.run(cid) is Result.DEFERRED
+        assert_untouched(rig, cid)
+        [eta] = rig.delayed(cid).values()
+        assert before_ms + 150 <= eta <= before_ms + 1000 + 500  # short and jittered
+    finally:
+        other_process.stop_renewing()
+
+
+def test_a_half_open_probe_that_finds_the_fleet_full_is_given_back(rig: Rig) -> None:
+    for _ in range(4):
+        rig.gate.breaker.record(CallOutcome.FAILURE, 10, probe=False)
+    rig.client.hset(rig.gate.breaker.state_key, "until", 0)  # the open time is over
+    other_process = FleetLimit(rig.client, NAMESPACE, limit=2, lease_s=5)
+    try:
+        other_process.try_acquire()
+        other_process.try_acquire()
+        cid = rig.enqueue()
+        assert rig.run(cid) is Result.DEFERRED
+        assert int(rig.client.hget(rig.gate.breaker.state_key, "probes") or 0) == 0
+    finally:
+        other_process.stop_renewing()
+
+
+def test_an_exhausted_database_pool_defers_and_says_so(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    cid = rig.enqueue()
+    message_id = charge(cid).message_id
+    engine = get_engine()
+    held = [engine.connect() for _ in range(engine.pool.size())]  # type: ignore[attr-defined]
+    try:
+        with caplog.at_level(logging.WARNING, logger="payq.charge"):
+            assert rig.run(cid, message_id) is Result.DEFERRED
+    finally:
+        for conn in held:
+            conn.close()
+    assert_untouched(rig, cid)
+    assert len(rig.delayed(cid)) == 1
+    [record] = [r for r in caplog.records if "pool exhausted" in r.getMessage()]
+    size = rig.settings.database_pool_max_connections
+    assert record.getMessage().startswith(
+        f"database connection pool exhausted: no connection within DB_TIMEOUT_MS "
+        f"({rig.settings.db_timeout_ms} ms), {size} of {size} in use"
+    )
+    assert record.cause == "db_pool"  # type: ignore[attr-defined]
+    assert rig.gate.fleet.in_use() == 0  # the slot was not kept while waiting
+
+
+def test_deferral_costs_no_attempt_however_often(rig: Rig) -> None:
+    for _ in range(4):
+        rig.gate.breaker.record(CallOutcome.FAILURE, 10, probe=False)
+    cid = rig.enqueue()
+    for _ in range(12):  # more deferrals than RETRY_MAX_ATTEMPTS
+        assert rig.run(cid) is Result.DEFERRED
+    rig.client.delete(rig.gate.breaker.state_key)  # closed again
+    assert rig.run(cid) is Result.SUCCEEDED
+    assert charge(cid).attempts == 1
+
+
+def test_the_slot_is_freed_on_every_path(rig: Rig) -> None:
+    cid = rig.enqueue()
+    assert rig.run(cid) is Result.SUCCEEDED
+    assert rig.run(cid) is Result.SKIPPED  # a duplicate delivery: no call
+    with pytest.raises(UnknownCharge, match="no charge with id"):
+        process_charge(
+            str(uuid.uuid4()), settings=rig.settings, provider=rig.provider, gate=rig.gate
+        )
+    assert rig.gate.fleet.in_use() == 0 and rig.gate.fleet.held() == 0
