@@ -105,7 +105,7 @@ class ProviderGate:
                 return Wait(
                     "fleet_starting",
                     slot.wait_ms + jitter_ms(0, 500),
-                    "fleet slots are being re-registered after Redis came back empty",
+                    "fleet slots are being registered (a new or emptied Redis): a moment's grace",
                 )
             return Wait(
                 "fleet_full",
