@@ -323,7 +323,7 @@ def _record(
     settings: Settings,
 ) -> Result:
     error = outcome if isinstance(outcome, ProviderError) else None
-    extra = _extra(claim, "unrecorded", latency_ms=latency_ms, error=error)
+    extra = _extra(claim, "recording", latency_ms=latency_ms, error=error)
     try:
         for attempt in Retrying(
             retry=retry_if_exception_type((PoolTimeout, *DB_UNAVAILABLE)),
@@ -345,7 +345,7 @@ def _record(
             RECORD_RETRY_S,
             _first_line(exc),
             settings.charge_lease_s,
-            extra=extra,
+            extra={**extra, "outcome": "unrecorded"},
         )
         return Result.UNRECORDED
     result, done, message_id, publish_delay_ms = saved
