@@ -66,7 +66,7 @@ class Settings(BaseSettings):
     breaker_slow_call_rate: float = Field(0.8, gt=0, le=1)
     breaker_slow_call_ms: int = Field(3000, ge=1)
     breaker_min_calls: int = Field(20, ge=1)
-    breaker_window_s: int = Field(30, ge=1)
+    breaker_window_s: int = Field(10, ge=1, le=3600)
     breaker_open_s: int = Field(15, ge=1)
     breaker_half_open_probes: int = Field(3, ge=1)
 
