@@ -56,11 +56,46 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_database_capacity(settings: Settings, processes: int, wait_s: float) -> None:
+    """Refuse a group whose pools could need more connections than PostgreSQL has left.
+
+    Here rather than in the worker processes: only this command knows how many
+    processes the group will have. See ``payq.capacity`` for what it can and cannot see.
+    """
+    import logging
+    import math
+
+    from payq.capacity import check_fleet_fits, read_connection_budget
+
+    budget = read_connection_budget(
+        settings.database_url,
+        connect_timeout_s=max(1, math.ceil(settings.db_timeout_ms / 1000)),
+        wait_s=wait_s,
+    )
+    line = check_fleet_fits(processes, settings.database_pool_max_connections, budget)
+    logging.getLogger("payq.worker").info(line)
+
+
+def _shutdown_timeout(settings: Settings, dramatiq_args: Sequence[str]) -> list[str]:
+    """How long a SIGTERM waits for calls in flight: one attempt's worst case.
+
+    Dramatiq's default is 10 minutes, longer than any orchestrator waits before its
+    SIGKILL; and only once the threads are joined does Dramatiq put the prefetched
+    messages back. An attempt cannot outlast PAYMENT_TIMEOUT_MS + 2 x (DB_TIMEOUT_MS +
+    DB_STATEMENT_TIMEOUT_MS) (the bound CHARGE_LEASE_S must exceed), so the drain waits
+    that long and no longer; a thread still busy then is left to its charge's lease.
+    """
+    if any(arg.startswith("--worker-shutdown-timeout") for arg in dramatiq_args):
+        return []  # the operator's own choice
+    return ["--worker-shutdown-timeout", str(settings.attempt_worst_case_ms)]
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     settings = _settings()
     processes = args.processes or settings.worker_processes
     threads = args.threads or settings.worker_threads
     settings.check_worker_pools(threads)
+    _check_database_capacity(settings, processes, args.wait)
     if settings.metrics_port:
         # Dramatiq's Prometheus middleware serves this group's metrics (its own and
         # payq's) from a fresh multiprocess directory, on METRICS_HOST only.
@@ -78,11 +113,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
         sys.executable,
         "-m",
         "dramatiq",
-        "workers",
         "--processes",
         str(processes),
         "--threads",
         str(threads),
+        *_shutdown_timeout(settings, args.dramatiq_args),
+        # Options first: extra modules may then follow the broker module.
+        "workers",
         *args.dramatiq_args,
     ]
     sys.stdout.flush()
@@ -155,6 +192,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(charges_total=args.charges)
 
 
+def cmd_chaos(args: argparse.Namespace) -> int:
+    from payq.devservices import DevServiceError
+    from payq.ops.chaos import ChaosPlan, run_chaos
+
+    try:
+        plan = ChaosPlan(
+            charges=args.charges,
+            enqueue_s=args.enqueue_s,
+            outage_s=args.outage_s,
+            kill_every_s=args.kill_every_s,
+            seed=args.seed,
+        )
+    except ValueError as exc:
+        print(f"payq: {exc}", file=sys.stderr)
+        return 2
+    try:
+        result = run_chaos(plan)
+    except DevServiceError as exc:
+        print(f"payq chaos: {exc}", file=sys.stderr)
+        return 3
+    return 0 if result.ok else 1
+
+
 def _key_value(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -175,6 +235,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("worker", help="run charge workers (a wrapper on `dramatiq workers`)")
     p.add_argument("--processes", type=int, help="worker processes (default WORKER_PROCESSES)")
     p.add_argument("--threads", type=int, help="threads per process (default WORKER_THREADS)")
+    p.add_argument(
+        "--wait",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="wait this long for PostgreSQL to answer the start-time connection check",
+    )
     p.add_argument(
         "dramatiq_args", nargs=argparse.REMAINDER, help="passed on to dramatiq after `workers`"
     )
@@ -208,6 +275,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the main job end to end, with progress and a summary")
     p.add_argument("--charges", type=int, default=500)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "chaos",
+        help="every fault at once against throwaway servers; checks, one line of figures",
+    )
+    p.add_argument("--charges", type=int, default=3000, help="charges to enqueue (3000)")
+    p.add_argument(
+        "--enqueue-s", type=float, default=60.0, metavar="S", help="spread them over S s (60)"
+    )
+    p.add_argument(
+        "--outage-s", type=float, default=15.0, metavar="S", help="provider outage length (15)"
+    )
+    p.add_argument(
+        "--kill-every-s", type=float, default=5.0, metavar="S", help="SIGKILL interval (5)"
+    )
+    p.add_argument("--seed", type=int, help="seed of the faults and the kills")
+    p.set_defaults(func=cmd_chaos)
     return parser
 
 

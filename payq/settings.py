@@ -103,10 +103,8 @@ class Settings(BaseSettings):
                 "RETRY_BACKOFF_MIN_S: must not exceed RETRY_BACKOFF_MAX_S "
                 f"({self.retry_backoff_min_s} > {self.retry_backoff_max_s})"
             )
-        # A lease must outlast one whole attempt: claim, provider call, record (each
-        # database step may wait for a connection and then for its statements).
-        db_step_ms = self.db_timeout_ms + self.db_statement_timeout_ms
-        attempt_s = (self.payment_timeout_ms + 2 * db_step_ms) / 1000
+        # A lease must outlast one whole attempt.
+        attempt_s = self.attempt_worst_case_ms / 1000
         if self.charge_lease_s <= attempt_s:
             raise ValueError(
                 f"CHARGE_LEASE_S: must exceed one attempt's worst case, PAYMENT_TIMEOUT_MS + "
@@ -120,6 +118,13 @@ class Settings(BaseSettings):
                 "character (a secret file's trailing newline?); set the bare key"
             )
         return self
+
+    @property
+    def attempt_worst_case_ms(self) -> int:
+        """The longest one attempt can take: claim, provider call, record (each database
+        step may wait for a connection and then for its statements)."""
+        db_step_ms = self.db_timeout_ms + self.db_statement_timeout_ms
+        return self.payment_timeout_ms + 2 * db_step_ms
 
     @property
     def payment_timeout_s(self) -> float:

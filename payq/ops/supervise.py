@@ -7,6 +7,7 @@ must restart workers; in production that is systemd, Kubernetes or compose's
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -59,14 +60,19 @@ class Supervised:
         return self.proc is not None and self.proc.poll() is None
 
     def stop(self, timeout_s: float = 20.0) -> None:
-        """SIGTERM the whole group (in-flight work drains), SIGKILL after the timeout."""
+        """SIGTERM the process (in-flight work drains), SIGKILL its group after the timeout.
+
+        Only the leader gets the SIGTERM: the ``dramatiq`` master passes it on to its
+        workers, and a worker that got one from us and another from the master would
+        take the second as "stop now" and cut its calls (systemd: ``KillMode=mixed``).
+        """
         self._stopping = True
         if self.proc is None or self.proc.poll() is not None:
             return
-        os.killpg(self.proc.pid, signal.SIGTERM)
+        self.proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
         while self.proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
-        if self.proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):  # whatever is left of the group
             os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        self.proc.wait()

@@ -1,0 +1,165 @@
+"""Start-time guard: a worker group must fit in what PostgreSQL has left.
+
+Each worker process may open up to ``DATABASE_POOL_MAX_CONNECTIONS`` pooled connections
+plus one of its own for the periodic health checks (``workers/middleware.py``), so a
+group of N processes may need ``N x (pool + 1)``. PostgreSQL refuses a connection past
+``max_connections`` minus its reserved slots (``superuser_reserved_connections``, and
+``reserved_connections`` on 16+); a fleet that would need more than that fails later,
+under load, with "too many clients" in the middle of charges. ``payq worker`` refuses
+to start such a group, with the arithmetic in the message.
+
+This is a start-time guard, not a reservation:
+
+- Pools open lazily, so "already open" counts what other groups, relays and apps hold
+  now, not what they may open later; a fleet started all at once can still add up to
+  more. Size the fleet so ``sum(processes x (pool + 1))`` plus everyone else fits.
+- A supervisor restarting a killed group is not refused because of the dead group: its
+  processes are gone and PostgreSQL drops their connections as the sockets close. A host
+  that vanished without closing them holds them until PostgreSQL's TCP keepalive notices.
+- Behind a pooler (PgBouncer) the workers' connections are the pooler's, not the
+  server's, and the check is stricter than it needs to be.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from payq.errors import ConfigError
+
+__all__ = [
+    "HEALTH_CONNECTIONS_PER_PROCESS",
+    "ConnectionBudget",
+    "check_fleet_fits",
+    "read_connection_budget",
+]
+
+log = logging.getLogger("payq.capacity")
+
+#: The health checks' own engine in each worker process (one connection, kept open).
+HEALTH_CONNECTIONS_PER_PROCESS = 1
+
+# One round trip. ``reserved_connections`` exists from PostgreSQL 16 on: missing_ok.
+# Only client backends take a max_connections slot (autovacuum, WAL senders and
+# background workers have slots of their own); this check's own connection is left out.
+_BUDGET_SQL = """
+SELECT current_setting('max_connections')::int,
+       current_setting('superuser_reserved_connections')::int,
+       coalesce(current_setting('reserved_connections', true), '0')::int,
+       (SELECT count(*) FROM pg_stat_activity
+         WHERE backend_type = 'client backend' AND pid <> pg_backend_pid())::int
+"""
+
+# How PostgreSQL says it has no slot left ("sorry, too many clients already", or only
+# reserved ones left): waiting a few seconds will not make room for a worker group.
+_FULL_SIGNS = ("too many clients", "remaining connection slots are reserved")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConnectionBudget:
+    """What one PostgreSQL server allows, and how much of it is taken, at one moment."""
+
+    max_connections: int
+    reserved: int  # superuser_reserved_connections + reserved_connections
+    already_open: int  # client connections open now, this check's own excluded
+
+    @property
+    def available(self) -> int:
+        """Slots left for ordinary roles (below zero when superusers use reserved ones)."""
+        return self.max_connections - self.reserved - self.already_open
+
+
+def check_fleet_fits(processes: int, pool_max_connections: int, budget: ConnectionBudget) -> str:
+    """The budget line to log if ``processes`` fit; raise ``ConfigError`` if they do not.
+
+    Pure arithmetic, so the message (what an operator reads) is unit-tested as is.
+    """
+    per_process = pool_max_connections + HEALTH_CONNECTIONS_PER_PROCESS
+    needed = processes * per_process
+    need = (
+        f"{processes} process{'es' if processes != 1 else ''} x (DATABASE_POOL_MAX_CONNECTIONS "
+        f"{pool_max_connections} + {HEALTH_CONNECTIONS_PER_PROCESS} for health checks) = "
+        f"{needed} connections"
+    )
+    allows = (
+        f"PostgreSQL allows {budget.max_connections} (max_connections) - {budget.reserved} "
+        f"(reserved) - {budget.already_open} (already open) = {budget.available} more"
+    )
+    if needed > budget.available:
+        raise ConfigError(
+            f"{need}, but {allows}; lower --processes/WORKER_PROCESSES or "
+            "DATABASE_POOL_MAX_CONNECTIONS, or raise max_connections"
+        )
+    return f"database connections: {need}; {allows}"
+
+
+def read_connection_budget(
+    database_url: str, *, connect_timeout_s: int, wait_s: float
+) -> ConnectionBudget:
+    """Ask PostgreSQL for its connection budget over one short-lived connection.
+
+    A worker is often started beside a PostgreSQL that is still starting (compose, a
+    reboot): connection errors are retried with short waits (tenacity) for up to
+    ``wait_s``, then ``ServiceUnavailable`` says what to start or check. The DSN is never
+    part of a message.
+    """
+    import tenacity
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import OperationalError
+    from sqlalchemy.pool import NullPool
+
+    from payq.db import application_name
+    from payq.errors import ServiceUnavailable
+
+    engine = create_engine(
+        make_url(database_url).set(drivername="postgresql+psycopg2"),
+        poolclass=NullPool,
+        connect_args={
+            "connect_timeout": connect_timeout_s,
+            # Not payq-worker-*: samplers that count a group's connections by that name
+            # (the chaos run, the pool drill) must not see this one.
+            "application_name": application_name("capacity-check"),
+        },
+    )
+
+    def read() -> ConnectionBudget:
+        with engine.connect() as conn:
+            max_connections, superuser_reserved, reserved, already_open = conn.execute(
+                text(_BUDGET_SQL)
+            ).one()
+        return ConnectionBudget(
+            max_connections=max_connections,
+            reserved=superuser_reserved + reserved,
+            already_open=already_open,
+        )
+
+    def full(exc: BaseException) -> bool:
+        return isinstance(exc, OperationalError) and any(sign in str(exc) for sign in _FULL_SIGNS)
+
+    retrying = tenacity.Retrying(
+        stop=tenacity.stop_after_delay(wait_s),
+        wait=tenacity.wait_exponential(multiplier=0.2, max=2),
+        retry=tenacity.retry_if_exception(
+            lambda exc: isinstance(exc, OperationalError) and not full(exc)
+        ),
+        before_sleep=lambda state: log.warning(
+            "PostgreSQL does not answer yet (attempt %d); retrying", state.attempt_number
+        ),
+        reraise=True,
+    )
+    try:
+        return retrying(read)
+    except OperationalError as exc:
+        reason = str(exc.orig or exc).strip().splitlines()[0][:200]
+        if full(exc):
+            raise ConfigError(
+                f"PostgreSQL refused even one more connection ({reason}): max_connections is "
+                "used up; stop something or raise max_connections before adding workers"
+            ) from None
+        raise ServiceUnavailable(
+            f"PostgreSQL did not accept a connection at DATABASE_URL within {wait_s:g} s "
+            f"({reason}): start it or check DATABASE_URL; the worker was not started"
+        ) from None
+    finally:
+        engine.dispose()
