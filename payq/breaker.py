@@ -2,8 +2,8 @@
 
     closed ──(failure rate or slow-call rate over the window, min calls)──► open
     open ──(BREAKER_OPEN_S later, on the next call)──► half_open
-    half_open ──(BREAKER_HALF_OPEN_PROBES probe calls succeed)──► closed
-    half_open ──(a probe fails)──► open
+    half_open ──(BREAKER_HALF_OPEN_PROBES probe calls, judged by the failure rate)──►
+                closed, or open again
 
 Its state lives in Redis so the fleet opens and closes as one: a provider that is
 down is cut off by every process at once, not by each after its own 20 failures.
@@ -53,7 +53,7 @@ local changed = ''
 if state == 'open' then
     local wait = tonumber(redis.call('HGET', KEYS[1], 'until')) - now
     if wait > 0 then return {'deny', 'open', wait, ''} end
-    redis.call('HSET', KEYS[1], 'state', 'half_open', 'probes', 0, 'passed', 0,
+    redis.call('HSET', KEYS[1], 'state', 'half_open', 'probes', 0, 'passed', 0, 'failed', 0,
                'half_open_at', now, 'changed_at', now, 'reason', 'open time over: probing')
     state, changed = 'half_open', 'half_open'
 end
@@ -62,7 +62,7 @@ if state == 'half_open' then
     local since = tonumber(redis.call('HGET', KEYS[1], 'half_open_at'))
     if probes >= tonumber(ARGV[1]) and now - since > tonumber(ARGV[2]) then
         -- Probes that never reported (their worker died): let new ones through.
-        redis.call('HSET', KEYS[1], 'probes', 0, 'passed', 0, 'half_open_at', now)
+        redis.call('HSET', KEYS[1], 'probes', 0, 'passed', 0, 'failed', 0, 'half_open_at', now)
         probes = 0
     end
     if probes < tonumber(ARGV[1]) then
@@ -94,14 +94,23 @@ local function open(reason)
 end
 
 if probe and state == 'half_open' then
-    if outcome == 'failure' then return open('a half-open probe failed') end
+    -- The probes are judged like the window: by the failure rate. One unlucky probe
+    -- among healthy ones (a provider's everyday 5xx) must not hold the fleet off again.
+    local n, rate = tonumber(ARGV[10]), tonumber(ARGV[7])
+    if outcome == 'failure' then
+        local failed = redis.call('HINCRBY', KEYS[1], 'failed', 1)
+        if failed / n >= rate then
+            return open(string.format('%d of %d half-open probes failed', failed, n))
+        end
+        return {'', ''}
+    end
     local passed = redis.call('HINCRBY', KEYS[1], 'passed', 1)
-    if passed >= tonumber(ARGV[10]) then
-        redis.call('HSET', KEYS[1], 'state', 'closed', 'changed_at', now,
-                   'reason', passed .. ' probes succeeded')
+    if (n - passed) / n < rate then
+        local reason = string.format('%d of %d half-open probes succeeded', passed, n)
+        redis.call('HSET', KEYS[1], 'state', 'closed', 'changed_at', now, 'reason', reason)
         -- A fresh window: failures from before the outage must not reopen it.
         for s = sec - window_s, sec do redis.call('DEL', ARGV[1] .. s) end
-        return {'closed', passed .. ' probes succeeded'}
+        return {'closed', reason}
     end
     return {'', ''}
 end

@@ -106,7 +106,7 @@ class FleetLimit:
         self.limit = limit
         self.lease_ms = int(lease_s * 1000)
         self.renew_every_s = lease_s / 3
-        self.grace_ms = int(self.renew_every_s * 1000) + 500
+        self.grace_ms = int(self.renew_every_s * 1000) + 1000
         self.slots_key = redis_key(namespace, "fleet", "slots")
         self.epoch_key = redis_key(namespace, "fleet", "epoch")
         self._acquire = client.register_script(_ACQUIRE)
@@ -221,12 +221,17 @@ class FleetLimit:
         while not self._stop.wait(self.renew_every_s):
             try:
                 self.renew()
-            except redis.RedisError as exc:
-                log.warning(
-                    "fleet slots not renewed (%s); trying again in %.1f s",
-                    type(exc).__name__,
-                    self.renew_every_s,
-                )
+            except redis.RedisError:
+                # A restarted Redis first fails the pooled connection that redis-py then
+                # drops: a second try right away goes over a new one.
+                try:
+                    self.renew()
+                except redis.RedisError as exc:
+                    log.warning(
+                        "fleet slots not renewed (%s); trying again in %.1f s",
+                        type(exc).__name__,
+                        self.renew_every_s,
+                    )
 
     def _forget(self, token: str) -> None:
         with self._lock:

@@ -272,3 +272,23 @@ def test_a_settled_namespace_grants_at_once(
     finally:
         fresh.stop_renewing()
         fresh.client.delete(fresh.epoch_key, fresh.slots_key)
+
+
+def test_probes_are_judged_by_the_failure_rate_not_by_one_unlucky_call(
+    settings: Settings, clients: tuple[redis.Redis, redis.Redis]
+) -> None:
+    three = settings.model_copy(update={"breaker_half_open_probes": 3})
+    a = FleetBreaker(clients[0], NAMESPACE, three)
+    open_it(a)
+    time.sleep(1.05)
+    assert all(a.admit().probe for _ in range(3))
+    assert a.record(FAIL, 10, probe=True) is None  # 1 of 3: under 50 %, keep probing
+    assert a.record(OK, 10, probe=True) is None
+    assert a.record(OK, 10, probe=True) is BreakerState.CLOSED
+    assert "2 of 3 half-open probes succeeded" in a.snapshot().reason
+    open_it(a)
+    time.sleep(1.05)
+    assert all(a.admit().probe for _ in range(3))
+    assert a.record(FAIL, 10, probe=True) is None
+    assert a.record(FAIL, 10, probe=True) is BreakerState.OPEN  # 2 of 3: at least 50 %
+    assert "2 of 3 half-open probes failed" in a.snapshot().reason
