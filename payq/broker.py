@@ -16,6 +16,7 @@ from typing import Any
 import dramatiq
 import redis
 from dramatiq.brokers.redis import RedisBroker
+from dramatiq.common import dq_name
 from dramatiq.encoder import JSONEncoder, MessageData
 
 from payq.constants import ACTOR_NAME, QUEUE_NAME, UNDECODABLE_ACTOR_NAME
@@ -23,6 +24,7 @@ from payq.errors import ServiceUnavailable
 from payq.settings import Settings, get_settings
 
 __all__ = [
+    "ChargeBroker",
     "SafeJSONEncoder",
     "charge_message",
     "get_broker",
@@ -87,6 +89,34 @@ class SafeJSONEncoder(JSONEncoder):
         return None
 
 
+class ChargeBroker(RedisBroker):
+    """Dramatiq's Redis broker, except that a charge message keeps one Redis id for life.
+
+    Dramatiq gives every enqueue a fresh Redis id, including the move of a delayed
+    message to its queue when it falls due. A charge row records the Redis id of its
+    last message so the relay can tell a lost message from a queued one; with a fresh
+    id at every move, every deferred or retried charge looked lost and was sent again
+    (thousands of duplicate messages in a chaos run). Here a charge message's Redis id
+    is its message id, on every path. Two copies of one id never share a queue: a
+    message is re-enqueued on the delay queue while its original is still on the
+    main one, and back on the main one only after that original was acknowledged.
+    """
+
+    def enqueue(self, message: dramatiq.Message[Any], *, delay: int | None = None) -> Any:
+        if message.actor_name != ACTOR_NAME:
+            return super().enqueue(message, delay=delay)
+        queue_name = message.queue_name
+        message = message.copy(options={"redis_message_id": message.message_id})
+        if delay is not None:
+            queue_name = dq_name(queue_name)
+            eta = int(time.time() * 1000) + delay
+            message = message.copy(queue_name=queue_name, options={"eta": eta})
+        self.emit_before("enqueue", message, delay)
+        self.do_enqueue(queue_name, message.options["redis_message_id"], message.encode())
+        self.emit_after("enqueue", message, delay)
+        return message
+
+
 def make_broker(settings: Settings) -> RedisBroker:
     client = redis.Redis.from_url(
         settings.redis_url,
@@ -94,7 +124,7 @@ def make_broker(settings: Settings) -> RedisBroker:
         socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
         health_check_interval=30,
     )
-    return RedisBroker(client=client, namespace=settings.payq_namespace)  # type: ignore[no-untyped-call]
+    return ChargeBroker(client=client, namespace=settings.payq_namespace)  # type: ignore[no-untyped-call]
 
 
 def get_broker() -> RedisBroker:
@@ -124,12 +154,15 @@ def publish(
     *,
     delay_ms: int | None = None,
     broker: RedisBroker | None = None,
+    front: bool = False,
 ) -> int:
     """Send one message per ``(charge_id, redis_message_id)``, in one Redis round trip.
 
     A delayed message goes to the queue's delay set with an ``eta``, as Dramatiq's
-    own ``enqueue(delay=...)`` does. Raises ``ServiceUnavailable`` if Redis does not
-    answer (the relay publishes the charges later: nothing is lost).
+    own ``enqueue(delay=...)`` does; ``front`` puts the messages at the head of the
+    queue instead of its tail (charges that have waited long enough already). Raises
+    ``ServiceUnavailable`` if Redis does not answer (the relay publishes the charges
+    later: nothing is lost).
     """
     broker = broker or get_broker()
     pairs = list(messages)
@@ -151,7 +184,8 @@ def publish(
                 )
                 broker.emit_before("enqueue", message, delay_ms)
                 pipe.hset(f"{broker.namespace}:{queue}.msgs", redis_id, message.encode())
-                pipe.rpush(f"{broker.namespace}:{queue}", redis_id)
+                push = pipe.lpush if front and delay_ms is None else pipe.rpush
+                push(f"{broker.namespace}:{queue}", redis_id)
             pipe.execute()
     except redis.RedisError as exc:
         raise ServiceUnavailable(

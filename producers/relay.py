@@ -110,7 +110,9 @@ def relay_once(settings: Settings | None = None, broker: RedisBroker | None = No
             r.id for r, queued in zip(waiting, _queued(broker, waiting), strict=True) if not queued
         ]
         fresh = {cid: new_message_id() for cid in [*expired, *lost]}
-        publish(fresh.items(), broker=broker)
+        # A charge whose worker died has waited a lease already: to the head of the queue.
+        publish([(cid, fresh[cid]) for cid in expired], broker=broker, front=True)
+        publish([(cid, fresh[cid]) for cid in lost], broker=broker)
         conn.execute(
             update(charges)
             .where(charges.c.id.in_([r.id for r in rows]))

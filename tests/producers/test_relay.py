@@ -147,3 +147,42 @@ def test_messages_held_by_a_dead_worker_go_back_on_the_queue() -> None:
     assert r.smembers(f"{ns}:__acks__.live-worker.charges") == {b"busy-message"}
     assert r.zscore(f"{ns}:__heartbeats__", "dead-worker") is None
     r.close()
+
+
+def test_a_deferred_message_that_falls_due_is_still_seen_as_queued() -> None:
+    import dramatiq
+
+    from payq.broker import get_broker, publish
+
+    c = enqueue_charge(100, "usd", "tok_visa", "relay-due")
+    r = client()
+    r.delete(f"{NAMESPACE}:charges", f"{NAMESPACE}:charges.msgs")  # consumed and deferred:
+    publish([(c.id, c.message_id)], delay_ms=0)  # the worker's deferral, same id
+    raw = r.hget(f"{NAMESPACE}:charges.DQ.msgs", c.message_id)
+    # What Dramatiq's worker does when the eta has passed (worker.py, delayed messages):
+    due = dramatiq.Message.decode(raw).copy(queue_name="charges")
+    del due.options["eta"]
+    get_broker().enqueue(due)
+    r.hdel(f"{NAMESPACE}:charges.DQ.msgs", c.message_id)  # and the delayed copy is acked
+    assert r.lindex(f"{NAMESPACE}:charges", 0).decode() == c.message_id  # same Redis id
+    r.close()
+    age(60)
+    assert relay_once().republished == 0  # not mistaken for a lost message
+    assert queued() == [str(c.id)]
+
+
+def test_a_takeover_goes_to_the_head_of_the_queue() -> None:
+    waiting = [enqueue_charge(100, "usd", "tok_visa", f"relay-q{i}") for i in range(3)]
+    with transaction() as conn:
+        conn.execute(
+            text(
+                "UPDATE charges SET status = 'processing', attempts = 1, "
+                "lease_expires_at = now() - interval '1 s' WHERE id = :id"
+            ),
+            {"id": waiting[1].id},
+        )
+    assert relay_once().lease_expired == 1
+    r = client()
+    head = r.lindex(f"{NAMESPACE}:charges", 0).decode()
+    r.close()
+    assert head == charge(waiting[1].id).message_id  # not behind the whole backlog
