@@ -8,11 +8,13 @@ events is described in `payq.sim.server`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import socket
 import struct
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 from aiohttp import web
@@ -124,17 +126,74 @@ def _reset_connection(request: web.Request) -> web.StreamResponse:
 
 
 async def _wait_unless_dropped(request: web.Request, delay_s: float) -> bool:
-    """Sleep ``delay_s``; return False early if the client hung up meanwhile."""
+    """Sleep ``delay_s``; return False as soon as the client hangs up meanwhile.
+
+    "As soon as" matters: the request stops counting as in flight then, and a client
+    that gave up at its deadline may already have sent its next request. So the
+    socket is watched (`_watch_hang_up`) rather than polled; polling every
+    ``DROP_POLL_S`` remains where the event loop cannot watch a socket.
+    """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + delay_s
-    while True:
-        transport = request.transport
-        if transport is None or transport.is_closing():
-            return False
-        remaining_s = deadline - loop.time()
-        if remaining_s <= 0:
-            return True
-        await asyncio.sleep(min(remaining_s, DROP_POLL_S))
+    with _watch_hang_up(request) as hung_up:
+        while True:
+            transport = request.transport
+            if transport is None or transport.is_closing() or hung_up.done():
+                return False
+            remaining_s = deadline - loop.time()
+            if remaining_s <= 0:
+                return True
+            await asyncio.wait({hung_up}, timeout=min(remaining_s, DROP_POLL_S))
+
+
+@contextlib.contextmanager
+def _watch_hang_up(request: web.Request) -> Iterator[asyncio.Future[None]]:
+    """A future set the moment the client's end of the connection closes.
+
+    The request has been read whole and the answer is being held, so the client has
+    nothing more to send: the socket turns readable only when it closes. A duplicate of
+    the socket's descriptor is watched (the transport keeps its own) and peeked at, so
+    nothing is taken from the transport. Never set where that is not possible.
+    """
+    loop = asyncio.get_running_loop()
+    hung_up: asyncio.Future[None] = loop.create_future()
+    transport = request.transport
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    watcher: socket.socket | None = None
+    try:
+        if sock is not None:
+            watcher = socket.socket(fileno=os.dup(sock.fileno()))
+            watcher.setblocking(False)
+            fd = watcher.fileno()
+            loop.add_reader(fd, _peek_hang_up, watcher, hung_up, loop)
+    except (OSError, NotImplementedError, ValueError):
+        pass  # polling only
+    try:
+        yield hung_up
+    finally:
+        if watcher is not None:
+            with contextlib.suppress(OSError, NotImplementedError, ValueError):
+                loop.remove_reader(watcher.fileno())
+            watcher.close()
+        if not hung_up.done():
+            hung_up.cancel()
+
+
+def _peek_hang_up(
+    watcher: socket.socket, hung_up: asyncio.Future[None], loop: asyncio.AbstractEventLoop
+) -> None:
+    try:
+        data = watcher.recv(1, socket.MSG_PEEK)
+    except BlockingIOError:
+        return
+    except OSError:
+        data = b""  # reset
+    if data:  # the client sent something after all: stop watching, polling goes on
+        loop.remove_reader(watcher.fileno())
+        return
+    loop.remove_reader(watcher.fileno())
+    if not hung_up.done():
+        hung_up.set_result(None)
 
 
 async def _trickle(
@@ -390,6 +449,11 @@ async def _get_requests(request: web.Request) -> web.StreamResponse:
     return web.json_response([record.to_dict() for record in records])
 
 
+async def _get_request_log(request: web.Request) -> web.StreamResponse:
+    log = request.app[STATE_KEY].request_log()
+    return web.json_response([record.to_log_dict(key) for key, record in log])
+
+
 async def _forget_keys(request: web.Request) -> web.StreamResponse:
     return web.json_response({"forgotten": request.app[STATE_KEY].forget_keys()})
 
@@ -407,5 +471,6 @@ def build_app(state: SimulatorState) -> web.Application:
     app.router.add_get("/_faults", _get_faults)
     app.router.add_post("/_faults", _post_faults)
     app.router.add_get("/_requests", _get_requests)
+    app.router.add_get("/_requests/all", _get_request_log)
     app.router.add_post("/_keys/forget", _forget_keys)
     return app

@@ -89,7 +89,9 @@ class RequestRecord:
     """One ``POST /v1/charges`` as it reached the simulator (``GET /_requests``).
 
     ``status`` is None when the client got no complete answer (a reset, or it
-    hung up first); ``fault`` names the fault or script step that fired.
+    hung up first); ``fault`` names the fault or script step that fired. ``at`` and
+    ``ended_at`` are this process's ``time.time()``: arrival, and the moment the
+    simulator was done with the request (its answer written, or the connection gone).
     """
 
     at: float
@@ -97,10 +99,17 @@ class RequestRecord:
     fault: str | None = None
     retry_after_s: int | None = None
     replayed: bool = False
+    ended_at: float | None = None
 
     def to_dict(self) -> JSONObject:
-        """JSON-ready form."""
-        return dataclasses.asdict(self)
+        """JSON-ready form, as ``GET /_requests`` documents it (without ``ended_at``)."""
+        data = dataclasses.asdict(self)
+        del data["ended_at"]
+        return data
+
+    def to_log_dict(self, key: str) -> JSONObject:
+        """JSON-ready form for the whole log (``GET /_requests/all``): key and end time too."""
+        return {"idempotency_key": key, **dataclasses.asdict(self)}
 
 
 @dataclass(frozen=True)
@@ -131,6 +140,7 @@ class SimulatorState:
     _outcomes: dict[str, StoredOutcome]
     _new_charges_by_key: Counter[str]
     _log: dict[str, list[RequestRecord]]
+    _arrivals: list[tuple[str, RequestRecord]]
 
     def __init__(self, api_key: str, faults: Faults | None = None) -> None:
         if not api_key:
@@ -224,6 +234,7 @@ class SimulatorState:
             return None
         record = RequestRecord(at=time.time())
         self._log.setdefault(key, []).append(record)
+        self._arrivals.append((key, record))
         return record
 
     def end_request(self, record: RequestRecord | None, status: int | None) -> None:
@@ -233,10 +244,19 @@ class SimulatorState:
         self.by_status[label] = self.by_status.get(label, 0) + 1
         if record is not None:
             record.status = status
+            record.ended_at = time.time()
 
     def requests_for(self, key: str) -> list[RequestRecord]:
         """Every charge request with ``key``, in arrival order."""
         return list(self._log.get(key, []))
+
+    def request_log(self) -> list[tuple[str, RequestRecord]]:
+        """Every charge request with a key, ``(key, record)`` in arrival order.
+
+        The chaos run reads it once at the end to check Retry-After across all keys
+        and to count calls during an outage, instead of thousands of per-key calls.
+        """
+        return list(self._arrivals)
 
     # idempotency and charges
     @staticmethod
@@ -362,3 +382,4 @@ class SimulatorState:
         self._outcomes = {}
         self._new_charges_by_key = Counter()
         self._log = {}
+        self._arrivals = []
