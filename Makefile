@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: install demo test test-fast lint typecheck clean
+.PHONY: install demo chaos test test-fast lint typecheck clean
 
 install: $(STAMP)
 
@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/payq demo
+
+chaos: $(STAMP)
+	$(BIN)/payq chaos
 
 test: $(STAMP)
 	$(BIN)/pytest

@@ -1,7 +1,9 @@
-"""A whole payq system on this machine: provider simulator, one worker group, the relay.
+"""A whole payq system on this machine: provider simulator, worker groups, the relay.
 
-The demo and the incident drills both run one: supervised child processes (restarted
-if they die), the simulator on a free port with a fresh API key, logs in a folder.
+The demo, the incident drills and the chaos run use one: supervised child processes
+(restarted if they die), the simulator on a free port with a fresh API key, logs in a
+folder. The demo and the drills run one worker group; the chaos run several, so that
+killing one leaves the others serving.
 """
 
 from __future__ import annotations
@@ -30,12 +32,17 @@ class LocalSystem:
     sim_url: str
     api_key: str
     env: dict[str, str]
-    processes: int
-    threads: int
+    processes: int  # per worker group
+    threads: int  # per worker process
     sim: Supervised
-    worker: Supervised
+    workers: list[Supervised]  # one per worker group (a `payq worker` master each)
     relay: Supervised
     logs: dict[str, Path]
+
+    @property
+    def worker(self) -> Supervised:
+        """The first worker group (the only one, unless started with ``groups``)."""
+        return self.workers[0]
 
     def faults(self, **knobs: Any) -> None:
         httpx.post(f"{self.sim_url}/_faults", json=knobs, timeout=5).raise_for_status()
@@ -48,6 +55,13 @@ class LocalSystem:
         response = httpx.get(
             f"{self.sim_url}/_requests", params={"idempotency_key": key}, timeout=5
         )
+        data: list[dict[str, Any]] = response.json()
+        return data
+
+    def request_log(self) -> list[dict[str, Any]]:
+        """Every charge request the simulator received, all keys, in arrival order."""
+        response = httpx.get(f"{self.sim_url}/_requests/all", timeout=30)
+        response.raise_for_status()
         data: list[dict[str, Any]] = response.json()
         return data
 
@@ -65,13 +79,14 @@ class LocalSystem:
 
     def check(self) -> None:
         """Restart whatever died (the dramatiq master stops its group when a child dies)."""
-        for child in (self.sim, self.worker, self.relay):
+        for child in (self.sim, *self.workers, self.relay):
             child.check()
 
     def stop_workers(self) -> None:
         """Stop the relay and the workers, leaving the simulator up to be asked."""
         self.relay.stop()
-        self.worker.stop()
+        for worker in self.workers:
+            worker.stop()
 
 
 @contextlib.contextmanager
@@ -82,8 +97,13 @@ def start_local_system(
     processes: int,
     threads: int,
     env: Mapping[str, str] | None = None,
+    groups: int = 1,
 ) -> Iterator[LocalSystem]:
-    """Start it, return once the workers are ready; stop everything on the way out."""
+    """Start it, return once the workers are ready; stop everything on the way out.
+
+    ``groups`` worker groups of ``processes`` x ``threads`` each; the first logs to
+    ``logs["worker"]``, the others to ``logs["worker-2"]``, ``logs["worker-3"]``, ...
+    """
     port = free_port()
     sim_url = f"http://127.0.0.1:{port}"
     api_key = "sk_local_" + uuid.uuid4().hex
@@ -93,7 +113,11 @@ def start_local_system(
         "PAYMENT_PROVIDER_URL": sim_url,
         "PAYMENT_PROVIDER_API_KEY": api_key,
     }
-    logs = {name: workdir / f"{name}.log" for name in ("provider-sim", "worker", "relay")}
+    if groups < 1:
+        raise ValueError(f"groups must be at least 1, got {groups}")
+    group_names = ["worker", *(f"worker-{n}" for n in range(2, groups + 1))]
+    names = ("provider-sim", *group_names, "relay")
+    logs = {name: workdir / f"{name}.log" for name in names}
     for path in logs.values():
         path.write_bytes(b"")
     worker_argv = ["worker", "--processes", str(processes), "--threads", str(threads)]
@@ -109,16 +133,18 @@ def start_local_system(
             child_env,
             logs["provider-sim"],
         ),
-        worker=Supervised("worker", worker_argv, child_env, logs["worker"]),
+        workers=[Supervised(name, worker_argv, child_env, logs[name]) for name in group_names],
         relay=Supervised("relay", ["relay"], child_env, logs["relay"]),
         logs=logs,
     )
     try:
         system.sim.start()
         wait_for_http(f"{sim_url}/_stats")
-        system.worker.start()
+        for worker in system.workers:
+            worker.start()
         system.relay.start()
-        wait_for_log(logs["worker"], "ready for action", count=processes)
+        for name in group_names:
+            wait_for_log(logs[name], "ready for action", count=processes)
         yield system
     finally:
         system.stop_workers()
