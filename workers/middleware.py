@@ -2,11 +2,13 @@
 
 ``WorkerReport`` runs one background thread per worker process. Every few seconds it
 writes the process's figures to Redis (what ``payq status`` shows, and what
-``payq health`` judges pools by); every ``HEALTH_CHECK_INTERVAL_S`` it runs the health
-checks (the fleet-wide ones in one process of the fleet at a time), logs a snapshot,
-and raises an alert (a WARNING/ERROR line, and a Sentry event when Sentry is on)
-when a pool stays busier than ``HEALTH_POOL_UTILIZATION`` for a whole interval, the
-error rate crosses ``HEALTH_ERROR_RATE``, or the dead-letter count grows.
+``payq health`` judges pools by) and sets the breaker-state and fleet-slot gauges;
+every ``HEALTH_CHECK_INTERVAL_S`` it runs the health checks (the fleet-wide ones in
+one process of the fleet at a time), logs a snapshot, and raises an alert (a
+WARNING/ERROR line, and a Sentry event when Sentry is on) when a pool stays busier
+than ``HEALTH_POOL_UTILIZATION`` for a whole interval, the error rate crosses
+``HEALTH_ERROR_RATE``, or the dead-letter count grows. The breaker raises its own
+alert when it opens (``payq.breaker``), so the health loop does not alert for it again.
 """
 
 from __future__ import annotations
@@ -19,13 +21,16 @@ import threading
 import time
 from typing import Any
 
+import redis
 from dramatiq.middleware import Middleware
 from sqlalchemy import Engine
 
 from payq import db, metrics
+from payq.breaker import BreakerState
 from payq.broker import get_broker
 from payq.constants import redis_key
 from payq.errors import ConfigError
+from payq.gate import get_gate
 from payq.ops.health import Level, run_checks, worst
 from payq.ops.status import dead_count
 from payq.provider import ProviderClient, get_provider
@@ -36,6 +41,8 @@ __all__ = ["PoolGuard", "WorkerReport"]
 
 log = logging.getLogger("payq.worker")
 REPORT_INTERVAL_S = 5.0
+#: ``payq_breaker_state``'s values, as its help text says.
+BREAKER_GAUGE = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
 
 
 class PoolGuard(Middleware):
@@ -117,6 +124,7 @@ class WorkerReport(Middleware):
             "http_size": provider.pool_size,
             "db_in_use": int(pool.checkedout()),
             "db_size": int(pool.size()),
+            "deferred": _deferrals(),
             "started_at": self._started,
             "reported_at": time.time(),
         }
@@ -130,6 +138,7 @@ class WorkerReport(Middleware):
                     self._key, json.dumps(figures), ex=int(REPORT_INTERVAL_S * 3)
                 )
                 self._watch_pools(figures)
+                self._watch_gate()
                 if time.monotonic() >= next_health:
                     next_health = time.monotonic() + self.settings.health_check_interval_s
                     self._health()
@@ -162,6 +171,23 @@ class WorkerReport(Middleware):
             )
             self._hot_since = now
 
+    def _watch_gate(self) -> None:
+        """The breaker and fleet gauges: two short Redis scripts every report.
+
+        Set by every process (the gauges keep the most recent value), so they stay
+        current while any worker lives. If Redis does not answer they keep their last
+        value, and the report goes on: the health checks say Redis is down.
+        """
+        gate = get_gate()
+        try:
+            state = gate.breaker.snapshot().state
+            in_use = gate.fleet.in_use()
+        except redis.RedisError as exc:
+            log.warning("breaker and fleet gauges not updated (%s)", type(exc).__name__)
+            return
+        metrics.BREAKER_STATE.set(BREAKER_GAUGE[state])
+        metrics.FLEET_SLOTS_IN_USE.set(in_use)
+
     def _health(self) -> None:
         client = get_broker().client
         leader = client.set(
@@ -187,12 +213,15 @@ class WorkerReport(Middleware):
             overall.name.lower(),
             "; ".join(
                 f"{c.name} {c.level.name.lower()}"
-                + ("" if c.level is Level.OK else f" ({c.detail})")
+                # The breaker's line is its state and window: worth reading even when ok.
+                + ("" if c.level is Level.OK and c.name != "breaker" else f" ({c.detail})")
                 for c in checks
             ),
             extra={"checks": {c.name: c.level.name.lower() for c in checks}},
         )
         for check in checks:
+            if check.name == "breaker":
+                continue  # it alerted itself when it opened (payq.breaker)
             if check.level is not Level.OK and check.name not in self._failing:
                 level = logging.ERROR if check.level is Level.DOWN else logging.WARNING
                 _alert(f"{check.name} {check.level.name.lower()}: {check.detail}", level,
@@ -202,3 +231,13 @@ class WorkerReport(Middleware):
             c.name for c in checks if c.level is not Level.OK and c.name != "dead_letters"
         }
         metrics.DEAD_LETTERS.set(dead_count(self._health_engine))
+
+
+def _deferrals() -> dict[str, int]:
+    """This process's ``payq_deferrals_total`` by cause, for its report to ``payq status``."""
+    counts: dict[str, int] = {}
+    for family in metrics.DEFERRALS.collect():
+        for sample in family.samples:
+            if sample.name.endswith("_total") and sample.value:
+                counts[sample.labels["cause"]] = int(sample.value)
+    return counts

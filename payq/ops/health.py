@@ -2,6 +2,10 @@
 
 Each check says ``ok``, ``degraded`` or ``down`` with a line of detail; the worst
 one decides the exit code of ``payq health`` (0, 1, 2).
+
+The breaker and the fleet limit come from the process's gate (``get_gate()``), the
+same objects its charge threads use: in a worker the health lookup's slot is renewed
+by the thread that renews theirs.
 """
 
 from __future__ import annotations
@@ -12,12 +16,22 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 
+import redis
 from sqlalchemy import Engine, text
 
+from payq.breaker import BreakerState
 from payq.broker import get_broker
 from payq.db import transaction
 from payq.errors import AuthenticationFailed, ConfigError, ProviderError, RetryableProviderError
-from payq.ops.status import attempt_stats, dead_count, worker_reports
+from payq.fleet import FleetLimit, SlotRefused
+from payq.gate import ProviderGate, get_gate
+from payq.ops.status import (
+    attempt_stats,
+    breaker_figures,
+    dead_count,
+    describe_breaker,
+    worker_reports,
+)
 from payq.provider import ProviderClient, get_provider
 from payq.settings import Settings
 
@@ -66,7 +80,46 @@ def check_postgres(engine: Engine | None = None) -> Check:
     return _timed("postgres", probe)
 
 
-def check_provider(client: ProviderClient | None = None) -> Check:
+def check_provider(client: ProviderClient | None = None, fleet: FleetLimit | None = None) -> Check:
+    """Look a random key up at the provider: it answers and accepts our API key; no charge.
+
+    The lookup is a provider call like any other, so it holds a fleet slot: otherwise
+    every worker's check and every ``payq health`` probe would call on top of a fleet
+    already at ``PAYMENT_MAX_CONCURRENCY``, which is when the provider is busiest.
+
+    - No slot free: not probed, and OK. Every slot is held by a call to the provider
+      right now; whether those calls go well is what the breaker and error_rate checks
+      judge, and waiting here for a slot would hold the probe for nothing.
+    - Slots being registered (a new or emptied Redis, a grace of a few seconds): not
+      probed, OK: nothing is wrong, and charges wait out the same grace.
+    - Redis does not answer: not probed, DEGRADED. A call without a slot could be the
+      one over the limit, and the redis check already says DOWN; this line says why the
+      provider is unknown rather than claim it is fine.
+    """
+    fleet = fleet or get_gate().fleet
+    try:
+        got = fleet.try_acquire()
+    except redis.RedisError as exc:
+        return Check(
+            "provider",
+            Level.DEGRADED,
+            f"not probed: Redis (the fleet limit) did not answer ({type(exc).__name__})",
+        )
+    if isinstance(got, SlotRefused):
+        if got.starting:
+            why = (
+                f"fleet slots are being registered (a new or emptied Redis), {got.wait_ms} ms more"
+            )
+        else:
+            why = f"all {got.limit} fleet slots busy (the provider is being called)"
+        return Check("provider", Level.OK, f"not probed: {why}")
+    try:
+        return _lookup(client)
+    finally:
+        fleet.release(got)
+
+
+def _lookup(client: ProviderClient | None) -> Check:
     started = time.monotonic()
     try:
         found = (client or get_provider()).find_charge(f"payq-health-{uuid.uuid4().hex}")
@@ -85,8 +138,29 @@ def check_provider(client: ProviderClient | None = None) -> Check:
     return Check("provider", Level.OK, f"{detail} in {ms:.0f} ms")
 
 
-def check_breaker() -> Check:
-    return Check("breaker", Level.OK, "no fleet breaker yet: it arrives with the resilience work")
+def check_breaker(gate: ProviderGate | None = None) -> Check:
+    """OK while closed; DEGRADED while open or half-open, saying until when and why.
+
+    Never DOWN: an open breaker is the system protecting itself and the provider.
+    Charges wait as delayed messages using no attempt, and nothing is lost; a probe
+    that restarted or removed workers for it would only add to the trouble. The
+    breaker alerts on its own when it opens; this check is what a probe and the
+    workers' health snapshot see while it stays open.
+    """
+    try:
+        figures = breaker_figures((gate or get_gate()).breaker)
+    except redis.RedisError as exc:
+        return Check(
+            "breaker",
+            Level.DEGRADED,
+            f"state unknown: Redis did not answer ({type(exc).__name__}); charges wait for it",
+        )
+    detail = describe_breaker(figures)
+    if figures["state"] == BreakerState.OPEN:
+        return Check("breaker", Level.DEGRADED, f"{detail}; charges are deferred, using no attempt")
+    if figures["state"] == BreakerState.HALF_OPEN:
+        return Check("breaker", Level.DEGRADED, f"{detail}; charges beyond its probes are deferred")
+    return Check("breaker", Level.OK, detail)
 
 
 def check_error_rate(settings: Settings, engine: Engine | None = None) -> Check:
@@ -143,13 +217,15 @@ def run_checks(
     provider: bool = True,
     engine: Engine | None = None,
     client: ProviderClient | None = None,
+    gate: ProviderGate | None = None,
 ) -> list[Check]:
     """Every check; ``engine`` and ``client`` let a worker check with connections of its own
-    rather than borrow from the pools its charge threads need."""
+    rather than borrow from the pools its charge threads need. ``gate`` defaults to the
+    process's own (``get_gate()``)."""
     checks = [check_redis(), check_postgres(engine)]
     if provider:
-        checks.append(check_provider(client))
-    checks.append(check_breaker())
+        checks.append(check_provider(client, gate.fleet if gate else None))
+    checks.append(check_breaker(gate))
     if checks[0].level is Level.OK and checks[1].level is Level.OK:
         fleet_checks: list[Callable[[], Check]] = [
             lambda: check_error_rate(settings, engine),

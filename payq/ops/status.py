@@ -1,8 +1,10 @@
 """``payq status``: what the system is doing now, from PostgreSQL and Redis.
 
 Queue depths, charges by status, provider success rate and latency over the last 5
-and 60 minutes, errors by class, and each live worker's own report (workers write
-one to Redis every few seconds: threads busy, HTTP and database pools in use).
+and 60 minutes, errors by class, the fleet's circuit breaker and how many of the
+``PAYMENT_MAX_CONCURRENCY`` slots are held, and each live worker's own report
+(workers write one to Redis every few seconds: threads busy, HTTP and database pools
+in use, charges deferred by cause).
 """
 
 from __future__ import annotations
@@ -15,16 +17,20 @@ from typing import Any
 
 from sqlalchemy import Engine, func, select, text
 
+from payq.breaker import BreakerState, FleetBreaker
 from payq.broker import get_broker
 from payq.constants import QUEUE_NAME, ChargeStatus, redis_key
 from payq.db import transaction
+from payq.gate import ProviderGate
 from payq.models import charges
 from payq.settings import Settings, get_settings
 
 __all__ = [
     "AttemptStats",
     "attempt_stats",
+    "breaker_figures",
     "dead_count",
+    "describe_breaker",
     "render",
     "snapshot",
     "worker_reports",
@@ -98,10 +104,50 @@ def worker_reports() -> list[dict[str, Any]]:
     return sorted(reports, key=lambda r: (r["host"], r["group"], r["pid"]))
 
 
+def breaker_figures(breaker: FleetBreaker) -> dict[str, Any]:
+    """The breaker's snapshot as ``status --json`` carries it, with its window's length and,
+    while open, the wall-clock moment it may half-open (so a saved snapshot still says when)."""
+    snap = breaker.snapshot()
+    figures = snap.as_dict()
+    figures["window_s"] = breaker.settings.breaker_window_s
+    figures["open_until"] = (
+        (dt.datetime.now(dt.UTC) + dt.timedelta(milliseconds=snap.open_for_ms)).isoformat(
+            timespec="seconds"
+        )
+        if snap.state is BreakerState.OPEN
+        else None
+    )
+    return figures
+
+
+def describe_breaker(b: dict[str, Any]) -> str:
+    """One line for people, shared by ``payq status`` and the health check."""
+    w = b["window"]
+    times = "time" if b["opened"] == 1 else "times"
+    window = (
+        f"{b['window_s']} s window: {w['calls']} calls, {w['failures']} failed, {w['slow']} slow"
+    )
+    history = f"opened {b['opened']} {times}; {window}"
+    if b["state"] == BreakerState.OPEN:
+        if b["open_for_s"] <= 0:  # it half-opens when the next charge asks
+            over = "BREAKER_OPEN_S over: half-opens at the next charge"
+            return f"open ({over}): {b['reason']} ({history})"
+        until = b["open_until"][11:19] + " UTC" if b.get("open_until") else "?"
+        return f"open until {until} ({b['open_for_s']:.1f} s more): {b['reason']} ({history})"
+    if b["state"] == BreakerState.HALF_OPEN:
+        return f"half-open for {b['changed_ago_s']:.1f} s: {b['reason']} ({history})"
+    if b["opened"] and b["changed_ago_s"] is not None:
+        return f"closed {b['changed_ago_s']:.0f} s ago: {b['reason']} ({history})"
+    return f"closed ({window})"
+
+
 def snapshot(settings: Settings | None = None) -> dict[str, Any]:
     settings = settings or get_settings()
     broker = get_broker()
     ns, client = broker.namespace, broker.client
+    # Built here rather than taken from get_gate(): reading needs no renewal thread, and
+    # this follows the settings given (the same namespace and limit as the workers').
+    gate = ProviderGate.from_settings(client, settings)
     with client.pipeline(transaction=False) as pipe:
         pipe.llen(f"{ns}:{QUEUE_NAME}")
         pipe.hlen(f"{ns}:{QUEUE_NAME}.DQ.msgs")
@@ -112,6 +158,10 @@ def snapshot(settings: Settings | None = None) -> dict[str, Any]:
             conn.execute(select(charges.c.status, func.count()).group_by(charges.c.status)).all()
         )
     workers = worker_reports()
+    deferrals: dict[str, int] = {}
+    for w in workers:
+        for cause, n in w.get("deferred", {}).items():
+            deferrals[cause] = deferrals.get(cause, 0) + n
     return {
         "at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "queues": {"ready": ready, "delayed": delayed, "broker_dead_letters": broker_dead},
@@ -121,14 +171,14 @@ def snapshot(settings: Settings | None = None) -> dict[str, Any]:
             "last_5_min": asdict(attempt_stats(5)),
             "last_60_min": asdict(attempt_stats(60)),
         },
-        "breaker": {
-            "state": "none",
-            "detail": "the fleet breaker arrives with the resilience work",
-        },
+        "breaker": breaker_figures(gate.breaker),
         "fleet": {
-            "provider_calls_in_flight": sum(w["http_in_use"] for w in workers),
+            "slots_in_use": gate.fleet.in_use(),
             "max_concurrency": settings.payment_max_concurrency,
+            "provider_calls_in_flight": sum(w["http_in_use"] for w in workers),
         },
+        # Summed over the live workers' reports: since each process started.
+        "deferrals": dict(sorted(deferrals.items(), key=lambda kv: -kv[1])),
         "workers": workers,
     }
 
@@ -158,11 +208,18 @@ def render(snap: dict[str, Any]) -> str:
     lines.append(
         "errors     (60 min) " + (" · ".join(f"{k} {v}" for k, v in errors.items()) or "none")
     )
-    lines.append(f"breaker    {snap['breaker']['state']}: {snap['breaker']['detail']}")
+    lines.append(f"breaker    {describe_breaker(snap['breaker'])}")
     fleet = snap["fleet"]
     lines.append(
-        f"fleet      {fleet['provider_calls_in_flight']} provider calls in flight "
-        f"(PAYMENT_MAX_CONCURRENCY {fleet['max_concurrency']})"
+        f"fleet      {fleet['slots_in_use']} of {fleet['max_concurrency']} slots in use "
+        f"(PAYMENT_MAX_CONCURRENCY); {fleet['provider_calls_in_flight']} provider calls in "
+        "flight reported by workers"
+    )
+    deferrals = snap["deferrals"]
+    lines.append(
+        "deferred   "
+        + (" · ".join(f"{k} {v}" for k, v in deferrals.items()) or "none")
+        + " (charges sent again for later, no attempt used; live workers, since they started)"
     )
     workers = snap["workers"]
     if not workers:

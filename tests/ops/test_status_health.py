@@ -6,6 +6,7 @@ import json
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -13,16 +14,20 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 
+from payq.breaker import BreakerState, CallOutcome, FleetBreaker
 from payq.devservices import free_port
-from payq.ops.health import Level, run_checks, worst
+from payq.fleet import FleetLimit
+from payq.gate import ProviderGate
+from payq.ops.health import Check, Level, check_breaker, check_provider, run_checks, worst
 from payq.ops.status import snapshot
 from payq.processing import process_charge
 from payq.provider import ProviderClient
 from payq.settings import load_settings
 from payq.sim import SimulatorThread
 from producers import enqueue_charges
-from tests.conftest import API_KEY, TEST_ENV
+from tests.conftest import API_KEY, NAMESPACE, REDIS_URL, TEST_ENV
 from tests.helpers import Sim, statuses, wait_until
 from tests.processes import PayqProcess
 
@@ -33,6 +38,40 @@ pytestmark = pytest.mark.usefixtures("clean")
 def sim() -> Iterator[Sim]:
     with SimulatorThread(api_key=API_KEY) as thread:
         yield Sim(thread.url)
+
+
+@pytest.fixture
+def client() -> Iterator[redis.Redis]:
+    """A connection of the test's own, standing for another worker process of the fleet."""
+    conn = redis.Redis.from_url(REDIS_URL)
+    yield conn
+    conn.close()
+
+
+class Slots:
+    """Fleet slots the test holds, as a busy worker process would."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.limit = FleetLimit(client, NAMESPACE, limit=20, lease_s=5)
+        self.tokens: list[str] = []
+
+    def take(self, n: int) -> None:
+        for _ in range(n):
+            token = self.limit.try_acquire()
+            assert isinstance(token, str), token
+            self.tokens.append(token)
+
+    def free(self, n: int) -> None:
+        for _ in range(n):
+            self.limit.release(self.tokens.pop())
+
+
+@pytest.fixture
+def held_slots(client: redis.Redis) -> Iterator[Slots]:
+    slots = Slots(client)
+    yield slots
+    slots.free(len(slots.tokens))  # nothing left for the renewer to put back
+    slots.limit.stop_renewing()
 
 
 def listening_addresses(port: int) -> set[str]:
@@ -137,8 +176,126 @@ def test_workers_report_alert_and_serve_metrics_without_leaking_the_key(sim: Sim
         assert listening_addresses(port) == {"127.0.0.1"}  # not 0.0.0.0, Dramatiq's default
         log_text = worker.output()
     assert 'payq_charges_total{outcome="dead"} 6.0' in body
+    assert "payq_breaker_state 0.0" in body  # 12 failed calls: under BREAKER_MIN_CALLS
+    assert "payq_fleet_slots_in_use " in body
     assert "dramatiq_messages_total" in body
     assert 'payq_provider_attempts_total{error_class="provider_unavailable"} 12.0' in body
     lines = [line for line in log_text.splitlines() if line.startswith("{")]
     assert len(lines) > 10 and all("level" in json.loads(line) for line in lines)
     assert API_KEY not in log_text
+
+
+def test_status_and_health_show_an_open_breaker_and_the_fleet_slots_in_use(
+    client: redis.Redis, held_slots: Slots
+) -> None:
+    pinned = {"BREAKER_WINDOW_S": "30", "BREAKER_MIN_CALLS": "20", "BREAKER_FAILURE_RATE": "0.5"}
+    settings = load_settings(breaker_window_s=30, breaker_min_calls=20, breaker_failure_rate=0.5)
+    breaker = FleetBreaker(client, NAMESPACE, settings)
+    for _ in range(2):
+        breaker.record(CallOutcome.SUCCESS, 40, probe=False)
+    for _ in range(settings.breaker_min_calls):
+        breaker.record(CallOutcome.FAILURE, 1500, probe=False)
+    assert breaker.snapshot().state is BreakerState.OPEN
+    held_slots.take(3)
+
+    out = cli("status", **pinned)
+    assert out.returncode == 0, out.stderr
+    [line] = [x for x in out.stdout.splitlines() if x.startswith("breaker ")]
+    assert "open until " in line and "s more): 18 of 20 calls failed in 30 s" in line
+    assert "(opened 1 time; 30 s window: 22 calls, 20 failed, 0 slow)" in line
+    assert "fleet      3 of 20 slots in use (PAYMENT_MAX_CONCURRENCY)" in out.stdout
+    snap = json.loads(cli("status", "--json", **pinned).stdout)
+    assert snap["breaker"]["state"] == "open" and snap["breaker"]["opened"] == 1
+    assert snap["breaker"]["reason"] == "18 of 20 calls failed in 30 s"
+    assert snap["breaker"]["window"] == {"calls": 22, "failures": 20, "slow": 0}
+    assert snap["fleet"]["slots_in_use"] == 3 and snap["fleet"]["max_concurrency"] == 20
+
+    health = cli("health", "--no-provider", **pinned)
+    assert health.returncode == 1, health.stdout + health.stderr  # degraded, not down
+    [line] = [x for x in health.stdout.splitlines() if x.split()[1:2] == ["breaker"]]
+    assert line.startswith("degraded") and "18 of 20 calls failed in 30 s" in line
+    assert "charges are deferred, using no attempt" in line
+    assert health.stdout.splitlines()[-1] == "degraded"
+
+
+def test_the_breaker_check_follows_the_breaker_through_open_half_open_and_closed(
+    client: redis.Redis,
+) -> None:
+    settings = load_settings(
+        breaker_window_s=30,
+        breaker_min_calls=4,
+        breaker_failure_rate=0.5,
+        breaker_open_s=1,
+        breaker_half_open_probes=1,
+    )
+    gate = ProviderGate.from_settings(client, settings)
+    gate.breaker.record(CallOutcome.SUCCESS, 40, probe=False)
+    closed = check_breaker(gate)
+    assert closed == Check("breaker", Level.OK, "closed (30 s window: 1 calls, 0 failed, 0 slow)")
+    for _ in range(3):
+        gate.breaker.record(CallOutcome.FAILURE, 40, probe=False)
+    opened = check_breaker(gate)
+    assert opened.level is Level.DEGRADED
+    assert (
+        opened.detail.startswith("open until ") and "3 of 4 calls failed in 30 s" in opened.detail
+    )
+    time.sleep(1.1)
+    over = check_breaker(gate)  # BREAKER_OPEN_S is over, but no charge has asked yet
+    assert over.level is Level.DEGRADED
+    assert over.detail.startswith("open (BREAKER_OPEN_S over: half-opens at the next charge)")
+    admission = gate.breaker.admit()  # the next charge after BREAKER_OPEN_S: a probe
+    assert admission.probe
+    half_open = check_breaker(gate)
+    assert half_open.level is Level.DEGRADED
+    assert half_open.detail.startswith("half-open for ")
+    assert "charges beyond its probes are deferred" in half_open.detail
+    gate.breaker.record(CallOutcome.SUCCESS, 40, probe=True)
+    again = check_breaker(gate)
+    assert again.level is Level.OK
+    assert again.detail.startswith("closed 0 s ago: 1 probes succeeded (opened 1 time; ")
+
+
+def test_the_provider_check_holds_a_fleet_slot_and_never_calls_over_the_limit(
+    sim: Sim, client: redis.Redis, held_slots: Slots
+) -> None:
+    settings = load_settings(payment_provider_url=sim.url)
+    gate = ProviderGate.from_settings(client, settings)
+    held_slots.take(settings.payment_max_concurrency)
+    with ProviderClient(settings) as provider:
+        before = sim.stats()["requests"]
+        full = check_provider(provider, gate.fleet)
+        assert full == Check(
+            "provider",
+            Level.OK,
+            "not probed: all 20 fleet slots busy (the provider is being called)",
+        )
+        assert sim.stats()["requests"] == before  # the provider was not called
+        assert run_checks(settings, client=provider, gate=gate)[2] == full
+
+        held_slots.free(1)  # one slot free: the check takes it
+        sim.faults(latency_ms=600)
+        checked: list[Check] = []
+        probe = threading.Thread(
+            target=lambda: checked.append(check_provider(provider, gate.fleet))
+        )
+        probe.start()
+        wait_until(lambda: gate.fleet.in_use() == 20, 5, "the check to hold the free slot")
+        probe.join(5)
+        [done] = checked
+        assert done.level is Level.OK and done.detail.startswith("answered a lookup in ")
+        assert sim.stats()["requests"] == before + 1
+        assert gate.fleet.in_use() == 19  # given back at once
+
+        # Redis (the fleet limit) does not answer: no call without a slot.
+        gone = redis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0")
+        blind = ProviderGate.from_settings(gone, settings)
+        no_redis = check_provider(provider, blind.fleet)
+        assert no_redis == Check(
+            "provider",
+            Level.DEGRADED,
+            "not probed: Redis (the fleet limit) did not answer (ConnectionError)",
+        )
+        assert sim.stats()["requests"] == before + 1
+        unknown = check_breaker(blind)
+        assert unknown.level is Level.DEGRADED and unknown.detail.startswith("state unknown")
+        gone.close()
