@@ -18,7 +18,7 @@ from payq.gate import get_gate
 from payq.logs import configure_logging
 from payq.sentry import init_sentry, tag_charge
 from payq.settings import get_settings
-from workers.middleware import PoolGuard, WorkerReport
+from workers.middleware import DrainOnce, PoolGuard, WorkerReport
 
 __all__ = ["broker", "process_charge"]
 
@@ -35,6 +35,7 @@ init_sentry(settings, component="worker")  # before the broker: it patches Broke
 broker = get_broker()
 broker.add_middleware(CurrentMessage())
 broker.add_middleware(PoolGuard(settings))
+broker.add_middleware(DrainOnce())
 broker.add_middleware(WorkerReport(settings))
 try:
     # Join the fleet's slot accounting at boot, not at the first charge: on a new (or

@@ -164,18 +164,6 @@ def test_sigterm_finishes_calls_in_flight_and_loses_nothing_prefetched(
         assert requests[-1]["status"] == 200 and all(r["replayed"] for r in requests[1:])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "each worker process gets SIGTERM twice (from the group's signal and from the "
-        "dramatiq master), and Dramatiq takes the second as 'kill now' (unless the two "
-        "happen to arrive together): the calls are cut and the "
-        "prefetched messages stay with the dead worker until the relay's dead-worker pass. "
-        "systemd's default KillMode=control-group and payq.ops.supervise.Supervised.stop "
-        "signal the whole group; the fix belongs in workers/ (a repeated SIGTERM is the "
-        "same request) or in whoever signals (the master only)."
-    ),
-)
 def test_sigterm_to_the_whole_process_group_drains_too(sim: Sim) -> None:
     sim.faults(latency_ms=1500)
     ids = enqueue(CHARGES, "drain-group")
