@@ -252,7 +252,9 @@ def test_the_breaker_check_follows_the_breaker_through_open_half_open_and_closed
     gate.breaker.record(CallOutcome.SUCCESS, 40, probe=True)
     again = check_breaker(gate)
     assert again.level is Level.OK
-    assert again.detail.startswith("closed 0 s ago: 1 probes succeeded (opened 1 time; ")
+    assert again.detail.startswith(
+        "closed 0 s ago: 1 of 1 half-open probes succeeded (opened 1 time; "
+    )
 
 
 def test_the_provider_check_holds_a_fleet_slot_and_never_calls_over_the_limit(
