@@ -19,8 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import redis
 from sqlalchemy import Engine, func, select, text
 
+from payq.breaker import BreakerState, FleetBreaker
 from payq.db import make_engine
 from payq.devservices import (
     DevServiceError,
@@ -121,7 +123,10 @@ def _run(env: _Env, total: int, workdir: Path, run: str) -> int:
         started = time.monotonic()
         _enqueue(settings, total, run)
         _say(f"· enqueued {total} charges in {time.monotonic() - started:.1f} s")
-        finished = _watch(engine, run, total, system, started)
+        client = redis.Redis.from_url(settings.redis_url)
+        breaker = FleetBreaker(client, settings.payq_namespace, settings)
+        finished = _watch(engine, run, total, system, started, breaker)
+        client.close()
         elapsed = time.monotonic() - started
         system.stop_workers()
         stats = system.stats()
@@ -165,9 +170,17 @@ def _counts(engine: Engine, run: str) -> dict[str, int]:
         return {status: n for status, n in rows}
 
 
-def _watch(engine: Engine, run: str, total: int, system: LocalSystem, started: float) -> bool:
+def _watch(
+    engine: Engine,
+    run: str,
+    total: int,
+    system: LocalSystem,
+    started: float,
+    breaker: FleetBreaker,
+) -> bool:
     outage_done = False
     deadline = started + 240
+    breaker_state = BreakerState.CLOSED
     while time.monotonic() < deadline:
         system.check()
         counts = _counts(engine, run)
@@ -176,6 +189,13 @@ def _watch(engine: Engine, run: str, total: int, system: LocalSystem, started: f
             system.faults(outage_s=OUTAGE_S)
             _say(f"· provider outage for {OUTAGE_S} s: every call fails; charges wait and retry")
             outage_done = True
+        snap = breaker.snapshot()
+        if snap.state is not breaker_state:
+            breaker_state = snap.state
+            _say(f"· circuit breaker {snap.state.value.replace('_', '-')}: {snap.reason}" + (
+                "; charges are deferred (no attempt used) until it may half-open"
+                if snap.state is BreakerState.OPEN else ""
+            ))  # fmt: skip
         stats = system.stats()
         line = " · ".join(
             f"{s} {counts.get(s, 0)}"
