@@ -175,6 +175,19 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from payq.web.server import serve
+
+    serve(_settings(), host=args.host, port=args.port)
+    return 0
+
+
+def _port(text: str) -> int:
+    if not (text.isascii() and text.isdigit() and 1 <= int(text) <= 65535):
+        raise argparse.ArgumentTypeError(f"expected a TCP port 1-65535, got {text!r}")
+    return int(text)
+
+
 def cmd_provider_sim(args: argparse.Namespace) -> int:
     from payq.sim.server import serve_from_args
 
@@ -259,6 +272,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--description")
     p.add_argument("--metadata", action="append", metavar="KEY=VALUE", type=_key_value)
     p.set_defaults(func=cmd_enqueue)
+
+    p = sub.add_parser(
+        "serve", help="the HTTP intake: POST /v1/charges, GET /healthz, /metrics (uvicorn)"
+    )
+    p.add_argument("--host", help="address to bind (default SERVE_HOST, 127.0.0.1)")
+    p.add_argument("--port", type=_port, help="port (default SERVE_PORT, 8000)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("provider-sim", help="run the payment provider simulator")
     from payq.sim.faults import add_cli_arguments

@@ -19,7 +19,19 @@ from payq.errors import ConfigError
 __all__ = ["Settings", "get_settings", "load_settings"]
 
 # Values of these variables never appear in an error message: they may hold secrets.
-_SECRET_FIELDS = frozenset({"payment_provider_api_key", "sentry_dsn", "database_url", "redis_url"})
+_SECRET_FIELDS = frozenset(
+    {
+        "payment_provider_api_key",
+        "sentry_dsn",
+        "database_url",
+        "redis_url",
+        "payq_api_tokens",
+        "payq_operator_tokens",
+    }
+)
+# A bearer token of the HTTP intake: long enough that guessing is hopeless, and no
+# character that a header, a comma-separated list or a shell would mangle.
+_API_TOKEN = re.compile(r"[\x21-\x2b\x2d-\x7e]{16,512}")
 
 
 class Settings(BaseSettings):
@@ -91,6 +103,15 @@ class Settings(BaseSettings):
     log_format: Literal["console", "json"] = "console"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
+    # HTTP intake (`payq serve`). Tokens are comma-separated lists, so that a new token
+    # can be added before the old one is removed.
+    payq_api_tokens: SecretStr | None = None
+    payq_operator_tokens: SecretStr | None = None
+    serve_host: str = Field("127.0.0.1", min_length=1)
+    serve_port: int = Field(8000, ge=1, le=65535)
+    serve_max_body_bytes: int = Field(32_768, ge=1024, le=10_485_760)
+    serve_rate_limit_per_s: int = Field(100, ge=1, le=100_000)
+
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
         if self.payment_connect_timeout_ms > self.payment_timeout_ms:
@@ -117,7 +138,31 @@ class Settings(BaseSettings):
                 "PAYMENT_PROVIDER_API_KEY: contains a space, newline or other control "
                 "character (a secret file's trailing newline?); set the bare key"
             )
+        for name, tokens in (
+            ("PAYQ_API_TOKENS", self.intake_tokens),
+            ("PAYQ_OPERATOR_TOKENS", self.operator_tokens),
+        ):
+            if not all(_API_TOKEN.fullmatch(token) for token in tokens):
+                raise ValueError(
+                    f"{name}: each token must be 16-512 printable characters without spaces "
+                    "or commas (tokens are separated by commas)"
+                )
+        if set(self.intake_tokens) & set(self.operator_tokens):
+            raise ValueError(
+                "PAYQ_OPERATOR_TOKENS: shares a token with PAYQ_API_TOKENS; operators need "
+                "tokens of their own"
+            )
         return self
+
+    @property
+    def intake_tokens(self) -> tuple[str, ...]:
+        """The bearer tokens web apps enqueue with (``PAYQ_API_TOKENS``)."""
+        return _split_tokens(self.payq_api_tokens)
+
+    @property
+    def operator_tokens(self) -> tuple[str, ...]:
+        """The bearer tokens of the ops routes (``PAYQ_OPERATOR_TOKENS``)."""
+        return _split_tokens(self.payq_operator_tokens)
 
     @property
     def attempt_worst_case_ms(self) -> int:
@@ -146,6 +191,12 @@ class Settings(BaseSettings):
                 "thread may hold one connection of each pool, so lower the threads (--threads, "
                 "WORKER_THREADS) or raise the pool"
             )
+
+
+def _split_tokens(value: SecretStr | None) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    return tuple(t.strip() for t in value.get_secret_value().split(",") if t.strip())
 
 
 _PATTERN_HINTS = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Connection, event, select
@@ -21,7 +22,13 @@ from payq.models import Charge, charges
 from payq.settings import get_settings
 from payq.validation import ChargeRequest, validate_charge
 
-__all__ = ["enqueue_charge", "enqueue_charges", "get_charge"]
+__all__ = [
+    "EnqueueResult",
+    "enqueue_charge",
+    "enqueue_charge_result",
+    "enqueue_charges",
+    "get_charge",
+]
 
 log = logging.getLogger("payq.producer")
 
@@ -59,6 +66,42 @@ def enqueue_charge(
     return enqueue_charges([request], session=session)[0]
 
 
+@dataclass(frozen=True, slots=True)
+class EnqueueResult:
+    """A charge, and whether this call created it (False: an earlier call with the
+    same key and the same parameters did)."""
+
+    charge: Charge
+    created: bool
+
+
+def enqueue_charge_result(
+    amount: int,
+    currency: str,
+    source: str,
+    idempotency_key: str,
+    description: str | None = None,
+    metadata: Mapping[str, str] | None = None,
+) -> EnqueueResult:
+    """``enqueue_charge``, also saying whether this call created the charge.
+
+    For callers that must tell a new charge from a repeat of the same request (the
+    HTTP intake answers 201 or 200); same validation, same errors.
+    """
+    request = _validate(
+        {
+            "amount": amount,
+            "currency": currency,
+            "source": source,
+            "idempotency_key": idempotency_key,
+            "description": description,
+            "metadata": dict(metadata) if isinstance(metadata, Mapping) else metadata,
+        }
+    )
+    result, fresh = _enqueue([request], session=None)
+    return EnqueueResult(charge=result[0], created=bool(fresh))
+
+
 def enqueue_charges(
     requests: Iterable[Mapping[str, Any] | ChargeRequest],
     session: Session | None = None,
@@ -70,15 +113,22 @@ def enqueue_charges(
     Returns the charges in the order given.
     """
     validated = [r if isinstance(r, ChargeRequest) else _validate(r) for r in requests]
+    return _enqueue(validated, session)[0]
+
+
+def _enqueue(
+    validated: Sequence[ChargeRequest], session: Session | None
+) -> tuple[list[Charge], list[tuple[uuid.UUID, str]]]:
+    """Write and publish validated requests; the charges, and (id, message id) of the new ones."""
     _refuse_duplicate_keys(validated)
     if not validated:
-        return []
+        return [], []
     if session is not None:
         # In a savepoint, so that a refused batch leaves the caller's transaction as it was.
         with session.begin_nested():
             result, fresh = _insert(session.connection(), validated)
         _publish_after_commit(session, fresh)
-        return result
+        return result, fresh
     try:
         with transaction() as conn:
             result, fresh = _insert(conn, validated)
@@ -88,7 +138,7 @@ def enqueue_charges(
             "DATABASE_URL and that PostgreSQL is running, then enqueue again with the same key."
         ) from exc
     publish_or_leave_to_relay(fresh)
-    return result
+    return result, fresh
 
 
 def get_charge(charge_id: uuid.UUID | str, session: Session | None = None) -> Charge:
