@@ -27,7 +27,7 @@ def _command(name: str) -> Callable[[argparse.Namespace], int]:
     return run
 
 
-def _when(text: str) -> dt.datetime:
+def parse_when(text: str) -> dt.datetime:
     """An ISO 8601 time, or an age like 30m, 6h, 2d (that long ago)."""
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     if text[-1:] in units and text[:-1].isdigit():
@@ -54,8 +54,8 @@ def _add_filters(p: argparse.ArgumentParser, *, ids: bool = True) -> None:
     g = p.add_argument_group("filters")
     g.add_argument("--reason", help="a piece of the dead reason (any case)")
     g.add_argument("--error-class", help="e.g. timeout, provider_unavailable, invalid_request")
-    g.add_argument("--since", type=_when, help="dead at or after (ISO time or age: 6h)")
-    g.add_argument("--until", type=_when, help="dead before (ISO time or age)")
+    g.add_argument("--since", type=parse_when, help="dead at or after (ISO time or age: 6h)")
+    g.add_argument("--until", type=parse_when, help="dead before (ISO time or age)")
     g.add_argument("--min-amount", type=int, metavar="MINOR_UNITS")
     g.add_argument("--max-amount", type=int, metavar="MINOR_UNITS")
     g.add_argument("--currency")

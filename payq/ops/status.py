@@ -4,7 +4,8 @@ Queue depths, charges by status, provider success rate and latency over the last
 and 60 minutes, errors by class, the fleet's circuit breaker and how many of the
 ``PAYMENT_MAX_CONCURRENCY`` slots are held, and each live worker's own report
 (workers write one to Redis every few seconds: threads busy, HTTP and database pools
-in use, charges deferred by cause).
+in use, charges deferred by cause). ``attempt_series`` gives the same provider figures
+minute by minute, for the dashboard's chart.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from payq.settings import Settings, get_settings
 
 __all__ = [
     "AttemptStats",
+    "MinuteStats",
+    "attempt_series",
     "attempt_stats",
     "breaker_figures",
     "dead_count",
@@ -78,6 +81,57 @@ def attempt_stats(minutes: int, engine: Engine | None = None) -> AttemptStats:
     stats.errors_by_class = {str(cls): int(n) for cls, n in by_class}
     stats.errors = sum(stats.errors_by_class.values())
     return stats
+
+
+@dataclass
+class MinuteStats:
+    """Provider attempts that finished within one minute (``minute`` is its start, UTC)."""
+
+    minute: dt.datetime
+    attempts: int
+    succeeded: int
+    declined: int
+    errors: int
+    p50_ms: float | None
+    p95_ms: float | None
+
+
+def attempt_series(minutes: int = 15, engine: Engine | None = None) -> list[MinuteStats]:
+    """Per-minute throughput and latency for the last ``minutes`` minutes, oldest first,
+    the current (partial) minute last; a minute without attempts is there with zeros,
+    so a chart needs no gaps filled. The minutes follow PostgreSQL's clock, the one
+    that stamped the attempts."""
+    if minutes < 1:
+        raise ValueError(f"minutes: must be 1 or more, got {minutes}")
+    with transaction(engine) as conn:
+        rows = conn.execute(
+            text(
+                "WITH m AS (SELECT generate_series(date_trunc('minute', now()) "
+                "- make_interval(mins => :back), date_trunc('minute', now()), "
+                "interval '1 minute') AS minute) "
+                "SELECT m.minute, count(a.id), "
+                "count(a.id) FILTER (WHERE a.outcome = 'succeeded'), "
+                "count(a.id) FILTER (WHERE a.outcome = 'declined'), "
+                "percentile_cont(0.5) WITHIN GROUP (ORDER BY a.latency_ms), "
+                "percentile_cont(0.95) WITHIN GROUP (ORDER BY a.latency_ms) "
+                "FROM m LEFT JOIN charge_attempts a ON a.finished_at >= m.minute "
+                "AND a.finished_at < m.minute + interval '1 minute' "
+                "GROUP BY m.minute ORDER BY m.minute"
+            ),
+            {"back": minutes - 1},
+        ).all()
+    return [
+        MinuteStats(
+            minute=minute,
+            attempts=int(n),
+            succeeded=int(ok),
+            declined=int(declined),
+            errors=int(n) - int(ok) - int(declined),
+            p50_ms=p50,
+            p95_ms=p95,
+        )
+        for minute, n, ok, declined, p50, p95 in rows
+    ]
 
 
 def dead_count(engine: Engine | None = None, *, within_s: float | None = None) -> int:

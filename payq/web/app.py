@@ -5,7 +5,7 @@ Requests pass, outermost first: ``RequestMetrics`` (counts everything), then
 ``Authenticate`` (token, role, rate limit), ``RejectLargeBody`` (the size limit), then
 the routes:
 ``charges`` (``/v1``), ``system`` (``/healthz``, ``/metrics``, ``/openapi.json``) and
-``ops`` (``/ops``, the dashboard's place).
+``ops`` (``/ops``, the dashboard, with its static files under ``/ops/static``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from fastapi.openapi.utils import get_openapi
 from payq import __version__
 from payq.settings import Settings, get_settings
 from payq.web import charges, ops, system
-from payq.web.auth import Authenticate, Tokens
+from payq.web.auth import Authenticate, OpsSessions, Tokens
 from payq.web.blocking import Blocking
 from payq.web.bodylimit import RejectLargeBody
 from payq.web.errors import install_error_handlers, responses
@@ -54,13 +54,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(charges.router)
     app.include_router(system.router)
-    app.include_router(ops.router)
+    tokens = Tokens(settings.intake_tokens, settings.operator_tokens)
+    sessions = OpsSessions(settings.operator_tokens)
+    ops.install(app, tokens=tokens, sessions=sessions)
     # add_middleware puts each one outside those before it.
     app.add_middleware(RejectLargeBody, max_bytes=settings.serve_max_body_bytes)
     app.add_middleware(
         Authenticate,
-        tokens=Tokens(settings.intake_tokens, settings.operator_tokens),
+        tokens=tokens,
         rate_limit=TokenRateLimit(settings.serve_rate_limit_per_s),
+        sessions=sessions,
     )
     app.add_middleware(RequestMetrics)
 

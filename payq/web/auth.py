@@ -14,6 +14,27 @@ how close a guess was, nor about which token matched. A missing, malformed or wr
 token gets the same 401 answer, byte for byte.
 
 A valid token is then held to its rate (``TokenRateLimit``): 429 with Retry-After.
+
+**The dashboard's session.** A browser must never hold a bearer token, so an operator
+signs in once at ``/ops/login`` (token and name) and gets a session cookie instead;
+``/ops`` routes take either. The cookie never carries the token: it is a timestamped
+value signed by ``itsdangerous`` (HMAC-SHA256) holding the token's id, the operator's
+name (for the audit table) and a per-session CSRF token that every form posts back.
+It is ``HttpOnly`` (no script reads it), ``SameSite=Strict`` (no other site's page
+sends it), ``Path=/ops``, and ``Secure`` when the request came over https as uvicorn
+sees it (directly, or ``X-Forwarded-Proto`` from a proxy in ``FORWARDED_ALLOW_IPS``).
+
+The signing key is derived from the operator tokens themselves, not drawn per process:
+every ``payq serve`` behind one load balancer accepts the others' sessions without
+sticky routing, and changing ``PAYQ_OPERATOR_TOKENS`` (a rotation, a removal) signs
+everyone out. Whoever could forge a session already holds an operator token: the very
+power a session grants. A session lasts ``SESSION_MAX_AGE_S`` (a shift); signing
+out deletes the cookie, and a restart leaves sessions valid. Without operator tokens no
+session is ever accepted.
+
+A browser that asks for a page without a valid session is sent to the sign-in form
+(htmx's polling gets a 401 with ``HX-Redirect``); every other caller still gets the one
+401 above.
 """
 
 from __future__ import annotations
@@ -21,16 +42,41 @@ from __future__ import annotations
 import hashlib
 import hmac
 import math
+import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum, StrEnum
+from urllib.parse import quote
 
+from itsdangerous import BadData, URLSafeTimedSerializer
+from starlette.requests import cookie_parser
+from starlette.responses import RedirectResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from payq.web.errors import ErrorCode, error_response
 from payq.web.ratelimit import TokenRateLimit
 
-__all__ = ["Access", "Authenticate", "Principal", "Role", "Tokens", "access_for"]
+__all__ = [
+    "SESSION_COOKIE",
+    "SESSION_MAX_AGE_S",
+    "SIGN_IN_PATH",
+    "STATIC_PREFIX",
+    "Access",
+    "Authenticate",
+    "OpsSession",
+    "OpsSessions",
+    "Principal",
+    "Role",
+    "Tokens",
+    "access_for",
+]
+
+#: The dashboard's session cookie (scoped to ``/ops``).
+SESSION_COOKIE = "payq_ops"
+#: How long a dashboard sign-in lasts: a working shift.
+SESSION_MAX_AGE_S = 8 * 3600
+SIGN_IN_PATH = "/ops/login"
+STATIC_PREFIX = "/ops/static/"
 
 
 class Role(StrEnum):
@@ -57,18 +103,39 @@ def access_for(path: str) -> Access:
         return Access.OPTIONAL
     if path == "/openapi.json":
         return Access.ANY
+    if path == SIGN_IN_PATH or path.startswith(STATIC_PREFIX):
+        return Access.OPTIONAL  # the sign-in form and its stylesheet: no secret in either
     if path == "/metrics" or path == "/ops" or path.startswith("/ops/"):
         return Access.OPERATOR
     return Access.INTAKE
 
 
+def _is_ops(path: str) -> bool:
+    return path == "/ops" or path.startswith("/ops/")
+
+
+@dataclass(frozen=True, slots=True)
+class OpsSession:
+    """A signed-in dashboard operator: the name written to the audit table, and the
+    token this session's forms must post back (CSRF)."""
+
+    name: str
+    csrf: str
+
+
 @dataclass(frozen=True, slots=True)
 class Principal:
     """The caller behind a valid token. ``token_id`` is a digest prefix: it names the
-    token in logs and rate-limit keys without being usable as one."""
+    token in logs and rate-limit keys without being usable as one. ``session`` is set
+    when the caller is a browser signed in to the dashboard."""
 
     role: Role
     token_id: str
+    session: OpsSession | None = None
+
+
+def _token_id(digest: bytes) -> str:
+    return digest.hex()[:12]
 
 
 class Tokens:
@@ -86,8 +153,56 @@ class Tokens:
         found: Principal | None = None
         for known, role in self._known:  # every one, no early exit
             if hmac.compare_digest(digest, known) and found is None:
-                found = Principal(role, known.hex()[:12])
+                found = Principal(role, _token_id(known))
         return found
+
+
+class OpsSessions:
+    """Issues and checks the dashboard's signed session values (see the module's text)."""
+
+    def __init__(self, operator_tokens: Iterable[str]) -> None:
+        tokens = sorted(operator_tokens)
+        self._ids = frozenset(_token_id(hashlib.sha256(t.encode()).digest()) for t in tokens)
+        key = hmac.new(b"payq ops session v1", "\n".join(tokens).encode(), "sha256").digest()
+        self._serializer = URLSafeTimedSerializer(key, salt="payq.ops.session")
+
+    def issue(self, principal: Principal, name: str) -> tuple[str, Principal]:
+        """A new session for an operator token's holder: the cookie's value, and the
+        principal it stands for (with a fresh CSRF token)."""
+        if principal.role is not Role.OPERATOR or principal.token_id not in self._ids:
+            raise ValueError("only an operator token opens a dashboard session")
+        session = OpsSession(name=name, csrf=secrets.token_urlsafe(24))
+        value = self._serializer.dumps(
+            {"t": principal.token_id, "n": session.name, "c": session.csrf}
+        )
+        return value, Principal(Role.OPERATOR, principal.token_id, session)
+
+    def read(self, value: str | None) -> Principal | None:
+        """The principal of a session value, or ``None`` if it is missing, forged,
+        tampered with, older than ``SESSION_MAX_AGE_S`` or of a token no longer known."""
+        if not value or not self._ids:
+            return None
+        try:
+            data = self._serializer.loads(value, max_age=SESSION_MAX_AGE_S)
+        except BadData:
+            return None
+        if not isinstance(data, dict):
+            return None
+        token_id, name, csrf = data.get("t"), data.get("n"), data.get("c")
+        if not all(isinstance(v, str) and v for v in (token_id, name, csrf)):
+            return None
+        if token_id not in self._ids:
+            return None
+        return Principal(Role.OPERATOR, str(token_id), OpsSession(str(name), str(csrf)))
+
+
+def _header(scope: Scope, name: bytes) -> bytes:
+    return b", ".join(v for k, v in scope["headers"] if k == name)
+
+
+def _cookie(scope: Scope, name: str) -> str | None:
+    header = b"; ".join(v for k, v in scope["headers"] if k == b"cookie")
+    return cookie_parser(header.decode("latin-1")).get(name) if header else None
 
 
 def _bearer_token(scope: Scope) -> tuple[bool, bytes | None]:
@@ -111,6 +226,23 @@ _UNAUTHORIZED = error_response(
     headers={"WWW-Authenticate": "Bearer"},
 )
 _FORBIDDEN = error_response(403, ErrorCode.FORBIDDEN, "this token may not use this route")
+# htmx follows HX-Redirect whatever the status: an expired session's polling lands on
+# the sign-in form instead of failing quietly.
+_UNAUTHORIZED_HTMX = error_response(
+    401,
+    ErrorCode.UNAUTHORIZED,
+    "a valid bearer token is required (Authorization: Bearer <token>)",
+    headers={"WWW-Authenticate": "Bearer", "HX-Redirect": SIGN_IN_PATH},
+)
+
+
+def _to_sign_in(scope: Scope, had_cookie: bool) -> RedirectResponse:
+    """A browser's page request without a valid session: to the form, then back here."""
+    target = scope["path"] if scope["method"] in ("GET", "HEAD") else "/ops"
+    response = RedirectResponse(f"{SIGN_IN_PATH}?next={quote(target, safe='/')}", 303)
+    if had_cookie:  # expired or no longer valid: drop it
+        response.delete_cookie(SESSION_COOKIE, path="/ops", httponly=True, samesite="strict")
+    return response
 
 
 class Authenticate:
@@ -121,18 +253,36 @@ class Authenticate:
     ``request.state.principal``.
     """
 
-    def __init__(self, app: ASGIApp, *, tokens: Tokens, rate_limit: TokenRateLimit) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        tokens: Tokens,
+        rate_limit: TokenRateLimit,
+        sessions: OpsSessions | None = None,
+    ) -> None:
         self.app = app
         self.tokens = tokens
         self.rate_limit = rate_limit
+        self.sessions = sessions or OpsSessions(())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        access = access_for(scope["path"])
+        path = scope["path"]
+        access = access_for(path)
         sent, token = _bearer_token(scope)
         principal = self.tokens.identify(token) if token is not None else None
+        if principal is None and not sent and access is Access.OPERATOR and _is_ops(path):
+            cookie = _cookie(scope, SESSION_COOKIE)
+            principal = self.sessions.read(cookie)
+            if principal is None and _header(scope, b"hx-request") == b"true":
+                await _UNAUTHORIZED_HTMX(scope, receive, send)
+                return
+            if principal is None and b"text/html" in _header(scope, b"accept"):
+                await _to_sign_in(scope, cookie is not None)(scope, receive, send)
+                return
         if principal is None and (sent or access is not Access.OPTIONAL):
             await _UNAUTHORIZED(scope, receive, send)
             return

@@ -1,15 +1,417 @@
-"""The operators' routes, under ``/ops``: the place of the ops dashboard.
+"""The operators' dashboard, under ``/ops``: live figures, the dead-letter list, a
+charge's history, and replay / reconcile / purge.
 
-Every path under ``/ops`` needs an operator token (``PAYQ_OPERATOR_TOKENS``): the
-``Authenticate`` middleware refuses any other caller before routing, so a route added
-to ``router`` is protected without a line of its own. Like the intake's routes, these
-call the core (``payq.ops.status``, ``payq.ops.dlq``, ...) and add no logic of their own.
+Every path under ``/ops`` but the sign-in form and its static files needs an operator:
+a bearer token of ``PAYQ_OPERATOR_TOKENS`` or the session cookie that signing in with
+one gives (``auth``, ``signin``); the middleware refuses anyone else before routing. Like the
+intake's routes, these call the same functions as ``payq status`` and ``payq dlq``
+(``payq.ops.status``, ``payq.ops.dlq``, ``payq.ops.reconcile``) and add no rule of
+their own: a page parses its input, calls one of them, renders the answer.
+
+Server-rendered HTML (``pages``) and htmx, vendored in ``static/`` so an offline
+machine serves it: the live part of a page is a fragment that htmx fetches every few
+seconds and swaps in.
+
+A change is two steps: a confirmation page that runs the function as a dry run and
+shows what would change (count, ids, amounts), then a form POST that carries the
+session's CSRF token and runs it for real, written to ``operator_actions`` with the
+name the operator signed in with. A filtered change is bounded to the charges dead
+when it was confirmed (``until``), so what runs is what was shown, or less.
 """
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+import argparse
+import dataclasses
+import datetime as dt
+import functools
+import logging
+import re
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, ParamSpec, TypeVar
+from urllib.parse import urlencode
 
-__all__ = ["router"]
+import redis
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+from starlette.datastructures import ImmutableMultiDict
 
-router = APIRouter(prefix="/ops", tags=["ops"])
+from payq.broker import get_broker
+from payq.errors import ChargeNotFound, ServiceUnavailable
+from payq.gate import ProviderGate
+from payq.ops.cli import parse_when
+from payq.ops.dlq import DeadFilter, dead_charges, purge, replay, show, totals
+from payq.ops.reconcile import reconcile
+from payq.ops.status import attempt_series, breaker_figures, snapshot
+from payq.provider import ProviderClient
+from payq.settings import Settings
+from payq.web import signin
+from payq.web.auth import OpsSessions, Principal, Tokens
+from payq.web.blocking import Blocking
+from payq.web.pages import STATIC_DIR, chart, page
+from payq.web.signin import FailedSignIns, refuse_change
+
+__all__ = ["FilterInput", "install", "router"]
+
+log = logging.getLogger("payq.web")
+
+#: Minutes the throughput and latency chart covers.
+CHART_MINUTES = 15
+#: Dead charges listed on one page (the totals count them all).
+LIST_LIMIT = 200
+#: Ids a confirmation page lists (the count covers them all).
+CONFIRM_SHOWN = 50
+#: The replay rate of the dashboard, as ``payq dlq replay``'s default.
+REPLAY_RATE_PER_S = 50.0
+ACTIONS = ("replay", "reconcile", "purge")
+
+_UNAVAILABLE = (ServiceUnavailable, OperationalError, PoolTimeout, redis.RedisError)
+
+T = TypeVar("T")
+P = ParamSpec("P")
+
+
+def _html_errors(
+    route: Callable[P, Awaitable[Response]],
+) -> Callable[P, Awaitable[Response]]:
+    """A page whose database or Redis did not answer says so in HTML, not the API's JSON."""
+
+    @functools.wraps(route)
+    async def guarded(*args: P.args, **kwargs: P.kwargs) -> Response:
+        request = kwargs["request"]
+        assert isinstance(request, Request)
+        try:
+            return await route(*args, **kwargs)
+        except _UNAVAILABLE as exc:
+            log.warning("ops page answered 503: %s", exc)
+            message = "PostgreSQL or Redis did not answer in time; nothing was changed. Try again."
+            return _error(request, "Unavailable", message, 503)
+        except ChargeNotFound:
+            return _error(request, "Not found", "No such charge.", 404)
+
+    return guarded
+
+
+def _error(request: Request, title: str, message: str, status: int) -> Response:
+    return page(request, "error.html", {"title": title, "message": message}, status)
+
+
+async def _core(request: Request, call: Callable[[], T]) -> T:
+    blocking: Blocking = request.app.state.blocking
+    return await blocking.run(call)
+
+
+def _settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+# -- Filters: the same as ``payq dlq list`` ------------------------------------------------
+
+
+class FilterInput:
+    """A dead-letter filter as a form sends it: parsed, with what was typed kept for the
+    form and an error per refused field."""
+
+    FIELDS = ("reason", "error_class", "since", "until", "min_amount", "max_amount", "currency")
+
+    def __init__(self, params: ImmutableMultiDict[str, Any]) -> None:
+        self.values = {f: str(params.get(f) or "").strip() for f in self.FIELDS}
+        self.include_purged = params.get("include_purged") in ("1", "on")
+        self.errors: dict[str, str] = {}
+        self.ids: list[uuid.UUID] = []
+        for text in params.getlist("id"):
+            try:
+                self.ids.append(uuid.UUID(str(text)))
+            except ValueError:
+                self.errors["id"] = "not a charge id"
+        times = {f: self._time(f) for f in ("since", "until")}
+        amounts = {f: self._amount(f) for f in ("min_amount", "max_amount")}
+        currency = self.values["currency"]
+        if currency and not re.fullmatch(r"[A-Za-z]{3}", currency):
+            self.errors["currency"] = "three letters, e.g. usd"
+        self.filter = DeadFilter(
+            ids=tuple(self.ids),
+            reason=self.values["reason"] or None,
+            error_class=self.values["error_class"] or None,
+            since=times["since"],
+            until=times["until"],
+            min_amount=amounts["min_amount"],
+            max_amount=amounts["max_amount"],
+            currency=currency or None,
+            include_purged=self.include_purged,
+        )
+
+    def _time(self, field: str) -> dt.datetime | None:
+        text = self.values[field]
+        try:
+            return parse_when(text) if text else None
+        except argparse.ArgumentTypeError as exc:
+            self.errors[field] = str(exc)
+            return None
+
+    def _amount(self, field: str) -> int | None:
+        text = self.values[field]
+        if text and not text.isdigit():
+            self.errors[field] = "minor units, a whole number (1999 for 19.99)"
+            return None
+        return int(text) if text else None
+
+    def frozen(self) -> DeadFilter:
+        """The filter bound to now: ages become times, and a filter that names no ids
+        stops at this moment, so charges that die after it was confirmed are not touched."""
+        flt = self.filter
+        if flt.ids:
+            return flt
+        now = dt.datetime.now(dt.UTC)
+        return dataclasses.replace(flt, until=min(flt.until or now, now))
+
+    def query(self) -> str:
+        """The filter as a query string (for links between pages)."""
+        pairs = [(k, v) for k, v in self.values.items() if v]
+        pairs += [("id", str(i)) for i in self.ids]
+        if self.include_purged:
+            pairs.append(("include_purged", "1"))
+        return urlencode(pairs)
+
+
+def _hidden(flt: DeadFilter) -> list[tuple[str, str]]:
+    """A filter as the confirmation form's hidden fields (times as ISO text)."""
+    fields: list[tuple[str, str]] = [("id", str(i)) for i in flt.ids]
+    for name in ("reason", "error_class", "min_amount", "max_amount", "currency"):
+        value = getattr(flt, name)
+        if value is not None:
+            fields.append((name, str(value)))
+    for name in ("since", "until"):
+        when = getattr(flt, name)
+        if when is not None:
+            fields.append((name, when.isoformat()))
+    if flt.include_purged:
+        fields.append(("include_purged", "1"))
+    return fields
+
+
+def _which(flt: DeadFilter) -> list[str]:
+    """A filter in words, for the confirmation page."""
+    stamp = "%Y-%m-%d %H:%M:%S UTC"
+    words = [
+        (flt.ids, f"{len(flt.ids)} named charge{'s' if len(flt.ids) != 1 else ''}"),
+        (flt.reason, f"reason contains “{flt.reason}”"),
+        (flt.error_class, f"last error {flt.error_class}"),
+        (flt.since, f"dead since {flt.since:{stamp}}" if flt.since else ""),
+        (flt.until, f"dead before {flt.until:{stamp}}" if flt.until else ""),
+        (flt.min_amount is not None, f"amount at least {flt.min_amount} (minor units)"),
+        (flt.max_amount is not None, f"amount at most {flt.max_amount} (minor units)"),
+        (flt.currency, f"in {(flt.currency or '').upper()}"),
+        (flt.include_purged, "purged ones too"),
+    ]
+    return [text for given, text in words if given] or ["every dead charge"]
+
+
+# -- Routes ---------------------------------------------------------------------------------
+
+router = APIRouter(prefix="/ops", tags=["ops"], include_in_schema=False)
+
+
+def _live_figures(settings: Settings) -> dict[str, Any]:
+    snap = snapshot(settings)
+    snap["chart"] = chart(attempt_series(CHART_MINUTES))
+    snap["dead_preview"] = dead_charges(DeadFilter(), limit=6)
+    errors = snap["provider"]["last_60_min"]["errors_by_class"]
+    snap["errors_max"] = max(errors.values(), default=1)
+    return snap
+
+
+@router.get("")
+@_html_errors
+async def dashboard(request: Request) -> Response:
+    settings = _settings(request)
+    snap = await _core(request, lambda: _live_figures(settings))
+    return page(request, "dashboard.html", {"snap": snap, "breaker": snap["breaker"]})
+
+
+@router.get("/live")
+@_html_errors
+async def live(request: Request) -> Response:
+    settings = _settings(request)
+    snap = await _core(request, lambda: _live_figures(settings))
+    return page(request, "_live.html", {"snap": snap, "breaker": snap["breaker"]})
+
+
+@router.get("/breaker")
+@_html_errors
+async def breaker(request: Request) -> Response:
+    """The header's state badge, refreshed on every page."""
+    settings = _settings(request)
+
+    def figures() -> dict[str, Any]:
+        gate = ProviderGate.from_settings(get_broker().client, settings)
+        return breaker_figures(gate.breaker)
+
+    return page(request, "_breaker.html", {"breaker": await _core(request, figures)})
+
+
+@router.get("/dead")
+@_html_errors
+async def dead_list(request: Request) -> Response:
+    given = FilterInput(request.query_params)
+    dead: list[Any] = []
+    sums: dict[str, tuple[int, int]] = {}
+    if not given.errors:
+        dead, sums = await _core(
+            request, lambda: (dead_charges(given.filter, limit=LIST_LIMIT), totals(given.filter))
+        )
+    count = sum(n for n, _ in sums.values())
+    return page(
+        request,
+        "dead.html",
+        {"given": given, "dead": dead, "sums": sums, "count": count, "query": given.query()},
+        400 if given.errors else 200,
+    )
+
+
+@router.get("/charges")
+async def open_charge(request: Request, id: str = "") -> Response:
+    """The header's "open a charge" box."""
+    try:
+        return RedirectResponse(f"/ops/charges/{uuid.UUID(id.strip())}", 303)
+    except ValueError:
+        message = f"Not a charge id: {id[:80]!r} (one looks like 4ae6db59-0a2c-4657-…)."
+        return _error(request, "Not a charge id", message, 404)
+
+
+async def _charge(request: Request, charge_id: str, template: str) -> Response:
+    try:
+        cid = uuid.UUID(charge_id)
+    except ValueError:
+        raise ChargeNotFound(charge_id) from None
+    dead, attempts = await _core(request, lambda: show(cid))
+    now = dt.datetime.now(dt.UTC).strftime("%H:%M:%S")
+    context = {"dead": dead, "c": dead.charge, "attempts": attempts, "now": now}
+    return page(request, template, context)
+
+
+@router.get("/charges/{charge_id}")
+@_html_errors
+async def charge_page(request: Request, charge_id: str) -> Response:
+    return await _charge(request, charge_id, "charge.html")
+
+
+@router.get("/charges/{charge_id}/live")
+@_html_errors
+async def charge_live(request: Request, charge_id: str) -> Response:
+    return await _charge(request, charge_id, "_charge.html")
+
+
+def _dry_run(action: str, flt: DeadFilter, actor: str, settings: Settings) -> dict[str, Any]:
+    """What ``action`` would do: the function's own dry run, and the money involved."""
+    skipped: dict[uuid.UUID, str] = {}
+    if action == "replay":
+        report = replay(flt, actor=actor, dry_run=True, settings=settings)
+        ids, skipped = report.planned, report.skipped
+    elif action == "purge":
+        ids = purge(flt, actor=actor, dry_run=True)
+    else:
+        ids = reconcile(flt, actor=actor, dry_run=True, settings=settings).planned
+    money = totals(DeadFilter(ids=ids, include_purged=True)) if ids else {}
+    return {"ids": ids, "skipped": skipped, "totals": money}
+
+
+@router.get("/confirm/{action}")
+@_html_errors
+async def confirm(request: Request, action: str) -> Response:
+    if action not in ACTIONS:
+        return _error(request, "Not found", "No such action.", 404)
+    given = FilterInput(request.query_params)
+    if given.errors:
+        problems = "; ".join(f"{k}: {v}" for k, v in given.errors.items())
+        return _error(request, "Bad filter", problems, 400)
+    flt = given.frozen()
+    principal: Principal = request.state.principal
+    actor = principal.session.name if principal.session else "?"
+    settings = _settings(request)
+    plan = await _core(request, lambda: _dry_run(action, flt, actor, settings))
+    context = {
+        "action": action,
+        "flt": flt,
+        "which": _which(flt),
+        "hidden": _hidden(flt),
+        "plan": plan,
+        "shown": CONFIRM_SHOWN,
+        "rate": REPLAY_RATE_PER_S,
+        "back": f"/ops/charges/{flt.ids[0]}" if len(flt.ids) == 1 else f"/ops/dead?{given.query()}",
+    }
+    return page(request, "confirm.html", context)
+
+
+def _act(action: str, flt: DeadFilter, actor: str, settings: Settings) -> dict[str, Any]:
+    """Run the action for real, as the CLI does, and what it did, for the result page."""
+    if action == "replay":
+        report = replay(flt, actor=actor, rate_per_s=REPLAY_RATE_PER_S, settings=settings)
+        done, left = report.replayed, dict(report.skipped)
+    elif action == "purge":
+        done, left = purge(flt, actor=actor), {}
+    else:
+        provider = ProviderClient(settings)
+        try:
+            result = reconcile(flt, actor=actor, provider=provider, settings=settings)
+        finally:
+            provider.close()
+        done, left = result.settled, dict(result.pending)
+        return {
+            "done": done,
+            "left": left,
+            "succeeded": result.succeeded,
+            "failed": result.failed,
+            "not_charged": result.not_charged,
+        }
+    for cid in flt.ids:
+        if cid not in done and cid not in left:
+            left[cid] = "not a dead charge in the view (not dead any more, or purged)"
+    return {"done": done, "left": left}
+
+
+@router.post("/actions/{action}")
+@_html_errors
+async def act(request: Request, action: str) -> Response:
+    if action not in ACTIONS:
+        return _error(request, "Not found", "No such action.", 404)
+    form = await request.form()
+    refused = refuse_change(request, form)
+    if refused is not None:
+        return refused
+    given = FilterInput(form)
+    if given.errors or given.filter.is_empty():
+        return _error(request, "Bad request", "Start from a confirmation page.", 400)
+    principal: Principal = request.state.principal
+    assert principal.session is not None
+    actor = principal.session.name
+    settings = _settings(request)
+    flt = given.filter
+    result = await _core(request, lambda: _act(action, flt, actor, settings))
+    log.info(
+        "dashboard %s by %r (token %s): %d done, %d left",
+        action,
+        actor,
+        principal.token_id,
+        len(result["done"]),
+        len(result["left"]),
+    )
+    back = f"/ops/charges/{flt.ids[0]}" if len(flt.ids) == 1 else "/ops/dead"
+    return page(
+        request, "result.html", {"action": action, "result": result, "back": back, "actor": actor}
+    )
+
+
+def install(app: FastAPI, *, tokens: Tokens, sessions: OpsSessions) -> None:
+    """The dashboard's routes, its static files, and what signing in needs."""
+    app.state.tokens = tokens
+    app.state.sessions = sessions
+    app.state.sign_in_failures = FailedSignIns()
+    app.include_router(signin.router)
+    app.include_router(router)
+    app.mount("/ops/static", StaticFiles(directory=STATIC_DIR), name="ops-static")
