@@ -109,6 +109,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
             dramatiq_prom_db=metrics_dir,
             PROMETHEUS_MULTIPROC_DIR=metrics_dir,
         )
+    # An idle Dramatiq consumer backs off up to its worker timeout (1000 ms by default)
+    # between fetches, which is the tail of a quiet system's enqueue-to-call latency.
+    os.environ["dramatiq_worker_timeout"] = str(settings.worker_poll_ms)  # noqa: SIM112 - Dramatiq reads this lower-case name
     argv = [
         sys.executable,
         "-m",

@@ -67,6 +67,7 @@ class Settings(BaseSettings):
     worker_processes: int = Field(2, ge=1, le=256)
     worker_threads: int = Field(4, ge=1, le=1000)
     charge_lease_s: int = Field(30, ge=2, le=3600)
+    worker_poll_ms: int = Field(200, ge=10, le=10_000)
 
     # Retries between attempts (delayed messages, never sleeps).
     retry_max_attempts: int = Field(8, ge=1, le=100)
