@@ -31,127 +31,126 @@ from typing import Any
 
 import redis
 
-from payq.constants import redis_key
+from payq.constants import LUA_NOW, redis_key
 from payq.settings import Settings
 
 __all__ = ["Admission", "BreakerSnapshot", "BreakerState", "CallOutcome", "FleetBreaker"]
 
 log = logging.getLogger("payq.breaker")
 
-_NOW = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-"""
 
 # KEYS: state. ARGV: probes, probe_timeout_ms.
 # Returns {decision, state, wait_ms, changed_to}; decision is allow | probe | deny.
-_ADMIT = (
-    _NOW
-    + """
-local state = redis.call('HGET', KEYS[1], 'state') or 'closed'
-local changed = ''
-if state == 'open' then
-    local wait = tonumber(redis.call('HGET', KEYS[1], 'until')) - now
-    if wait > 0 then return {'deny', 'open', wait, ''} end
-    redis.call('HSET', KEYS[1], 'state', 'half_open', 'probes', 0, 'passed', 0, 'failed', 0,
-               'half_open_at', now, 'changed_at', now, 'reason', 'open time over: probing')
-    state, changed = 'half_open', 'half_open'
-end
-if state == 'half_open' then
-    local probes = tonumber(redis.call('HGET', KEYS[1], 'probes'))
-    local since = tonumber(redis.call('HGET', KEYS[1], 'half_open_at'))
-    if probes >= tonumber(ARGV[1]) and now - since > tonumber(ARGV[2]) then
-        -- Probes that never reported (their worker died): let new ones through.
-        redis.call('HSET', KEYS[1], 'probes', 0, 'passed', 0, 'failed', 0, 'half_open_at', now)
-        probes = 0
+ADMIT_LUA_FN = """
+local function breaker_admit(K, A, now)
+    local state = redis.call('HGET', K[1], 'state') or 'closed'
+    local changed = ''
+    if state == 'open' then
+        local wait = tonumber(redis.call('HGET', K[1], 'until')) - now
+        if wait > 0 then return {'deny', 'open', wait, ''} end
+        redis.call('HSET', K[1], 'state', 'half_open', 'probes', 0, 'passed', 0, 'failed', 0,
+                   'half_open_at', now, 'changed_at', now, 'reason', 'open time over: probing')
+        state, changed = 'half_open', 'half_open'
     end
-    if probes < tonumber(ARGV[1]) then
-        redis.call('HINCRBY', KEYS[1], 'probes', 1)
-        return {'probe', 'half_open', 0, changed}
+    if state == 'half_open' then
+        local probes = tonumber(redis.call('HGET', K[1], 'probes'))
+        local since = tonumber(redis.call('HGET', K[1], 'half_open_at'))
+        if probes >= tonumber(A[1]) and now - since > tonumber(A[2]) then
+            -- Probes that never reported (their worker died): let new ones through.
+            redis.call('HSET', K[1], 'probes', 0, 'passed', 0, 'failed', 0, 'half_open_at', now)
+            probes = 0
+        end
+        if probes < tonumber(A[1]) then
+            redis.call('HINCRBY', K[1], 'probes', 1)
+            return {'probe', 'half_open', 0, changed}
+        end
+        return {'deny', 'half_open', math.max(0, since + tonumber(A[2]) - now), changed}
     end
-    return {'deny', 'half_open', math.max(0, since + tonumber(ARGV[2]) - now), changed}
+    return {'allow', 'closed', 0, ''}
 end
-return {'allow', 'closed', 0, ''}
 """
-)
+_ADMIT = LUA_NOW + ADMIT_LUA_FN + "return breaker_admit(KEYS, ARGV, now)"
 
 # KEYS: state. ARGV: bucket prefix, outcome (success|failure|neutral), slow (0/1),
 # probe (0/1), window_s, min_calls, failure_rate, slow_rate, open_ms, probes.
 # Returns {changed_to, reason}.
-_RECORD = (
-    _NOW
-    + """
-local state = redis.call('HGET', KEYS[1], 'state') or 'closed'
-local outcome, slow, probe = ARGV[2], ARGV[3] == '1', ARGV[4] == '1'
-local window_s, open_ms = tonumber(ARGV[5]), tonumber(ARGV[9])
-local sec = math.floor(now / 1000)
+RECORD_LUA_FN = """
+local function breaker_record(K, A, now)
+    local state = redis.call('HGET', K[1], 'state') or 'closed'
+    local outcome, slow, probe = A[2], A[3] == '1', A[4] == '1'
+    local window_s, open_ms = tonumber(A[5]), tonumber(A[9])
+    local sec = math.floor(now / 1000)
 
-local function open(reason)
-    redis.call('HSET', KEYS[1], 'state', 'open', 'until', now + open_ms,
-               'changed_at', now, 'reason', reason)
-    redis.call('HINCRBY', KEYS[1], 'opened', 1)
-    return {'open', reason}
-end
+    local function open(reason)
+        redis.call('HSET', K[1], 'state', 'open', 'until', now + open_ms,
+                   'changed_at', now, 'reason', reason)
+        redis.call('HINCRBY', K[1], 'opened', 1)
+        return {'open', reason}
+    end
 
-if probe and state == 'half_open' then
-    -- The probes are judged like the window: by the failure rate. One unlucky probe
-    -- among healthy ones (a provider's everyday 5xx) must not hold the fleet off again.
-    local n, rate = tonumber(ARGV[10]), tonumber(ARGV[7])
-    if outcome == 'failure' then
-        local failed = redis.call('HINCRBY', KEYS[1], 'failed', 1)
-        if failed / n >= rate then
-            return open(string.format('%d of %d half-open probes failed', failed, n))
+    if probe and state == 'half_open' then
+        -- The probes are judged like the window: by the failure rate. One unlucky probe
+        -- among healthy ones (a provider's everyday 5xx) must not hold the fleet off again.
+        local n, rate = tonumber(A[10]), tonumber(A[7])
+        if outcome == 'failure' then
+            local failed = redis.call('HINCRBY', K[1], 'failed', 1)
+            if failed / n >= rate then
+                return open(string.format('%d of %d half-open probes failed', failed, n))
+            end
+            return {'', ''}
+        end
+        local passed = redis.call('HINCRBY', K[1], 'passed', 1)
+        if (n - passed) / n < rate then
+            local reason = string.format('%d of %d half-open probes succeeded', passed, n)
+            redis.call('HSET', K[1], 'state', 'closed', 'changed_at', now, 'reason', reason)
+            -- A fresh window: failures from before the outage must not reopen it.
+            for s = sec - window_s, sec do redis.call('DEL', A[1] .. s) end
+            return {'closed', reason}
         end
         return {'', ''}
     end
-    local passed = redis.call('HINCRBY', KEYS[1], 'passed', 1)
-    if (n - passed) / n < rate then
-        local reason = string.format('%d of %d half-open probes succeeded', passed, n)
-        redis.call('HSET', KEYS[1], 'state', 'closed', 'changed_at', now, 'reason', reason)
-        -- A fresh window: failures from before the outage must not reopen it.
-        for s = sec - window_s, sec do redis.call('DEL', ARGV[1] .. s) end
-        return {'closed', reason}
+
+    local bucket = A[1] .. sec
+    redis.call('HINCRBY', bucket, 'calls', 1)
+    if outcome == 'failure' then redis.call('HINCRBY', bucket, 'failures', 1) end
+    if slow then redis.call('HINCRBY', bucket, 'slow', 1) end
+    redis.call('EXPIRE', bucket, window_s + 2)
+    if state ~= 'closed' then return {'', ''} end
+
+    local calls, failures, slows = 0, 0, 0
+    for s = sec - window_s + 1, sec do
+        local v = redis.call('HMGET', A[1] .. s, 'calls', 'failures', 'slow')
+        calls = calls + (tonumber(v[1]) or 0)
+        failures = failures + (tonumber(v[2]) or 0)
+        slows = slows + (tonumber(v[3]) or 0)
+    end
+    if calls < tonumber(A[6]) then return {'', ''} end
+    if failures / calls >= tonumber(A[7]) then
+        return open(string.format('%d of %d calls failed in %d s', failures, calls, window_s))
+    end
+    if slows / calls >= tonumber(A[8]) then
+        return open(string.format('%d of %d calls were slow in %d s', slows, calls, window_s))
     end
     return {'', ''}
 end
-
-local bucket = ARGV[1] .. sec
-redis.call('HINCRBY', bucket, 'calls', 1)
-if outcome == 'failure' then redis.call('HINCRBY', bucket, 'failures', 1) end
-if slow then redis.call('HINCRBY', bucket, 'slow', 1) end
-redis.call('EXPIRE', bucket, window_s + 2)
-if state ~= 'closed' then return {'', ''} end
-
-local calls, failures, slows = 0, 0, 0
-for s = sec - window_s + 1, sec do
-    local v = redis.call('HMGET', ARGV[1] .. s, 'calls', 'failures', 'slow')
-    calls = calls + (tonumber(v[1]) or 0)
-    failures = failures + (tonumber(v[2]) or 0)
-    slows = slows + (tonumber(v[3]) or 0)
-end
-if calls < tonumber(ARGV[6]) then return {'', ''} end
-if failures / calls >= tonumber(ARGV[7]) then
-    return open(string.format('%d of %d calls failed in %d s', failures, calls, window_s))
-end
-if slows / calls >= tonumber(ARGV[8]) then
-    return open(string.format('%d of %d calls were slow in %d s', slows, calls, window_s))
-end
-return {'', ''}
 """
-)
+_RECORD = LUA_NOW + RECORD_LUA_FN + "return breaker_record(KEYS, ARGV, now)"
 
 # KEYS: state. Give back a probe that made no call (its charge was not claimable).
-_RETURN_PROBE = """
-if redis.call('HGET', KEYS[1], 'state') == 'half_open'
-   and tonumber(redis.call('HGET', KEYS[1], 'probes') or 0) > 0 then
-    redis.call('HINCRBY', KEYS[1], 'probes', -1)
+RETURN_PROBE_LUA_FN = """
+local function breaker_return_probe(K, A, now)
+    if redis.call('HGET', K[1], 'state') == 'half_open'
+       and tonumber(redis.call('HGET', K[1], 'probes') or 0) > 0 then
+        redis.call('HINCRBY', K[1], 'probes', -1)
+    end
+    return 0
 end
-return 0
 """
+_RETURN_PROBE = LUA_NOW + RETURN_PROBE_LUA_FN + "return breaker_return_probe(KEYS, ARGV, now)"
 
 # KEYS: state. ARGV: bucket prefix, window_s. Returns the state and the window's sums.
 _SNAPSHOT = (
-    _NOW
+    LUA_NOW
     + """
 local h = redis.call('HGETALL', KEYS[1])
 local sec = math.floor(now / 1000)
@@ -234,16 +233,20 @@ class FleetBreaker:
 
     def admit(self) -> Admission:
         """May a call go ahead? Raises ``redis.RedisError`` if Redis does not answer."""
-        decision, state, wait_ms, changed = self._admit(
-            keys=[self.state_key],
-            args=[self.settings.breaker_half_open_probes, self.probe_timeout_ms],
-        )
+        return self.admission(self._admit(keys=[self.state_key], args=self.admit_args()))
+
+    def admit_args(self) -> list[Any]:
+        return [self.settings.breaker_half_open_probes, self.probe_timeout_ms]
+
+    def admission(self, answer: list[Any]) -> Admission:
+        """The admit script's answer, ``{decision, state, wait_ms, changed_to}``; logs a change."""
+        decision, state, wait_ms, changed = (_text(a) for a in answer[:4])
         admission = Admission(
-            allowed=_text(decision) != "deny",
-            probe=_text(decision) == "probe",
-            state=BreakerState(_text(state)),
+            allowed=decision != "deny",
+            probe=decision == "probe",
+            state=BreakerState(state),
             wait_ms=int(wait_ms),
-            changed_to=BreakerState(_text(changed)) if _text(changed) else None,
+            changed_to=BreakerState(changed) if changed else None,
         )
         if admission.changed_to is not None:
             _log_change(admission.changed_to, "open time over: probing")
@@ -251,26 +254,33 @@ class FleetBreaker:
 
     def record(self, outcome: CallOutcome, latency_ms: int, *, probe: bool) -> BreakerState | None:
         """Count one finished call; return the new state if it moved the breaker."""
-        s = self.settings
-        changed, reason = self._record(
-            keys=[self.state_key],
-            args=[
-                self.bucket_prefix,
-                outcome.value,
-                int(latency_ms >= s.breaker_slow_call_ms),
-                int(probe),
-                s.breaker_window_s,
-                s.breaker_min_calls,
-                s.breaker_failure_rate,
-                s.breaker_slow_call_rate,
-                s.breaker_open_s * 1000,
-                s.breaker_half_open_probes,
-            ],
+        answer = self._record(
+            keys=[self.state_key], args=self.record_args(outcome, latency_ms, probe=probe)
         )
-        if not _text(changed):
+        return self.change(answer)
+
+    def record_args(self, outcome: CallOutcome, latency_ms: int, *, probe: bool) -> list[Any]:
+        s = self.settings
+        return [
+            self.bucket_prefix,
+            outcome.value,
+            int(latency_ms >= s.breaker_slow_call_ms),
+            int(probe),
+            s.breaker_window_s,
+            s.breaker_min_calls,
+            s.breaker_failure_rate,
+            s.breaker_slow_call_rate,
+            s.breaker_open_s * 1000,
+            s.breaker_half_open_probes,
+        ]
+
+    def change(self, answer: list[Any]) -> BreakerState | None:
+        """The record script's answer, ``{changed_to, reason}``; logs a change."""
+        changed, reason = _text(answer[0]), _text(answer[1])
+        if not changed:
             return None
-        state = BreakerState(_text(changed))
-        _log_change(state, _text(reason))
+        state = BreakerState(changed)
+        _log_change(state, reason)
         return state
 
     def return_probe(self) -> None:

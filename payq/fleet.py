@@ -27,10 +27,11 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 
-from payq.constants import redis_key
+from payq.constants import LUA_NOW, redis_key
 
 __all__ = ["FleetLimit", "SlotRefused"]
 
@@ -38,35 +39,36 @@ log = logging.getLogger("payq.fleet")
 
 # KEYS: slots, epoch. ARGV: token, limit, lease_ms, grace_ms.
 # Returns {granted (0/1), wait_ms, in_use}.
-_ACQUIRE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local epoch = redis.call('GET', KEYS[2])
-if not epoch then
-    redis.call('SET', KEYS[2], now)
-    epoch = now
+ACQUIRE_LUA_FN = """
+local function fleet_acquire(K, A, now)
+    local epoch = redis.call('GET', K[2])
+    if not epoch then
+        redis.call('SET', K[2], now)
+        epoch = now
+    end
+    local open_at = tonumber(epoch) + tonumber(A[4])
+    if now < open_at then
+        return {0, open_at - now, redis.call('ZCARD', K[1])}
+    end
+    redis.call('ZREMRANGEBYSCORE', K[1], '-inf', now)
+    local in_use = redis.call('ZCARD', K[1])
+    if in_use < tonumber(A[2]) then
+        redis.call('ZADD', K[1], now + tonumber(A[3]), A[1])
+        return {1, 0, in_use + 1}
+    end
+    local first = redis.call('ZRANGE', K[1], 0, 0, 'WITHSCORES')
+    return {0, math.max(0, tonumber(first[2]) - now), in_use}
 end
-local open_at = tonumber(epoch) + tonumber(ARGV[4])
-if now < open_at then
-    return {0, open_at - now, redis.call('ZCARD', KEYS[1])}
-end
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-local in_use = redis.call('ZCARD', KEYS[1])
-if in_use < tonumber(ARGV[2]) then
-    redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
-    return {1, 0, in_use + 1}
-end
-local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-return {0, math.max(0, tonumber(first[2]) - now), in_use}
 """
+_ACQUIRE = LUA_NOW + ACQUIRE_LUA_FN + "return fleet_acquire(KEYS, ARGV, now)"
 
 # KEYS: slots, epoch. ARGV: lease_ms, grace_ms, tokens... Returns {restored, lost}.
 # Inside the grace after a fresh epoch, slots Redis lost are put back; after it, a slot
 # that is gone stays gone (it was released meanwhile, or its lease ran out) and is
 # reported as lost.
-_RENEW = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+_RENEW = (
+    LUA_NOW
+    + """
 redis.call('SET', KEYS[2], now, 'NX')
 local restoring = now < tonumber(redis.call('GET', KEYS[2])) + tonumber(ARGV[2])
 local restored, lost = 0, {}
@@ -79,13 +81,15 @@ for i = 3, #ARGV do
 end
 return {restored, lost}
 """
+)
 
 # KEYS: slots. Returns the slots whose lease has not run out.
-_IN_USE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+_IN_USE = (
+    LUA_NOW
+    + """
 return redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf')
 """
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,28 +123,40 @@ class FleetLimit:
 
     def try_acquire(self) -> str | SlotRefused:
         """A slot's token, or why not. Raises ``redis.RedisError`` if Redis does not answer."""
+        token = self.register()
+        try:
+            answer = self._acquire(keys=self.acquire_keys(), args=self.acquire_args(token))
+        except BaseException:
+            self.forget(token)
+            raise
+        return self.settle(token, answer)
+
+    def register(self) -> str:
+        """A new token, renewed from now on: registered before it is granted, so a renewal
+        racing the grant cannot miss it."""
         token = uuid.uuid4().hex
         with self._lock:
-            # Registered before the call, so a renewal racing the grant cannot miss it.
             self._held.add(token)
-        try:
-            granted, wait_ms, in_use = self._acquire(
-                keys=[self.slots_key, self.epoch_key],
-                args=[token, self.limit, self.lease_ms, self.grace_ms],
-            )
-        except BaseException:
-            self._forget(token)
-            raise
+        return token
+
+    def acquire_keys(self) -> list[str]:
+        return [self.slots_key, self.epoch_key]
+
+    def acquire_args(self, token: str) -> list[Any]:
+        return [token, self.limit, self.lease_ms, self.grace_ms]
+
+    def settle(self, token: str, answer: list[Any]) -> str | SlotRefused:
+        """The acquire script's answer, ``{granted, wait_ms, in_use}``: the token or why not."""
+        granted, wait_ms, in_use = (int(a) for a in answer[:3])
         if not granted:
-            self._forget(token)
-            starting = bool(in_use < self.limit)
-            return SlotRefused(int(wait_ms), int(in_use), self.limit, starting)
+            self.forget(token)
+            return SlotRefused(wait_ms, in_use, self.limit, starting=in_use < self.limit)
         self.start_renewing()
         return token
 
     def release(self, token: str) -> None:
         """Give the slot back. If Redis does not answer, its lease runs out instead."""
-        self._forget(token)
+        self.forget(token)
         try:
             self.client.zrem(self.slots_key, token)
         except redis.RedisError as exc:
@@ -233,7 +249,8 @@ class FleetLimit:
                         self.renew_every_s,
                     )
 
-    def _forget(self, token: str) -> None:
+    def forget(self, token: str) -> None:
+        """Stop renewing a slot (released, refused, or given up)."""
         with self._lock:
             self._held.discard(token)
 

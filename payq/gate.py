@@ -13,12 +13,21 @@ import logging
 import random
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 
-from payq.breaker import BreakerState, CallOutcome, FleetBreaker
+from payq.breaker import (
+    ADMIT_LUA_FN,
+    RECORD_LUA_FN,
+    RETURN_PROBE_LUA_FN,
+    BreakerState,
+    CallOutcome,
+    FleetBreaker,
+)
+from payq.constants import LUA_NOW
 from payq.errors import IdempotencyKeyInUse, ProviderError, RetryableProviderError
-from payq.fleet import FleetLimit, SlotRefused
+from payq.fleet import ACQUIRE_LUA_FN, FleetLimit, SlotRefused
 from payq.provider import ProviderCharge
 from payq.settings import Settings, get_settings
 
@@ -60,6 +69,8 @@ class ProviderGate:
         self.breaker = breaker
         self.fleet = fleet
         self.settings = settings
+        self._enter = fleet.client.register_script(_ENTER)
+        self._leave = fleet.client.register_script(_LEAVE)
 
     @classmethod
     def from_settings(cls, client: redis.Redis, settings: Settings) -> ProviderGate:
@@ -76,31 +87,41 @@ class ProviderGate:
         )
 
     def enter(self) -> Pass | Wait:
-        """A slot to call the provider now, or how long to wait. Never blocks."""
+        """A slot to call the provider now, or how long to wait. Never blocks.
+
+        One round trip: the breaker's admission and the fleet's slot in one script (a
+        probe that finds the fleet full is given back there too).
+        """
+        breaker, fleet = self.breaker, self.fleet
+        token = fleet.register()
         try:
-            admission = self.breaker.admit()
-            if not admission.allowed:
-                if admission.wait_ms > 0 and admission.state is BreakerState.OPEN:
-                    # Everyone deferred to the same moment would arrive at once: spread
-                    # them over a few seconds after it (only the probes go through).
-                    spread = min(3000, self.settings.breaker_open_s * 250)
-                    return Wait(
-                        "breaker_open",
-                        admission.wait_ms + jitter_ms(0, spread),
-                        "the fleet's circuit breaker is open",
-                    )
-                return Wait(
-                    "breaker_half_open",
-                    jitter_ms(500, 2000),
-                    "the circuit breaker is half-open and its probes are out",
-                )
-            slot = self.fleet.try_acquire()
+            answer = self._enter(
+                keys=[breaker.state_key, *fleet.acquire_keys()],
+                args=[*breaker.admit_args(), *fleet.acquire_args(token)],
+            )
         except redis.RedisError as exc:
+            fleet.forget(token)
             detail = f"Redis did not answer ({type(exc).__name__})"
             return Wait("redis", jitter_ms(1000, 3000), detail)
+        admission = breaker.admission(answer[:4])
+        if not admission.allowed:
+            fleet.forget(token)
+            if admission.wait_ms > 0 and admission.state is BreakerState.OPEN:
+                # Everyone deferred to the same moment would arrive at once: spread
+                # them over a few seconds after it (only the probes go through).
+                spread = min(3000, self.settings.breaker_open_s * 250)
+                return Wait(
+                    "breaker_open",
+                    admission.wait_ms + jitter_ms(0, spread),
+                    "the fleet's circuit breaker is open",
+                )
+            return Wait(
+                "breaker_half_open",
+                jitter_ms(500, 2000),
+                "the circuit breaker is half-open and its probes are out",
+            )
+        slot = fleet.settle(token, answer[4:])
         if isinstance(slot, SlotRefused):
-            if admission.probe:
-                self._return_probe()
             if slot.starting:
                 return Wait(
                     "fleet_starting",
@@ -117,22 +138,64 @@ class ProviderGate:
     def leave(
         self, passed: Pass, outcome: ProviderCharge | ProviderError | None, latency_ms: int = 0
     ) -> None:
-        """Free the slot; tell the breaker how the call went (``None``: no call was made)."""
-        self.fleet.release(passed.token)
+        """Free the slot and tell the breaker how the call went (``None``: no call was made),
+        in one round trip. If Redis does not answer, the slot's lease frees it instead."""
+        self.fleet.forget(passed.token)
+        record: list[Any]
+        if outcome is None:
+            record = ["none", 0, int(passed.probe)]
+        else:
+            args = self.breaker.record_args(call_outcome(outcome), latency_ms, probe=passed.probe)
+            record = args[1:]
         try:
-            if outcome is None:
-                if passed.probe:
-                    self.breaker.return_probe()
-            else:
-                self.breaker.record(call_outcome(outcome), latency_ms, probe=passed.probe)
+            answer = self._leave(
+                keys=[self.breaker.state_key, self.fleet.slots_key],
+                args=[passed.token, self.breaker.bucket_prefix, *record],
+            )
         except redis.RedisError as exc:
-            log.warning("circuit breaker not told of a call (%s)", type(exc).__name__)
+            log.warning(
+                "fleet slot not released nor the breaker told (%s); the slot frees itself "
+                "within FLEET_SLOT_LEASE_S",
+                type(exc).__name__,
+            )
+            return
+        self.breaker.change(answer)
 
-    def _return_probe(self) -> None:
-        try:
-            self.breaker.return_probe()
-        except redis.RedisError as exc:
-            log.warning("half-open probe not given back (%s)", type(exc).__name__)
+
+# KEYS: breaker state, fleet slots, fleet epoch. ARGV: the breaker's admit arguments
+# (2), then the fleet's acquire arguments (4). Returns the breaker's answer (4), then
+# the fleet's (3; zeros when the breaker refused).
+_ENTER = (
+    LUA_NOW
+    + ADMIT_LUA_FN
+    + RETURN_PROBE_LUA_FN
+    + ACQUIRE_LUA_FN
+    + """
+local a = breaker_admit({KEYS[1]}, {ARGV[1], ARGV[2]}, now)
+if a[1] == 'deny' then return {a[1], a[2], a[3], a[4], 0, 0, 0} end
+local s = fleet_acquire({KEYS[2], KEYS[3]}, {ARGV[3], ARGV[4], ARGV[5], ARGV[6]}, now)
+if s[1] == 0 and a[1] == 'probe' then breaker_return_probe({KEYS[1]}, {}, now) end
+return {a[1], a[2], a[3], a[4], s[1], s[2], s[3]}
+"""
+)
+
+# KEYS: breaker state, fleet slots. ARGV: token, then the breaker's record arguments
+# (outcome 'none' when no call was made: only a probe is given back).
+_LEAVE = (
+    LUA_NOW
+    + RECORD_LUA_FN
+    + RETURN_PROBE_LUA_FN
+    + """
+redis.call('ZREM', KEYS[2], ARGV[1])
+local args = {}
+for i = 2, #ARGV do args[i - 1] = ARGV[i] end
+if args[2] == 'none' then
+    if args[4] == '1' then breaker_return_probe({KEYS[1]}, {}, now) end
+    return {'', ''}
+end
+return breaker_record({KEYS[1]}, args, now)
+"""
+)
 
 
 _lock = threading.Lock()

@@ -175,3 +175,17 @@ def test_the_slot_is_freed_on_every_path(rig: Rig) -> None:
             str(uuid.uuid4()), settings=rig.settings, provider=rig.provider, gate=rig.gate
         )
     assert rig.gate.fleet.in_use() == 0 and rig.gate.fleet.held() == 0
+
+
+def test_leaving_frees_the_slot_and_counts_the_call_in_one_step(rig: Rig) -> None:
+    from payq.breaker import BreakerState
+    from payq.errors import ProviderTimeout
+    from payq.gate import Pass
+
+    for _ in range(4):  # BREAKER_MIN_CALLS=4 in this rig
+        entry = rig.gate.enter()
+        assert isinstance(entry, Pass) and rig.gate.fleet.in_use() == 1
+        rig.gate.leave(entry, ProviderTimeout("no answer within 1500 ms"), 1500)
+        assert rig.gate.fleet.in_use() == 0
+    snap = rig.gate.breaker.snapshot()
+    assert snap.state is BreakerState.OPEN and "4 of 4 calls failed" in snap.reason
