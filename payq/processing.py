@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Connection, and_, func, or_, select, update
+from sqlalchemy import Connection, Interval, Update, and_, bindparam, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -79,6 +79,117 @@ class Result(StrEnum):
     DEFERRED = "deferred"  # must wait (early, breaker, fleet, database): sent again for later
     LEASE_LOST = "lease_lost"  # another worker took over while we called
     UNRECORDED = "unrecorded"  # the database did not answer; the lease brings it back
+
+
+# The statements of the hot path are built once, here, with a bind parameter for every
+# per-call value. Building a Core construct on every call (coercing each argument, then
+# computing its cache key) was most of the worker CPU that claiming and recording took;
+# a prebuilt statement keeps its cache key, so a call is a lookup in SQLAlchemy's
+# compiled cache plus the parameters. The SQL is what the inline constructs produced:
+# times are PostgreSQL's ``now()``, intervals are bound as ``datetime.timedelta``.
+
+#: Take a charge for one attempt, if it is free: pending, a retry that is due, or
+#: processing under a lease that ran out. ``old``: created before the key retention.
+_CLAIM = (
+    update(charges)
+    .where(
+        charges.c.id == bindparam("charge_id"),
+        or_(
+            charges.c.status == S.PENDING,
+            and_(charges.c.status == S.RETRYING, charges.c.next_attempt_at <= func.now()),
+            and_(charges.c.status == S.PROCESSING, charges.c.lease_expires_at < func.now()),
+        ),
+    )
+    .values(
+        status=S.PROCESSING,
+        attempts=charges.c.attempts + 1,
+        lease_expires_at=func.now() + bindparam("lease", type_=Interval),
+        updated_at=func.now(),
+    )
+    .returning(
+        charges.c.id,
+        charges.c.attempts,
+        charges.c.retry_base,
+        charges.c.idempotency_key,
+        charges.c.amount,
+        charges.c.currency,
+        charges.c.source,
+        charges.c.description,
+        charges.c.metadata,
+        (charges.c.created_at < func.now() - bindparam("key_retention", type_=Interval)).label(
+            "old"
+        ),
+    )
+)
+
+#: What a charge that could not be claimed is doing, and in how long a retry is due.
+_NOT_CLAIMED = select(
+    charges.c.status,
+    charges.c.message_id,
+    (func.extract("epoch", charges.c.next_attempt_at - func.now()) * 1000).label("due_in_ms"),
+).where(charges.c.id == bindparam("charge_id"))
+
+#: One provider call's row; a retry after a commit whose answer was lost finds it there.
+_ATTEMPT = (
+    pg_insert(charge_attempts)
+    .values(
+        charge_id=bindparam("charge_id"),
+        number=bindparam("attempt"),
+        started_at=bindparam("started_at"),
+        finished_at=func.now(),
+        outcome=bindparam("outcome"),
+        http_status=bindparam("http_status"),
+        error_class=bindparam("error_class"),
+        error_message=bindparam("error_message"),
+        latency_ms=bindparam("latency_ms"),
+    )
+    .on_conflict_do_nothing(constraint="uq_charge_attempts_charge_id_number")
+    .cte("attempt")
+)
+
+
+def _finish_statement(status: ChargeStatus, *columns: str, **expressions: Any) -> Update:
+    """Move a claimed charge to ``status``, only if this attempt still holds it.
+
+    ``columns`` are set from bind parameters of the same name, ``expressions`` as given.
+    """
+    return (
+        update(charges)
+        .where(
+            charges.c.id == bindparam("charge_id"),
+            charges.c.status == S.PROCESSING,
+            charges.c.attempts == bindparam("attempt"),
+        )
+        .values(
+            status=status,
+            lease_expires_at=None,
+            updated_at=func.now(),
+            **{column: bindparam(column) for column in columns},
+            **expressions,
+        )
+    )
+
+
+_ERRORS = ("last_error", "last_error_class")
+#: Record an attempt and move its charge on, in one statement, by where the outcome took
+#: it. PostgreSQL runs the INSERT in ``WITH`` to completion whether or not the guarded
+#: UPDATE matches: an attempt whose worker lost its lease is still recorded, as it was made.
+_RECORD: dict[Result, Update] = {
+    Result.SUCCEEDED: _finish_statement(S.SUCCEEDED, "provider_charge_id").add_cte(_ATTEMPT),
+    Result.FAILED: _finish_statement(
+        S.FAILED, "provider_charge_id", "decline_code", *_ERRORS
+    ).add_cte(_ATTEMPT),
+    Result.DEAD: _finish_statement(S.DEAD, "dead_reason", *_ERRORS).add_cte(_ATTEMPT),
+    Result.RETRYING: _finish_statement(
+        S.RETRYING,
+        "message_id",
+        *_ERRORS,
+        next_attempt_at=func.now() + bindparam("retry_in", type_=Interval),
+        published_at=func.now(),
+    ).add_cte(_ATTEMPT),
+}
+#: A charge claimed past the key retention: dead without a call, the claim's count undone.
+_EXPIRE = _finish_statement(S.DEAD, "dead_reason", "attempts")
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,8 +326,8 @@ def _first_line(exc: BaseException) -> str:
 def _expire(conn: Connection, claim: _Claim, settings: Settings) -> Result:
     _finish(
         conn,
+        _EXPIRE,
         claim,
-        S.DEAD,
         dead_reason=(
             f"older than the provider's idempotency-key retention "
             f"({settings.provider_idempotency_ttl_s} s): not sent again, since the provider "
@@ -229,41 +340,12 @@ def _expire(conn: Connection, claim: _Claim, settings: Settings) -> Result:
 
 
 def _claim(conn: Connection, cid: uuid.UUID, settings: Settings) -> _Claim | None:
-    now = func.now()
-    claimable = or_(
-        charges.c.status == S.PENDING,
-        and_(charges.c.status == S.RETRYING, charges.c.next_attempt_at <= now),
-        and_(charges.c.status == S.PROCESSING, charges.c.lease_expires_at < now),
-    )
-    row = (
-        conn.execute(
-            update(charges)
-            .where(charges.c.id == cid, claimable)
-            .values(
-                status=S.PROCESSING,
-                attempts=charges.c.attempts + 1,
-                lease_expires_at=now + dt.timedelta(seconds=settings.charge_lease_s),
-                updated_at=now,
-            )
-            .returning(
-                charges.c.id,
-                charges.c.attempts,
-                charges.c.retry_base,
-                charges.c.idempotency_key,
-                charges.c.amount,
-                charges.c.currency,
-                charges.c.source,
-                charges.c.description,
-                charges.c.metadata,
-                (
-                    charges.c.created_at
-                    < now - dt.timedelta(seconds=settings.provider_idempotency_ttl_s)
-                ).label("old"),
-            )
-        )
-        .mappings()
-        .first()
-    )
+    params = {
+        "charge_id": cid,
+        "lease": dt.timedelta(seconds=settings.charge_lease_s),
+        "key_retention": dt.timedelta(seconds=settings.provider_idempotency_ttl_s),
+    }
+    row = conn.execute(_CLAIM, params).mappings().first()
     if row is None:
         return None
     return _Claim(
@@ -289,19 +371,7 @@ def _not_claimed(
     conn: Connection, cid: uuid.UUID, message_id: str | None
 ) -> tuple[Result, int | None]:
     """Why a charge could not be claimed, and when to try again if this message is early."""
-    row = (
-        conn.execute(
-            select(
-                charges.c.status,
-                charges.c.message_id,
-                (func.extract("epoch", charges.c.next_attempt_at - func.now()) * 1000).label(
-                    "due_in_ms"
-                ),
-            ).where(charges.c.id == cid)
-        )
-        .mappings()
-        .first()
-    )
+    row = conn.execute(_NOT_CLAIMED, {"charge_id": cid}).mappings().first()
     if row is None:
         raise UnknownCharge(f"no charge with id {cid}")
     early = row["status"] == S.RETRYING and (row["due_in_ms"] or 0) > 0
@@ -369,38 +439,31 @@ def _save(
     latency_ms: int,
     settings: Settings,
 ) -> tuple[Result, bool, str | None, int | None]:
-    """Record the attempt and move the charge on, in one transaction."""
-    policy = RetryPolicy.from_settings(settings)
+    """Record the attempt and move the charge on, in one transaction (one statement)."""
+    error = outcome if isinstance(outcome, ProviderError) else None
+    result, values = _next_state(outcome, claim.budget_used, RetryPolicy.from_settings(settings))
+    for field in ("last_error", "dead_reason"):
+        if isinstance(values.get(field), str):
+            values[field] = claim.masked(values[field])
     publish_delay_ms: int | None = None
     message_id: str | None = None
-    error = outcome if isinstance(outcome, ProviderError) else None
+    if result is Result.RETRYING:
+        message_id = values["message_id"]
+        publish_delay_ms = values.pop("delay_ms")
+        values["retry_in"] = dt.timedelta(milliseconds=publish_delay_ms)
     with transaction() as conn:
-        conn.execute(
-            # A retry after a commit whose answer was lost finds the row there.
-            pg_insert(charge_attempts)
-            .values(
-                charge_id=claim.id,
-                number=claim.attempt,
-                started_at=started_at,
-                finished_at=func.now(),
-                outcome=_attempt_outcome(outcome),
-                http_status=200 if error is None else error.status,
-                error_class=None if error is None else error.error_class,
-                error_message=None if error is None else claim.masked(str(error))[:2000],
-                latency_ms=latency_ms,
-            )
-            .on_conflict_do_nothing(constraint="uq_charge_attempts_charge_id_number")
+        done = _finish(
+            conn,
+            _RECORD[result],
+            claim,
+            started_at=started_at,
+            outcome=_attempt_outcome(outcome),
+            http_status=200 if error is None else error.status,
+            error_class=None if error is None else error.error_class,
+            error_message=None if error is None else claim.masked(str(error))[:2000],
+            latency_ms=latency_ms,
+            **values,
         )
-        result, values = _next_state(outcome, claim.budget_used, policy)
-        for field in ("last_error", "dead_reason"):
-            if isinstance(values.get(field), str):
-                values[field] = claim.masked(values[field])
-        if result is Result.RETRYING:
-            message_id = values["message_id"]
-            publish_delay_ms = values.pop("delay_ms")
-            values["next_attempt_at"] = func.now() + dt.timedelta(milliseconds=publish_delay_ms)
-            values["published_at"] = func.now()
-        done = _finish(conn, claim, ChargeStatus(result.value), **values)
     return result, done, message_id, publish_delay_ms
 
 
@@ -430,17 +493,13 @@ def _next_state(
     return Result.RETRYING, {"delay_ms": delay_ms, "message_id": new_message_id(), **errors}
 
 
-def _finish(conn: Connection, claim: _Claim, status: ChargeStatus, **values: Any) -> bool:
-    """Move a claimed charge on, only if this attempt still holds it."""
-    done = conn.execute(
-        update(charges)
-        .where(
-            charges.c.id == claim.id,
-            charges.c.status == S.PROCESSING,
-            charges.c.attempts == claim.attempt,
-        )
-        .values(status=status, lease_expires_at=None, updated_at=func.now(), **values)
-    )
+def _finish(conn: Connection, statement: Update, claim: _Claim, **values: Any) -> bool:
+    """Run one of the guarded finishing statements; whether this attempt still held the charge.
+
+    ``values`` must name exactly the statement's own parameters: a key that is a column
+    of ``charges`` would otherwise be added to the ``SET`` clause by SQLAlchemy.
+    """
+    done = conn.execute(statement, {"charge_id": claim.id, "attempt": claim.attempt, **values})
     return done.rowcount == 1
 
 
