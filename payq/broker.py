@@ -97,9 +97,8 @@ class ChargeBroker(RedisBroker):
     last message so the relay can tell a lost message from a queued one; with a fresh
     id at every move, every deferred or retried charge looked lost and was sent again
     (thousands of duplicate messages in a chaos run). Here a charge message's Redis id
-    is its message id, on every path. Two copies of one id never share a queue: a
-    message is re-enqueued on the delay queue while its original is still on the
-    main one, and back on the main one only after that original was acknowledged.
+    is its message id, on every path. payq itself never re-sends an id: a deferral
+    takes a fresh one (``processing._defer`` says why).
     """
 
     def enqueue(self, message: dramatiq.Message[Any], *, delay: int | None = None) -> Any:

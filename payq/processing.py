@@ -129,6 +129,17 @@ _NOT_CLAIMED = select(
     (func.extract("epoch", charges.c.next_attempt_at - func.now()) * 1000).label("due_in_ms"),
 ).where(charges.c.id == bindparam("charge_id"))
 
+#: A deferred charge's next message: the row names it, if the row named the one deferred.
+_HAND_OVER = (
+    update(charges)
+    .where(
+        charges.c.id == bindparam("charge_id"),
+        charges.c.message_id == bindparam("old_id"),
+        charges.c.status.in_([S.PENDING, S.RETRYING, S.PROCESSING]),
+    )
+    .values(message_id=bindparam("new_id"), published_at=func.now())
+)
+
 #: One provider call's row; a retry after a commit whose answer was lost finds it there.
 _ATTEMPT = (
     pg_insert(charge_attempts)
@@ -256,8 +267,7 @@ def process_charge(
             if redo_in_ms is not None and message_id is not None:
                 # The scheduled retry itself came early (clocks differ between hosts): send
                 # it again for when it is due rather than call before Retry-After.
-                publish_or_leave_to_relay([(cid, message_id)], delay_ms=redo_in_ms)
-                metrics.DEFERRALS.labels("early_message").inc()
+                return _defer(cid, message_id, "early_message", redo_in_ms, "retry came early")
             return result
 
         tag_charge(str(claim.id), claim.attempt)
@@ -281,12 +291,32 @@ def process_charge(
 def _defer(
     cid: uuid.UUID, message_id: str | None, cause: str, delay_ms: int, detail: str
 ) -> Result:
-    """Send this charge's message again for later; the charge itself is untouched.
+    """Send this charge's message again for later; the charge itself is not claimed.
 
-    The same Redis message id goes to the delay queue, so the row still names a
-    message that exists and the relay does not publish a second one.
+    The delayed message gets a fresh Redis id, handed over on the row in the same step
+    (guarded by the old id), so the relay sees it as queued. The id cannot be reused:
+    Dramatiq deletes a due message's delay-queue copy only after moving it to the
+    queue, and that late delete would take a new delayed copy of the same id with it.
+    A message the row does not name (a stale duplicate) is dropped instead of deferred.
+    With the database unavailable the hand-over is skipped: the relay may then publish
+    the charge once more, and the guarded claim makes that harmless.
     """
-    publish_or_leave_to_relay([(cid, message_id or new_message_id())], delay_ms=delay_ms)
+    new_id = new_message_id()
+    if message_id is not None and cause not in ("db_pool", "database"):
+        try:
+            with transaction() as conn:
+                handed = conn.execute(
+                    _HAND_OVER, {"charge_id": cid, "old_id": message_id, "new_id": new_id}
+                ).rowcount
+        except (PoolTimeout, *DB_UNAVAILABLE):
+            handed = 1  # cannot tell: defer it anyway, the relay sorts out any duplicate
+        if not handed:
+            log.info(
+                "message dropped: the charge is final or has a newer message",
+                extra={"charge_id": str(cid), "cause": cause},
+            )
+            return Result.SKIPPED
+    publish_or_leave_to_relay([(cid, new_id)], delay_ms=delay_ms)
     metrics.DEFERRALS.labels(cause).inc()
     # A full fleet is routine under load; the rest say something about a dependency.
     level = logging.DEBUG if cause == "fleet_full" else logging.INFO

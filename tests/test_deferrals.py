@@ -189,3 +189,19 @@ def test_leaving_frees_the_slot_and_counts_the_call_in_one_step(rig: Rig) -> Non
         assert rig.gate.fleet.in_use() == 0
     snap = rig.gate.breaker.snapshot()
     assert snap.state is BreakerState.OPEN and "4 of 4 calls failed" in snap.reason
+
+
+def test_a_deferral_hands_the_charge_a_fresh_message_and_drops_stale_duplicates(
+    rig: Rig,
+) -> None:
+    for _ in range(4):
+        rig.gate.breaker.record(CallOutcome.FAILURE, 10, probe=False)
+    cid = rig.enqueue()
+    first = charge(cid).message_id
+    assert rig.run(cid, first) is Result.DEFERRED
+    second = charge(cid).message_id
+    # A new Redis id: Dramatiq's late delete of a due delayed copy cannot take it.
+    assert second != first and list(rig.delayed(cid)) == [second]
+    # The old message, delivered again, names a message the row no longer does: dropped.
+    assert rig.run(cid, first) is Result.SKIPPED
+    assert list(rig.delayed(cid)) == [second] and charge(cid).message_id == second
