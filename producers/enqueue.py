@@ -86,7 +86,20 @@ def enqueue_charge(
     If Redis does not answer after the commit, the charge is kept and the relay
     publishes it.
     """
-    request = _validate(
+    request = _one(amount, currency, source, idempotency_key, description, metadata)
+    return enqueue_charges([request], session=session)[0]
+
+
+def _one(
+    amount: int,
+    currency: str,
+    source: str,
+    idempotency_key: str,
+    description: str | None,
+    metadata: Mapping[str, str] | None,
+) -> ChargeRequest:
+    """One charge's parameters, validated, as ``enqueue_charges`` takes them."""
+    return _validate(
         {
             "amount": amount,
             "currency": currency,
@@ -96,7 +109,6 @@ def enqueue_charge(
             "metadata": dict(metadata) if isinstance(metadata, Mapping) else metadata,
         }
     )
-    return enqueue_charges([request], session=session)[0]
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,16 +133,7 @@ def enqueue_charge_result(
     For callers that must tell a new charge from a repeat of the same request (the
     HTTP intake answers 201 or 200); same validation, same errors.
     """
-    request = _validate(
-        {
-            "amount": amount,
-            "currency": currency,
-            "source": source,
-            "idempotency_key": idempotency_key,
-            "description": description,
-            "metadata": dict(metadata) if isinstance(metadata, Mapping) else metadata,
-        }
-    )
+    request = _one(amount, currency, source, idempotency_key, description, metadata)
     result, fresh = _enqueue([request], session=None)
     return EnqueueResult(charge=result[0], created=bool(fresh))
 
