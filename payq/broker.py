@@ -32,6 +32,7 @@ __all__ = [
     "new_message_id",
     "publish",
     "publish_or_leave_to_relay",
+    "queued",
 ]
 
 log = logging.getLogger(__name__)
@@ -213,3 +214,18 @@ def publish_or_leave_to_relay(
         )
         return False
     return True
+
+
+def queued(message_ids: Iterable[str | None], *, broker: RedisBroker | None = None) -> list[bool]:
+    """Whether each charge message is still in Redis: ready, delayed or being processed
+    (its payload stays until the worker acknowledges it). One round trip."""
+    broker = broker or get_broker()
+    ids = [m or "-" for m in message_ids]
+    if not ids:
+        return []
+    with broker.client.pipeline(transaction=False) as pipe:
+        for message_id in ids:
+            pipe.hexists(f"{broker.namespace}:{QUEUE_NAME}.msgs", message_id)
+            pipe.hexists(f"{broker.namespace}:{QUEUE_NAME}.DQ.msgs", message_id)
+        found = pipe.execute()
+    return [bool(found[i]) or bool(found[i + 1]) for i in range(0, len(found), 2)]

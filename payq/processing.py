@@ -36,8 +36,8 @@ from tenacity import (
 )
 
 from payq import metrics
-from payq.broker import new_message_id, publish_or_leave_to_relay
-from payq.constants import ChargeStatus
+from payq.broker import new_message_id, publish_or_leave_to_relay, queued
+from payq.constants import FINAL_STATUSES, ChargeStatus
 from payq.db import get_engine, transaction
 from payq.errors import (
     CardDeclined,
@@ -134,10 +134,15 @@ _HAND_OVER = (
     update(charges)
     .where(
         charges.c.id == bindparam("charge_id"),
-        charges.c.message_id == bindparam("old_id"),
+        charges.c.message_id.is_not_distinct_from(bindparam("old_id")),
         charges.c.status.in_([S.PENDING, S.RETRYING, S.PROCESSING]),
     )
     .values(message_id=bindparam("new_id"), published_at=func.now())
+)
+
+#: The message a charge's row names, and its status.
+_ROW_MESSAGE = select(charges.c.message_id, charges.c.status).where(
+    charges.c.id == bindparam("charge_id")
 )
 
 #: One provider call's row; a retry after a commit whose answer was lost finds it there.
@@ -308,6 +313,8 @@ def _defer(
                 handed = conn.execute(
                     _HAND_OVER, {"charge_id": cid, "old_id": message_id, "new_id": new_id}
                 ).rowcount
+                if not handed:
+                    handed = _adopt(conn, cid, new_id)
         except (PoolTimeout, *DB_UNAVAILABLE):
             handed = 1  # cannot tell: defer it anyway, the relay sorts out any duplicate
         if not handed:
@@ -328,6 +335,21 @@ def _defer(
         extra={"charge_id": str(cid), "cause": cause, "delay_ms": delay_ms},
     )
     return Result.DEFERRED
+
+
+def _adopt(conn: Connection, cid: uuid.UUID, new_id: str) -> int:
+    """Hand the charge over to this message although the row names another, if that
+    other is gone from Redis (this one was sent while the database could not record
+    it): the charge then keeps a message instead of waiting for the relay. 0 when the
+    charge is final or its own message is still queued (this one is a duplicate)."""
+    row = conn.execute(_ROW_MESSAGE, {"charge_id": cid}).first()
+    if row is None or row.status in FINAL_STATUSES or queued([row.message_id])[0]:
+        return 0
+    return int(
+        conn.execute(
+            _HAND_OVER, {"charge_id": cid, "old_id": row.message_id, "new_id": new_id}
+        ).rowcount
+    )
 
 
 def _pool_exhausted(cid: uuid.UUID, settings: Settings) -> None:

@@ -26,18 +26,16 @@ import datetime as dt
 import logging
 import threading
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import redis
 from dramatiq.brokers.redis import RedisBroker
-from sqlalchemy import Row, and_, case, func, or_, select, update
+from sqlalchemy import and_, case, func, or_, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from payq.broker import get_broker, new_message_id, publish
-from payq.constants import QUEUE_NAME, ChargeStatus
+from payq.broker import get_broker, new_message_id, publish, queued
+from payq.constants import ChargeStatus
 from payq.db import transaction
 from payq.errors import ServiceUnavailable
 from payq.models import charges
@@ -106,9 +104,8 @@ def relay_once(settings: Settings | None = None, broker: RedisBroker | None = No
             return RelayPass(0, 0, 0, recovered)
         expired = [r.id for r in rows if r.status == S.PROCESSING]
         waiting = [r for r in rows if r.status != S.PROCESSING]
-        lost = [
-            r.id for r, queued in zip(waiting, _queued(broker, waiting), strict=True) if not queued
-        ]
+        present = queued([r.message_id for r in waiting], broker=broker)
+        lost = [r.id for r, is_queued in zip(waiting, present, strict=True) if not is_queued]
         fresh = {cid: new_message_id() for cid in [*expired, *lost]}
         # A charge whose worker died has waited a lease already: to the head of the queue.
         publish([(cid, fresh[cid]) for cid in expired], broker=broker, front=True)
@@ -160,19 +157,6 @@ def recover_dead_workers(broker: RedisBroker, dead_after_s: float) -> int:
             extra={"worker_id": worker_id},
         )
     return moved
-
-
-def _queued(broker: RedisBroker, rows: Sequence[Row[Any, Any, Any]]) -> list[bool]:
-    """Whether each row's last message is still in Redis (ready, delayed or in flight)."""
-    if not rows:
-        return []
-    with broker.client.pipeline(transaction=False) as pipe:
-        for row in rows:
-            message_id = row.message_id or "-"
-            pipe.hexists(f"{broker.namespace}:{QUEUE_NAME}.msgs", message_id)
-            pipe.hexists(f"{broker.namespace}:{QUEUE_NAME}.DQ.msgs", message_id)
-        found = pipe.execute()
-    return [bool(found[i]) or bool(found[i + 1]) for i in range(0, len(found), 2)]
 
 
 def run_relay(stop: threading.Event | None = None, settings: Settings | None = None) -> None:

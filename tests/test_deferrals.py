@@ -205,3 +205,15 @@ def test_a_deferral_hands_the_charge_a_fresh_message_and_drops_stale_duplicates(
     # The old message, delivered again, names a message the row no longer does: dropped.
     assert rig.run(cid, first) is Result.SKIPPED
     assert list(rig.delayed(cid)) == [second] and charge(cid).message_id == second
+
+
+def test_a_message_sent_while_the_database_was_down_is_adopted_not_dropped(rig: Rig) -> None:
+    for _ in range(4):
+        rig.gate.breaker.record(CallOutcome.FAILURE, 10, probe=False)
+    cid = rig.enqueue()
+    # The row's message was consumed; the one now delivered was deferred while the
+    # database could not record its id (the hand-over was skipped).
+    rig.client.delete(f"{NAMESPACE}:{QUEUE_NAME}", f"{NAMESPACE}:{QUEUE_NAME}.msgs")
+    assert rig.run(cid, "sent-while-the-database-was-down") is Result.DEFERRED
+    adopted = charge(cid).message_id
+    assert list(rig.delayed(cid)) == [adopted]  # the charge keeps a message of its own
