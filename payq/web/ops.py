@@ -226,20 +226,23 @@ def _live_figures(settings: Settings) -> dict[str, Any]:
     return snap
 
 
+async def _overview(request: Request, template: str) -> Response:
+    settings = _settings(request)
+    snap = await _core(request, lambda: _live_figures(settings))
+    return page(request, template, {"snap": snap, "breaker": snap["breaker"]})
+
+
 @router.get("")
 @_html_errors
 async def dashboard(request: Request) -> Response:
-    settings = _settings(request)
-    snap = await _core(request, lambda: _live_figures(settings))
-    return page(request, "dashboard.html", {"snap": snap, "breaker": snap["breaker"]})
+    return await _overview(request, "dashboard.html")
 
 
 @router.get("/live")
 @_html_errors
 async def live(request: Request) -> Response:
-    settings = _settings(request)
-    snap = await _core(request, lambda: _live_figures(settings))
-    return page(request, "_live.html", {"snap": snap, "breaker": snap["breaker"]})
+    """The overview's live part alone, for the page's refresh every few seconds."""
+    return await _overview(request, "_live.html")
 
 
 @router.get("/breaker")

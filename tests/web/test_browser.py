@@ -29,6 +29,7 @@ from sqlalchemy import select
 from payq.db import transaction
 from payq.devservices import free_port
 from payq.models import operator_actions
+from payq.ops.waiting import wait_for_http
 from payq.sim import SimulatorThread
 from producers import enqueue_charges
 from tests.conftest import API_KEY
@@ -102,13 +103,7 @@ def live() -> Iterator[LiveSystem]:
         ):
             base = f"http://127.0.0.1:{port}"
 
-            def up() -> bool:
-                try:
-                    return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
-                except httpx.TransportError:
-                    return False
-
-            wait_until(up, 30, "payq serve to answer /healthz")
+            wait_for_http(f"{base}/healthz", timeout_s=30)
             yield LiveSystem(base, Sim(thread.url))
 
 

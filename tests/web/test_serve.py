@@ -10,8 +10,8 @@ import httpx
 import pytest
 
 from payq.devservices import free_port
+from payq.ops.waiting import wait_for_http
 from tests.conftest import TEST_ENV
-from tests.helpers import wait_until
 from tests.processes import PayqProcess
 from tests.web.conftest import INTAKE, OPERATOR
 
@@ -24,13 +24,7 @@ def test_serve_takes_a_charge_over_http() -> None:
     with PayqProcess("serve", "--port", str(port), env=env) as server:
         base = f"http://127.0.0.1:{port}"
 
-        def up() -> bool:
-            try:
-                return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        wait_until(up, 30, "payq serve to answer /healthz")
+        wait_for_http(f"{base}/healthz", timeout_s=30)
         auth = {"Authorization": f"Bearer {INTAKE}"}
         body = {"amount": 1999, "currency": "usd", "source": "tok_visa"}
         headers = {**auth, "Idempotency-Key": "order-http-1"}
