@@ -6,6 +6,7 @@ address the charge actor by name, so they never import worker code.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -216,9 +217,23 @@ def publish_or_leave_to_relay(
     return True
 
 
-def queued(message_ids: Iterable[str | None], *, broker: RedisBroker | None = None) -> list[bool]:
+def queued(
+    message_ids: Iterable[str | None],
+    *,
+    overdue_after_s: float | None = None,
+    broker: RedisBroker | None = None,
+) -> list[bool]:
     """Whether each charge message is still in Redis: ready, delayed or being processed
-    (its payload stays until the worker acknowledges it). One round trip."""
+    (its payload stays until the worker acknowledges it). One round trip.
+
+    With ``overdue_after_s``, a delayed message whose ``eta`` passed more than that
+    long ago does not count. A running worker moves a due message to the queue within
+    one poll; one still delayed is either waiting for a worker to start, or lost in a
+    live worker's memory. Dramatiq's delay-queue consumer drops the messages it has
+    fetched when Redis gives it a connection error, and leaves them in that worker's
+    ack set, which only a restart of that worker puts back. Either way, a fresh
+    message is due, and a stale duplicate costs nothing: the claim is guarded.
+    """
     broker = broker or get_broker()
     ids = [m or "-" for m in message_ids]
     if not ids:
@@ -226,6 +241,22 @@ def queued(message_ids: Iterable[str | None], *, broker: RedisBroker | None = No
     with broker.client.pipeline(transaction=False) as pipe:
         for message_id in ids:
             pipe.hexists(f"{broker.namespace}:{QUEUE_NAME}.msgs", message_id)
-            pipe.hexists(f"{broker.namespace}:{QUEUE_NAME}.DQ.msgs", message_id)
+            pipe.hget(f"{broker.namespace}:{QUEUE_NAME}.DQ.msgs", message_id)
         found = pipe.execute()
-    return [bool(found[i]) or bool(found[i + 1]) for i in range(0, len(found), 2)]
+    cutoff_ms = None if overdue_after_s is None else (time.time() - overdue_after_s) * 1000
+    return [
+        bool(found[i]) or _delayed_in_time(found[i + 1], cutoff_ms) for i in range(0, len(found), 2)
+    ]
+
+
+def _delayed_in_time(payload: bytes | None, cutoff_ms: float | None) -> bool:
+    """A delayed message exists and, given a cutoff, falls due after it."""
+    if payload is None:
+        return False
+    if cutoff_ms is None:
+        return True
+    try:
+        eta = json.loads(payload)["options"]["eta"]
+        return bool(float(eta) >= cutoff_ms)
+    except (ValueError, TypeError, KeyError):
+        return True  # not ours to judge: leave it be

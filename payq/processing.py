@@ -343,7 +343,9 @@ def _adopt(conn: Connection, cid: uuid.UUID, new_id: str) -> int:
     it): the charge then keeps a message instead of waiting for the relay. 0 when the
     charge is final or its own message is still queued (this one is a duplicate)."""
     row = conn.execute(_ROW_MESSAGE, {"charge_id": cid}).first()
-    if row is None or row.status in FINAL_STATUSES or queued([row.message_id])[0]:
+    if row is None or row.status in FINAL_STATUSES:
+        return 0
+    if queued([row.message_id], overdue_after_s=get_settings().relay_stale_after_s)[0]:
         return 0
     return int(
         conn.execute(

@@ -5,7 +5,8 @@ due, under ``FOR UPDATE SKIP LOCKED`` so several relays can run side by side:
 
 - ``pending`` or overdue ``retrying`` charges whose last message is no longer in
   Redis (never published, lost with Redis's data, or dead-lettered after the
-  database blinked) are published again;
+  database blinked), or is a delayed message overdue by ``RELAY_STALE_AFTER_S``
+  (lost in a live worker's memory, see ``payq.broker.queued``), are published again;
 - ``processing`` charges whose lease ran out (their worker died) are published at
   once, and again every ``RELAY_STALE_AFTER_S`` while nobody takes them over.
 
@@ -104,7 +105,11 @@ def relay_once(settings: Settings | None = None, broker: RedisBroker | None = No
             return RelayPass(0, 0, 0, recovered)
         expired = [r.id for r in rows if r.status == S.PROCESSING]
         waiting = [r for r in rows if r.status != S.PROCESSING]
-        present = queued([r.message_id for r in waiting], broker=broker)
+        present = queued(
+            [r.message_id for r in waiting],
+            overdue_after_s=settings.relay_stale_after_s,
+            broker=broker,
+        )
         lost = [r.id for r, is_queued in zip(waiting, present, strict=True) if not is_queued]
         fresh = {cid: new_message_id() for cid in [*expired, *lost]}
         # A charge whose worker died has waited a lease already: to the head of the queue.

@@ -171,6 +171,53 @@ def test_a_deferred_message_that_falls_due_is_still_seen_as_queued() -> None:
     assert queued() == [str(c.id)]
 
 
+def _deferred(key: str, due_in_s: int) -> tuple[str, str]:
+    """A charge whose only message is a delayed one that a worker has fetched (it sits in
+    that live worker's ack set), as a deferral leaves it: (charge id, message id)."""
+    import time
+
+    from payq.broker import new_message_id, publish
+
+    c = enqueue_charge(100, "usd", "tok_visa", key)
+    r = client()
+    r.delete(f"{NAMESPACE}:charges", f"{NAMESPACE}:charges.msgs")  # consumed, then deferred
+    message_id = new_message_id()
+    publish([(c.id, message_id)], delay_ms=0)
+    payload = json.loads(r.hget(f"{NAMESPACE}:charges.DQ.msgs", message_id))  # type: ignore[arg-type]
+    payload["options"]["eta"] = int((time.time() + due_in_s) * 1000)
+    r.hset(f"{NAMESPACE}:charges.DQ.msgs", message_id, json.dumps(payload))
+    r.lrem(f"{NAMESPACE}:charges.DQ", 0, message_id)  # fetched by a live worker
+    r.sadd(f"{NAMESPACE}:__acks__.live-worker.charges.DQ", message_id)
+    r.zadd(f"{NAMESPACE}:__heartbeats__", {"live-worker": 10**13})  # alive for good
+    r.close()
+    with transaction() as conn:
+        conn.execute(
+            text("UPDATE charges SET message_id = :m WHERE id = :c"), {"m": message_id, "c": c.id}
+        )
+    age(60)
+    return str(c.id), message_id
+
+
+def test_a_delayed_message_long_overdue_is_replaced() -> None:
+    # Dramatiq's delay-queue consumer drops what it fetched on a Redis connection error
+    # and leaves it in the ack set of a worker that is still alive: nothing moves it.
+    charge_id, stuck = _deferred("relay-overdue", due_in_s=-60)
+    assert relay_once().republished == 1
+    assert queued() == [charge_id]  # a fresh message on the queue itself
+    with transaction() as conn:
+        named = conn.execute(
+            text("SELECT message_id FROM charges WHERE id = :c"), {"c": charge_id}
+        ).scalar_one()
+    assert named != stuck
+
+
+def test_a_delayed_message_not_yet_overdue_is_left_alone() -> None:
+    charge_id, _ = _deferred("relay-not-overdue", due_in_s=5)
+    assert relay_once().republished == 0
+    assert queued() == []
+    assert queued("charges.DQ") == [charge_id]
+
+
 def test_a_takeover_goes_to_the_head_of_the_queue() -> None:
     waiting = [enqueue_charge(100, "usd", "tok_visa", f"relay-q{i}") for i in range(3)]
     with transaction() as conn:
