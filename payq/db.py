@@ -3,23 +3,44 @@
 The pool never grows past ``DATABASE_POOL_MAX_CONNECTIONS`` (no overflow); a
 checkout waits at most ``DB_TIMEOUT_MS``; every connection carries a statement
 timeout and an ``application_name`` so ``pg_stat_activity`` shows who holds it.
+
+A connection that sat in the pool for more than ``PING_AFTER_IDLE_S`` is pinged at
+checkout, and replaced if PostgreSQL does not answer (restarted, or the connection was
+cut while idle). SQLAlchemy's own ``pool_pre_ping`` pings at every checkout: on a busy
+worker that is a round trip per statement for connections used a few milliseconds
+earlier. A connection in steady use that breaks fails its statement instead, which the
+callers handle (the claim defers the charge, the record retries), and SQLAlchemy then
+replaces every connection of the pool that predates the failure.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import math
 import os
+import re
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine
+from sqlalchemy import Connection, CursorResult, Engine, create_engine, event
+from sqlalchemy.dialects.postgresql import psycopg2 as pg_psycopg2
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, DisconnectionError
+from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.expression import ClauseElement
 
 from payq.settings import Settings, get_settings
 
 __all__ = [
+    "PING_AFTER_IDLE_S",
+    "Prepared",
     "application_name",
+    "autocommit",
     "get_engine",
     "make_engine",
     "reset_engine",
@@ -31,6 +52,10 @@ _lock = threading.Lock()
 _engine: Engine | None = None
 _engine_pid: int | None = None
 _role = "payq"
+log = logging.getLogger("payq.db")
+
+#: A pooled connection idle for longer than this is pinged before it is handed out.
+PING_AFTER_IDLE_S = 1.0
 
 
 def application_name(role: str) -> str:
@@ -43,14 +68,36 @@ def make_engine(settings: Settings, role: str = "payq") -> Engine:
         "application_name": application_name(role),
         "options": f"-c statement_timeout={settings.db_statement_timeout_ms}",
     }
-    return create_engine(
+    engine = create_engine(
         make_url(settings.database_url).set(drivername="postgresql+psycopg2"),
         pool_size=settings.database_pool_max_connections,
         max_overflow=0,
         pool_timeout=settings.db_timeout_ms / 1000,
-        pool_pre_ping=True,
         connect_args=connect_args,
     )
+    _ping_after_idle(engine)
+    return engine
+
+
+def _ping_after_idle(engine: Engine) -> None:
+    """Ping a connection at checkout if it sat idle in the pool (module docstring)."""
+
+    @event.listens_for(engine, "checkin")
+    def _checked_in(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checked_out(
+        dbapi_connection: Any, record: ConnectionPoolEntry, proxy: PoolProxiedConnection
+    ) -> None:
+        idle_since = record.info.get("idle_since")
+        if idle_since is None or time.monotonic() - idle_since <= PING_AFTER_IDLE_S:
+            return  # new, or in use a moment ago
+        try:
+            engine.dialect.do_ping(dbapi_connection)
+        except engine.dialect.loaded_dbapi.Error as exc:
+            # The pool discards this connection and checks out another (up to 3 times).
+            raise DisconnectionError(f"idle connection did not answer a ping: {exc}") from exc
 
 
 def set_role(role: str) -> None:
@@ -89,3 +136,104 @@ def transaction(engine: Engine | None = None) -> Iterator[Connection]:
     """One short transaction: commits on success, rolls back on any error."""
     with (engine or get_engine()).begin() as conn:
         yield conn
+
+
+@contextmanager
+def autocommit(engine: Engine | None = None) -> Iterator[Connection]:
+    """A connection whose every statement commits on its own, as PostgreSQL answers.
+
+    For work that is one statement, atomic by itself (an INSERT, a guarded UPDATE, a
+    CTE): no BEGIN and COMMIT round trips. Autocommit is set on the driver's connection,
+    as SQLAlchemy's own ping does. SQLAlchemy's ``isolation_level="AUTOCOMMIT"`` would
+    leave psycopg2 an explicit isolation level on the way back to the pool, which costs
+    every later transaction on that connection a round trip.
+    """
+    with (engine or get_engine()).connect() as conn:
+        driver = conn.connection.dbapi_connection
+        assert driver is not None  # checked out by connect()
+        driver.autocommit = True
+        try:
+            yield conn
+        finally:
+            if not driver.closed:  # psycopg2 closes a connection it found broken
+                driver.autocommit = False
+
+
+class Prepared:
+    """A Core statement that PostgreSQL parses and plans once per connection.
+
+    The worker's two statements per charge (the claim, the record) are long, and
+    psycopg2 has no server-side prepared statements of its own: each call was parsed
+    and planned again by PostgreSQL, and compiled into a cursor call by SQLAlchemy. Here
+    the statement is compiled once, ``PREPARE``d on a connection the first time that
+    connection runs it, and then run as ``EXECUTE name(...)`` with only the values.
+
+    The name carries a hash of the SQL, so two versions of payq side by side (a rolling
+    deploy) never run each other's statement. A connection that lost its prepared
+    statements (``DISCARD ALL``, a pooler in transaction mode handing each statement
+    to another server connection) prepares again; if the statement is missing once
+    more right after, that connection runs the plain SQL from then on, and a warning
+    says why. Runs only in autocommit (``autocommit()``): a failed EXECUTE must not
+    abort a transaction around it.
+    """
+
+    def __init__(self, name: str, statement: ClauseElement) -> None:
+        dialect = pg_psycopg2.dialect()  # type: ignore[no-untyped-call]
+        compiled = statement.compile(dialect=dialect, compile_kwargs={"render_postcompile": True})
+        assert isinstance(compiled, SQLCompiler)
+        if compiled._bind_processors:  # EXECUTE sends the values as they are
+            raise ValueError(f"{name}: a bind parameter's type converts values; not supported")
+        sql = str(compiled)
+        if "%" in re.sub(r"%\(\w+\)s", "", sql):
+            raise ValueError(f"{name}: a literal % in the SQL cannot be prepared")
+        names = list(dict.fromkeys(re.findall(r"%\((\w+)\)s", sql)))
+        position = {n: k + 1 for k, n in enumerate(names)}
+        types = [compiled.binds[n].type.compile(dialect=dialect) for n in names]
+        self.name = f"payq_{name}_{hashlib.blake2s(sql.encode(), digest_size=5).hexdigest()}"
+        self._compiled = compiled
+        self._names = names
+        self._sql = sql
+        self._prepare = f"PREPARE {self.name}({', '.join(types)}) AS " + re.sub(
+            r"%\((\w+)\)s", lambda m: f"${position[m.group(1)]}", sql
+        )
+        self._execute = f"EXECUTE {self.name}({', '.join(['%s'] * len(names))})"
+
+    def execute(self, conn: Connection, params: Mapping[str, Any]) -> CursorResult[Any]:
+        info = conn.connection.info  # cleared by SQLAlchemy when it reconnects
+        values = self._compiled.construct_params(dict(params))
+        assert values is not None
+        if not info.get("payq_unprepared"):
+            prepared: set[str] = info.setdefault("payq_prepared", set())
+            args = tuple(values[n] for n in self._names)
+            for _ in range(2):  # the second time after preparing again
+                try:
+                    return self._run(conn, prepared, args)
+                except DBAPIError as exc:
+                    if _sqlstate(exc) != "26000":  # invalid_sql_statement_name
+                        raise
+                prepared.clear()
+            info["payq_unprepared"] = True
+            log.warning(
+                "prepared statements vanish between statements on this database connection "
+                "(a pooler in transaction mode?): it runs plain SQL from now on"
+            )
+        return conn.exec_driver_sql(self._sql, values)
+
+    def _run(
+        self, conn: Connection, prepared: set[str], args: tuple[Any, ...]
+    ) -> CursorResult[Any]:
+        if self.name not in prepared:
+            self._prepare_on(conn)
+            prepared.add(self.name)
+        return conn.exec_driver_sql(self._execute, args)
+
+    def _prepare_on(self, conn: Connection) -> None:
+        try:
+            conn.exec_driver_sql(self._prepare)
+        except DBAPIError as exc:
+            if _sqlstate(exc) != "42P05":  # duplicate_prepared_statement: same SQL, same name
+                raise
+
+
+def _sqlstate(exc: DBAPIError) -> str | None:
+    return getattr(exc.orig, "pgcode", None)

@@ -1,9 +1,10 @@
 """One attempt at one charge: claim, call the provider, record, move on.
 
 This is the business rule the worker's actor runs; it holds no database
-connection during the provider call, and every state change is a guarded
-``UPDATE`` in a short transaction, so duplicate deliveries and late workers
-cannot charge twice or overwrite each other:
+connection during the provider call, and every state change is one guarded
+``UPDATE`` statement, committed on its own (autocommit: no BEGIN or COMMIT round
+trips), so duplicate deliveries and late workers cannot charge twice or overwrite
+each other:
 
     claim     pending | retrying (due) | processing (lease ran out)  ->  processing
     record    processing (same attempt number)  ->  succeeded | failed | retrying | dead
@@ -38,7 +39,7 @@ from tenacity import (
 from payq import metrics
 from payq.broker import new_message_id, publish_or_leave_to_relay, queued
 from payq.constants import FINAL_STATUSES, ChargeStatus
-from payq.db import get_engine, transaction
+from payq.db import Prepared, autocommit, get_engine
 from payq.errors import (
     CardDeclined,
     FinalProviderError,
@@ -83,14 +84,16 @@ class Result(StrEnum):
 
 # The statements of the hot path are built once, here, with a bind parameter for every
 # per-call value. Building a Core construct on every call (coercing each argument, then
-# computing its cache key) was most of the worker CPU that claiming and recording took;
-# a prebuilt statement keeps its cache key, so a call is a lookup in SQLAlchemy's
-# compiled cache plus the parameters. The SQL is what the inline constructs produced:
-# times are PostgreSQL's ``now()``, intervals are bound as ``datetime.timedelta``.
+# computing its cache key) was most of the worker CPU that claiming and recording took.
+# The claim and the record are also prepared on each connection (``db.Prepared``):
+# PostgreSQL parses and plans them once, and a call sends only the values. The SQL is
+# what the inline constructs produced: times are PostgreSQL's ``now()``, intervals are
+# bound as ``datetime.timedelta``.
 
 #: Take a charge for one attempt, if it is free: pending, a retry that is due, or
 #: processing under a lease that ran out. ``old``: created before the key retention.
-_CLAIM = (
+_CLAIM = Prepared(
+    "claim",
     update(charges)
     .where(
         charges.c.id == bindparam("charge_id"),
@@ -119,7 +122,7 @@ _CLAIM = (
         (charges.c.created_at < func.now() - bindparam("key_retention", type_=Interval)).label(
             "old"
         ),
-    )
+    ),
 )
 
 #: What a charge that could not be claimed is doing, and in how long a retry is due.
@@ -190,22 +193,32 @@ _ERRORS = ("last_error", "last_error_class")
 #: Record an attempt and move its charge on, in one statement, by where the outcome took
 #: it. PostgreSQL runs the INSERT in ``WITH`` to completion whether or not the guarded
 #: UPDATE matches: an attempt whose worker lost its lease is still recorded, as it was made.
-_RECORD: dict[Result, Update] = {
-    Result.SUCCEEDED: _finish_statement(S.SUCCEEDED, "provider_charge_id").add_cte(_ATTEMPT),
-    Result.FAILED: _finish_statement(
-        S.FAILED, "provider_charge_id", "decline_code", *_ERRORS
-    ).add_cte(_ATTEMPT),
-    Result.DEAD: _finish_statement(S.DEAD, "dead_reason", *_ERRORS).add_cte(_ATTEMPT),
-    Result.RETRYING: _finish_statement(
-        S.RETRYING,
-        "message_id",
-        *_ERRORS,
-        next_attempt_at=func.now() + bindparam("retry_in", type_=Interval),
-        published_at=func.now(),
-    ).add_cte(_ATTEMPT),
+_RECORD: dict[Result, Prepared] = {
+    Result.SUCCEEDED: Prepared(
+        "succeeded", _finish_statement(S.SUCCEEDED, "provider_charge_id").add_cte(_ATTEMPT)
+    ),
+    Result.FAILED: Prepared(
+        "failed",
+        _finish_statement(S.FAILED, "provider_charge_id", "decline_code", *_ERRORS).add_cte(
+            _ATTEMPT
+        ),
+    ),
+    Result.DEAD: Prepared(
+        "dead", _finish_statement(S.DEAD, "dead_reason", *_ERRORS).add_cte(_ATTEMPT)
+    ),
+    Result.RETRYING: Prepared(
+        "retrying",
+        _finish_statement(
+            S.RETRYING,
+            "message_id",
+            *_ERRORS,
+            next_attempt_at=func.now() + bindparam("retry_in", type_=Interval),
+            published_at=func.now(),
+        ).add_cte(_ATTEMPT),
+    ),
 }
 #: A charge claimed past the key retention: dead without a call, the claim's count undone.
-_EXPIRE = _finish_statement(S.DEAD, "dead_reason", "attempts")
+_EXPIRE = Prepared("expire", _finish_statement(S.DEAD, "dead_reason", "attempts"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,7 +263,7 @@ def process_charge(
     elapsed_s = 0.0
     try:
         try:
-            with transaction() as conn:
+            with autocommit() as conn:  # each statement is atomic on its own
                 claim = _claim(conn, cid, settings)
                 if claim is None:
                     result, redo_in_ms = _not_claimed(conn, cid, message_id)
@@ -309,7 +322,7 @@ def _defer(
     new_id = new_message_id()
     if message_id is not None and cause not in ("db_pool", "database"):
         try:
-            with transaction() as conn:
+            with autocommit() as conn:  # guarded by the old id: no transaction needed
                 handed = conn.execute(
                     _HAND_OVER, {"charge_id": cid, "old_id": message_id, "new_id": new_id}
                 ).rowcount
@@ -399,7 +412,7 @@ def _claim(conn: Connection, cid: uuid.UUID, settings: Settings) -> _Claim | Non
         "lease": dt.timedelta(seconds=settings.charge_lease_s),
         "key_retention": dt.timedelta(seconds=settings.provider_idempotency_ttl_s),
     }
-    row = conn.execute(_CLAIM, params).mappings().first()
+    row = _CLAIM.execute(conn, params).mappings().first()
     if row is None:
         return None
     return _Claim(
@@ -493,7 +506,7 @@ def _save(
     latency_ms: int,
     settings: Settings,
 ) -> tuple[Result, bool, str | None, int | None]:
-    """Record the attempt and move the charge on, in one transaction (one statement)."""
+    """Record the attempt and move the charge on, in one statement (atomic on its own)."""
     error = outcome if isinstance(outcome, ProviderError) else None
     result, values = _next_state(outcome, claim.budget_used, RetryPolicy.from_settings(settings))
     for field in ("last_error", "dead_reason"):
@@ -505,7 +518,7 @@ def _save(
         message_id = values["message_id"]
         publish_delay_ms = values.pop("delay_ms")
         values["retry_in"] = dt.timedelta(milliseconds=publish_delay_ms)
-    with transaction() as conn:
+    with autocommit() as conn:
         done = _finish(
             conn,
             _RECORD[result],
@@ -547,13 +560,13 @@ def _next_state(
     return Result.RETRYING, {"delay_ms": delay_ms, "message_id": new_message_id(), **errors}
 
 
-def _finish(conn: Connection, statement: Update, claim: _Claim, **values: Any) -> bool:
+def _finish(conn: Connection, statement: Prepared, claim: _Claim, **values: Any) -> bool:
     """Run one of the guarded finishing statements; whether this attempt still held the charge.
 
     ``values`` must name exactly the statement's own parameters: a key that is a column
     of ``charges`` would otherwise be added to the ``SET`` clause by SQLAlchemy.
     """
-    done = conn.execute(statement, {"charge_id": claim.id, "attempt": claim.attempt, **values})
+    done = statement.execute(conn, {"charge_id": claim.id, "attempt": claim.attempt, **values})
     return done.rowcount == 1
 
 

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, SessionTransaction
 
 from payq.broker import new_message_id, publish_or_leave_to_relay
 from payq.constants import ChargeStatus
-from payq.db import get_engine, transaction
+from payq.db import autocommit, transaction
 from payq.errors import ChargeNotFound, IdempotencyConflict, ServiceUnavailable
 from payq.models import Charge, charges
 from payq.settings import get_settings
@@ -183,26 +183,12 @@ def _writing(requests: Sequence[ChargeRequest]) -> Iterator[Connection]:
 
     One request is one ``INSERT``, atomic on its own: it runs in autocommit, so that
     PostgreSQL commits it as it answers, without the BEGIN and COMMIT round trips of an
-    explicit transaction (two of the five round trips of a durable enqueue). The row is
-    committed before anything is published, as before. Autocommit is set on the driver's
-    connection, as SQLAlchemy's own pre-ping does: SQLAlchemy's ``isolation_level=
-    "AUTOCOMMIT"`` would leave psycopg2 an explicit isolation level on the way back to the
-    pool, which costs every later user of that connection a round trip. A batch may take
-    several statements (``insertmanyvalues`` pages), so it keeps its transaction.
+    explicit transaction. The row is committed before anything is published, as before.
+    A batch may take several statements (``insertmanyvalues`` pages), so it keeps its
+    transaction.
     """
-    if len(requests) > 1:
-        with transaction() as conn:
-            yield conn
-        return
-    with get_engine().connect() as conn:
-        driver = conn.connection.dbapi_connection
-        assert driver is not None  # checked out by connect()
-        driver.autocommit = True
-        try:
-            yield conn
-        finally:
-            if not driver.closed:  # psycopg2 closes a connection it found broken
-                driver.autocommit = False
+    with transaction() if len(requests) > 1 else autocommit() as conn:
+        yield conn
 
 
 def get_charge(charge_id: uuid.UUID | str, session: Session | None = None) -> Charge:
