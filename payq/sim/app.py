@@ -53,8 +53,9 @@ _EARLY_STEPS = frozenset(
 
 
 STATE_KEY = web.AppKey("state", SimulatorState)
-#: Every connection's transport, so that stopping the simulator can close what a
-#: cancelled handler (a trickle or a held timeout) left open.
+#: Every connection's transport, so that stopping the simulator can close what
+#: aiohttp's own shutdown leaves open: filled here for each request, and by the
+#: server (`payq.sim.server`) for connections that never carried one.
 TRANSPORTS_KEY = web.AppKey("transports", weakref.WeakSet[asyncio.Transport])
 
 
@@ -66,11 +67,17 @@ async def _track_transport(request: web.Request, handler: Handler) -> web.Stream
 
 
 def close_transports(app: web.Application) -> None:
-    """Abort connections still open after the server shut down."""
+    """Abort every connection still open after the server shut down.
+
+    Closing ones too: ``close()`` keeps the socket open until the client has read
+    what is still buffered for it (an answer to ``/_requests/all``, say), which a
+    client that stopped reading never does; the socket would then outlive the event
+    loop. ``abort()`` drops the buffer and closes at the next turn of the loop; on a
+    connection already lost it does nothing.
+    """
     transports: weakref.WeakSet[asyncio.Transport] = app[TRANSPORTS_KEY]
     for transport in list(transports):
-        if not transport.is_closing():
-            transport.abort()
+        transport.abort()
 
 
 _RECORD_KEY = web.RequestKey("record", RequestRecord)

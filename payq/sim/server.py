@@ -31,6 +31,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import threading
 from types import TracebackType
 from typing import Any, Self
@@ -38,7 +39,7 @@ from typing import Any, Self
 import httpx
 from aiohttp import web
 
-from payq.sim.app import build_app, close_transports
+from payq.sim.app import TRANSPORTS_KEY, build_app, close_transports
 from payq.sim.faults import (
     API_KEY_ENV,
     DEFAULT_HOST,
@@ -72,18 +73,85 @@ logger = logging.getLogger(__name__)
 
 SHUTDOWN_TIMEOUT_S = 1.0
 LISTEN_BACKLOG = 1024
+#: Turns of the event loop an accepted socket takes to become a connection: the
+#: loop's accept task runs (transport and protocol made), then ``connection_made``.
+ACCEPT_TURNS = 3
 
 
-async def _start(state: SimulatorState, host: str, port: int) -> tuple[web.AppRunner, int]:
-    runner = web.AppRunner(build_app(state), access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port, backlog=LISTEN_BACKLOG)
+class _Serving:
+    """A started simulator: the aiohttp runner and the socket it listens on."""
+
+    def __init__(self, runner: web.AppRunner, listener: socket.socket) -> None:
+        self.runner = runner
+        self.listener = listener
+        self.port = int(listener.getsockname()[1])
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` (0: a free port), for `web.SockSite`.
+
+    The simulator owns its listening socket so that stopping can stop accepting
+    before the server closes (see `_stop`).
+    """
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+    return socket.create_server((host, port), family=family, backlog=LISTEN_BACKLOG)
+
+
+async def _start(state: SimulatorState, host: str, port: int) -> _Serving:
+    listener = _listen(host, port)
     try:
-        await site.start()
+        runner = web.AppRunner(
+            build_app(state), access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S
+        )
+        await runner.setup()
+        try:
+            await web.SockSite(runner, listener, backlog=LISTEN_BACKLOG).start()
+        except BaseException:
+            await runner.cleanup()
+            raise
     except BaseException:
-        await runner.cleanup()
+        listener.close()
         raise
-    return runner, int(runner.addresses[0][1])
+    return _Serving(runner, listener)
+
+
+async def _stop(serving: _Serving) -> None:
+    """Shut the server down so that no connection outlives the event loop.
+
+    1. Stop accepting, and give the sockets accepted already the turns of the loop
+       they take to become connections, while the server is still open. (The
+       loop's accept task for a socket accepted just before the server closed
+       runs after it: making the transport then fails, on Python 3.11 an
+       assertion in ``Server._attach``, and neither the half-made transport nor
+       the socket is ever closed. A connection made after aiohttp's shutdown began
+       is not shut down by it either.)
+    2. aiohttp's shutdown: the server closes, idle connections close, handlers get
+       ``SHUTDOWN_TIMEOUT_S``, then are cancelled.
+    3. Abort every connection still open, closing ones with unsent data too
+       (`close_transports`), and let the aborts and the cancelled handlers finish
+       while the loop still runs.
+    """
+    runner, app = serving.runner, serving.runner.app
+    asyncio.get_running_loop().remove_reader(serving.listener.fileno())
+    for _ in range(ACCEPT_TURNS):
+        await asyncio.sleep(0)
+    if runner.server is not None:
+        _track_connections(runner.server, app)
+    await runner.cleanup()
+    close_transports(app)
+    await asyncio.sleep(0)  # the aborts close their sockets
+    current = asyncio.current_task()
+    pending = [task for task in asyncio.all_tasks() if task is not current]
+    if pending:
+        await asyncio.wait(pending, timeout=SHUTDOWN_TIMEOUT_S)
+
+
+def _track_connections(server: web.Server, app: web.Application) -> None:
+    """Add the transport of every connection the server knows to `TRANSPORTS_KEY`."""
+    transports = app[TRANSPORTS_KEY]
+    for handler in server.connections:
+        if isinstance(handler.transport, asyncio.Transport):
+            transports.add(handler.transport)
 
 
 def _resolve_api_key(api_key: str | None) -> str:
@@ -100,14 +168,13 @@ async def _serve_until_signal(state: SimulatorState, host: str, port: int) -> No
     for sig in signals:
         loop.add_signal_handler(sig, stop.set)
     try:
-        runner, actual_port = await _start(state, host, port)
+        serving = await _start(state, host, port)
         try:
-            logger.info("provider simulator listening on http://%s:%d", host, actual_port)
+            logger.info("provider simulator listening on http://%s:%d", host, serving.port)
             await stop.wait()
             logger.info("provider simulator stopping")
         finally:
-            await runner.cleanup()
-            close_transports(runner.app)
+            await _stop(serving)
     finally:
         for sig in signals:
             loop.remove_signal_handler(sig)
@@ -220,10 +287,10 @@ class SimulatorThread:
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        runner, self.port = await _start(self.state, self.host, self.port)
+        serving = await _start(self.state, self.host, self.port)
+        self.port = serving.port
         try:
             self._ready.set()
             await self._stop.wait()
         finally:
-            await runner.cleanup()
-            close_transports(runner.app)
+            await _stop(serving)
