@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+import string
 import time
 import uuid
 from collections.abc import Callable
@@ -66,3 +68,9 @@ class Sim:
         response = httpx.get(f"{self.url}/_requests", params={"idempotency_key": key})
         data: list[dict[str, Any]] = response.json()
         return data
+
+
+def unique_key(prefix: str) -> str:
+    """A fresh idempotency key. Letters only after the prefix: a uuid's hex can hold a run
+    of digits that passes the Luhn check, and payq refuses a key that looks like a card."""
+    return f"{prefix}-{''.join(random.choices(string.ascii_lowercase, k=24))}"

@@ -26,7 +26,7 @@ from payq.settings import Settings, load_settings
 from payq.sim import SimulatorThread
 from producers import enqueue_charge
 from tests.conftest import API_KEY, NAMESPACE, REDIS_URL
-from tests.helpers import Sim, attempts, charge
+from tests.helpers import Sim, attempts, charge, unique_key
 
 
 class Rig:
@@ -38,7 +38,7 @@ class Rig:
         self.gate = ProviderGate.from_settings(client, settings)
 
     def enqueue(self) -> uuid.UUID:
-        return enqueue_charge(1999, "usd", "tok_visa", f"order-{uuid.uuid4().hex}").id
+        return enqueue_charge(1999, "usd", "tok_visa", unique_key("order")).id
 
     def run(self, cid: uuid.UUID, message_id: str | None = None) -> Result:
         return process_charge(

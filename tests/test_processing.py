@@ -18,7 +18,7 @@ from payq.settings import Settings, load_settings
 from payq.sim import SimulatorThread
 from producers import enqueue_charge
 from tests.conftest import API_KEY
-from tests.helpers import Sim, attempts, charge
+from tests.helpers import Sim, attempts, charge, unique_key
 
 
 class Harness:
@@ -28,7 +28,7 @@ class Harness:
         self.provider = ProviderClient(settings)
 
     def enqueue(self, source: str = "tok_visa", **kw: Any) -> uuid.UUID:
-        key = kw.pop("idempotency_key", f"order-{uuid.uuid4().hex}")
+        key = kw.pop("idempotency_key", unique_key("order"))
         return enqueue_charge(1999, "usd", source, key, **kw).id
 
     def run(self, charge_id: uuid.UUID, message_id: str | None = None) -> Result:

@@ -9,7 +9,6 @@ charge over while it is being called.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from typing import cast
 
@@ -22,7 +21,7 @@ from payq.processing import Result, process_charge
 from payq.provider import ProviderCharge, ProviderClient
 from payq.settings import Settings, load_settings
 from producers import enqueue_charge
-from tests.helpers import attempts, charge
+from tests.helpers import attempts, charge, unique_key
 
 
 class TakenOverDuringTheCall:
@@ -65,7 +64,7 @@ def test_an_attempt_whose_lease_was_lost_is_recorded_but_moves_nothing(
     outcome: ProviderCharge | ProviderError,
     recorded: tuple[str, int, str | None],
 ) -> None:
-    cid = enqueue_charge(1999, "usd", "tok_visa", f"order-{uuid.uuid4().hex}").id
+    cid = enqueue_charge(1999, "usd", "tok_visa", unique_key("order")).id
     provider = cast(ProviderClient, TakenOverDuringTheCall(outcome))
 
     result = process_charge(str(cid), settings=settings, provider=provider)
@@ -86,7 +85,7 @@ def test_an_attempt_whose_lease_was_lost_is_recorded_but_moves_nothing(
 
 def test_recording_the_same_attempt_twice_keeps_the_first_row(settings: Settings) -> None:
     # A retry of the record step after a commit whose answer was lost finds its row there.
-    cid = enqueue_charge(1999, "usd", "tok_visa", f"order-{uuid.uuid4().hex}").id
+    cid = enqueue_charge(1999, "usd", "tok_visa", unique_key("order")).id
     with transaction() as conn:
         conn.execute(
             text(

@@ -27,7 +27,7 @@ from payq.settings import load_settings
 from payq.sim import SimulatorThread
 from producers import enqueue_charge
 from tests.conftest import API_KEY, NAMESPACE, REDIS_URL, TEST_ENV
-from tests.helpers import Sim, charge
+from tests.helpers import Sim, charge, unique_key
 
 pytestmark = pytest.mark.usefixtures("clean")
 
@@ -41,7 +41,7 @@ class Ops:
     def dead(self, step: str, amount: int = 1999, currency: str = "usd") -> uuid.UUID:
         """A charge that went dead after one attempt ending in ``step``."""
         self.sim.faults(script=[step], timeout_delay_s=3)
-        cid = enqueue_charge(amount, currency, "tok_visa", f"dead-{uuid.uuid4().hex}").id
+        cid = enqueue_charge(amount, currency, "tok_visa", unique_key("dead")).id
         result = process_charge(str(cid), settings=self.settings, provider=self.provider)
         assert result is Result.DEAD
         return cid

@@ -29,7 +29,7 @@ from payq.settings import load_settings
 from payq.sim import SimulatorThread
 from producers import enqueue_charges
 from tests.conftest import API_KEY
-from tests.helpers import Sim, charge, wait_until
+from tests.helpers import Sim, charge, unique_key, wait_until
 from tests.processes import PayqProcess
 
 try:  # sentry-sdk sends brotli only when this module is installed (gzip otherwise)
@@ -331,7 +331,7 @@ def test_a_real_worker_reports_a_dead_charge_tagged_and_without_secrets(
                         "amount": 1234,
                         "currency": "usd",
                         "source": source,
-                        "idempotency_key": f"sentry-{uuid.uuid4().hex}",
+                        "idempotency_key": unique_key("sentry"),
                     }
                 ]
             )

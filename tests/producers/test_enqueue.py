@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
 import pytest
@@ -18,6 +17,7 @@ from payq.settings import load_settings
 from producers import enqueue_charge, enqueue_charges, get_charge
 from producers.relay import relay_once
 from tests.conftest import NAMESPACE, REDIS_URL
+from tests.helpers import unique_key
 
 pytestmark = pytest.mark.usefixtures("clean")
 
@@ -153,7 +153,7 @@ def test_bad_input_is_refused_clearly_and_writes_nothing(
         "amount": 1999,
         "currency": "usd",
         "source": "tok_visa",
-        "idempotency_key": f"bad-{uuid.uuid4().hex}",
+        "idempotency_key": unique_key("bad"),
         **change,
     }
     with pytest.raises(error, match=message):

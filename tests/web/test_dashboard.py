@@ -28,7 +28,7 @@ from payq.web.pages import chart
 from payq.web.signin import SIGN_IN_FAILURES_PER_MIN
 from producers import enqueue_charge
 from tests.conftest import API_KEY
-from tests.helpers import Sim, charge, statuses
+from tests.helpers import Sim, charge, statuses, unique_key
 from tests.web.conftest import INTAKE, OPERATOR, bearer, make_app
 
 pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("clean")]
@@ -46,7 +46,7 @@ class Dead:
 
     def make(self, step: str, amount: int = 1999, currency: str = "usd") -> uuid.UUID:
         self.sim.faults(script=[step], timeout_delay_s=3)
-        cid = enqueue_charge(amount, currency, "tok_visa", f"dash-{uuid.uuid4().hex}").id
+        cid = enqueue_charge(amount, currency, "tok_visa", unique_key("dash")).id
         assert process_charge(str(cid), settings=self.settings, provider=self.provider) is (
             Result.DEAD
         )

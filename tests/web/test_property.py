@@ -13,7 +13,6 @@ Both count the charge rows around every request.
 from __future__ import annotations
 
 import json
-import uuid
 from typing import Any
 
 import anyio
@@ -28,6 +27,7 @@ from schemathesis.specs.openapi.schemas import OpenApiSchema
 from payq.errors import ChargeInputError
 from payq.settings import get_settings
 from payq.validation import ISO_4217, validate_charge
+from tests.helpers import unique_key
 from tests.web.conftest import INTAKE, bearer, make_app
 from tests.web.test_charges import rows
 
@@ -161,7 +161,7 @@ def test_charges_are_created_exactly_for_valid_input(
     # anyway), so that an earlier example's charge is not in the way; a repeat sends the
     # same request twice.
     if key and key != CARD:
-        key = f"{key}-{uuid.uuid4().hex}"
+        key = unique_key(key)
     headers = {**bearer(INTAKE), "Content-Type": "application/json"}
     if key is not None:
         headers["Idempotency-Key"] = key
