@@ -11,6 +11,7 @@ import statistics
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from benchmarks.measure import Plan, Window
 
@@ -23,6 +24,9 @@ __all__ = [
     "describe_latencies",
     "render",
 ]
+
+#: The reading of the figures, written by hand; appended to every report.
+FINDINGS = Path(__file__).with_name("findings.md")
 
 SendOne = Callable[[str], None]
 Send = Callable[[str, int], int]
@@ -379,4 +383,5 @@ def render(results: Results) -> str:
             body += _throughput(point, by_system)
     body += _scaling(results) + _enqueue(results) + _light(results) + _idle(results)
     body += _targets(results) + _cautions(results)
+    body += ["", FINDINGS.read_text().rstrip()] if FINDINGS.exists() else []
     return "\n".join(head + body).rstrip() + "\n"
