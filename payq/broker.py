@@ -220,19 +220,20 @@ def publish_or_leave_to_relay(
 def queued(
     message_ids: Iterable[str | None],
     *,
-    overdue_after_s: float | None = None,
+    overdue_after_s: float,
     broker: RedisBroker | None = None,
 ) -> list[bool]:
     """Whether each charge message is still in Redis: ready, delayed or being processed
     (its payload stays until the worker acknowledges it). One round trip.
 
-    With ``overdue_after_s``, a delayed message whose ``eta`` passed more than that
-    long ago does not count. A running worker moves a due message to the queue within
-    one poll; one still delayed is either waiting for a worker to start, or lost in a
-    live worker's memory. Dramatiq's delay-queue consumer drops the messages it has
-    fetched when Redis gives it a connection error, and leaves them in that worker's
-    ack set, which only a restart of that worker puts back. Either way, a fresh
-    message is due, and a stale duplicate costs nothing: the claim is guarded.
+    A delayed message whose ``eta`` passed more than ``overdue_after_s`` ago does not
+    count (both callers pass ``RELAY_STALE_AFTER_S``). A running worker moves a due
+    message to the queue within one poll; one still delayed is either waiting for a
+    worker to start, or lost in a live worker's memory. Dramatiq's delay-queue consumer
+    drops the messages it has fetched when Redis gives it a connection error, and
+    leaves them in that worker's ack set, which only a restart of that worker puts
+    back. Either way, a fresh message is due, and a stale duplicate costs nothing: the
+    claim is guarded.
     """
     broker = broker or get_broker()
     ids = [m or "-" for m in message_ids]
@@ -243,18 +244,16 @@ def queued(
             pipe.hexists(f"{broker.namespace}:{QUEUE_NAME}.msgs", message_id)
             pipe.hget(f"{broker.namespace}:{QUEUE_NAME}.DQ.msgs", message_id)
         found = pipe.execute()
-    cutoff_ms = None if overdue_after_s is None else (time.time() - overdue_after_s) * 1000
+    cutoff_ms = (time.time() - overdue_after_s) * 1000
     return [
         bool(found[i]) or _delayed_in_time(found[i + 1], cutoff_ms) for i in range(0, len(found), 2)
     ]
 
 
-def _delayed_in_time(payload: bytes | None, cutoff_ms: float | None) -> bool:
-    """A delayed message exists and, given a cutoff, falls due after it."""
+def _delayed_in_time(payload: bytes | None, cutoff_ms: float) -> bool:
+    """A delayed message exists and falls due after the cutoff."""
     if payload is None:
         return False
-    if cutoff_ms is None:
-        return True
     try:
         eta = json.loads(payload)["options"]["eta"]
         return bool(float(eta) >= cutoff_ms)

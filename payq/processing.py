@@ -563,8 +563,8 @@ def _next_state(
 def _finish(conn: Connection, statement: Prepared, claim: _Claim, **values: Any) -> bool:
     """Run one of the guarded finishing statements; whether this attempt still held the charge.
 
-    ``values`` must name exactly the statement's own parameters: a key that is a column
-    of ``charges`` would otherwise be added to the ``SET`` clause by SQLAlchemy.
+    ``values`` are the statement's own bind parameters; the columns it sets were fixed
+    when it was built (``_finish_statement``).
     """
     done = statement.execute(conn, {"charge_id": claim.id, "attempt": claim.attempt, **values})
     return done.rowcount == 1

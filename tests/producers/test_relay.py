@@ -204,11 +204,7 @@ def test_a_delayed_message_long_overdue_is_replaced() -> None:
     charge_id, stuck = _deferred("relay-overdue", due_in_s=-60)
     assert relay_once().republished == 1
     assert queued() == [charge_id]  # a fresh message on the queue itself
-    with transaction() as conn:
-        named = conn.execute(
-            text("SELECT message_id FROM charges WHERE id = :c"), {"c": charge_id}
-        ).scalar_one()
-    assert named != stuck
+    assert charge(charge_id).message_id != stuck
 
 
 def test_a_delayed_message_not_yet_overdue_is_left_alone() -> None:
