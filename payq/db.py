@@ -175,9 +175,14 @@ class Prepared:
     more right after, that connection runs the plain SQL from then on, and a warning
     says why. Runs only in autocommit (``autocommit()``): a failed EXECUTE must not
     abort a transaction around it.
+
+    ``durable=False``: the statement's commit does not wait for its WAL flush
+    (``synchronous_commit = off`` for that statement alone, sent in the same round trip).
+    Only for a write whose loss in a PostgreSQL crash is recovered anyway: the claim
+    (``processing``). A later durable commit on the server flushes it too.
     """
 
-    def __init__(self, name: str, statement: ClauseElement) -> None:
+    def __init__(self, name: str, statement: ClauseElement, *, durable: bool = True) -> None:
         dialect = pg_psycopg2.dialect()  # type: ignore[no-untyped-call]
         compiled = statement.compile(dialect=dialect, compile_kwargs={"render_postcompile": True})
         assert isinstance(compiled, SQLCompiler)
@@ -197,6 +202,11 @@ class Prepared:
             r"%\((\w+)\)s", lambda m: f"${position[m.group(1)]}", sql
         )
         self._execute = f"EXECUTE {self.name}({', '.join(['%s'] * len(names))})"
+        if not durable:
+            # Several statements in one query run as one implicit transaction: SET LOCAL
+            # holds for the statement after it, and no more.
+            self._sql = _NOT_DURABLE + self._sql
+            self._execute = _NOT_DURABLE + self._execute
 
     def execute(self, conn: Connection, params: Mapping[str, Any]) -> CursorResult[Any]:
         info = conn.connection.info  # cleared by SQLAlchemy when it reconnects
@@ -233,6 +243,9 @@ class Prepared:
         except DBAPIError as exc:
             if _sqlstate(exc) != "42P05":  # duplicate_prepared_statement: same SQL, same name
                 raise
+
+
+_NOT_DURABLE = "SET LOCAL synchronous_commit = off; "
 
 
 def _sqlstate(exc: DBAPIError) -> str | None:

@@ -92,6 +92,10 @@ class Result(StrEnum):
 
 #: Take a charge for one attempt, if it is free: pending, a retry that is due, or
 #: processing under a lease that ran out. ``old``: created before the key retention.
+#: Not durable: its commit does not wait for the WAL flush. A claim lost in a PostgreSQL
+#: crash leaves the charge as it was; its record then finds no claim (lease lost), the
+#: relay sends the charge again, and the next attempt's call carries the same key, so
+#: the provider replays its answer. The record is durable, and flushes the claim with it.
 _CLAIM = Prepared(
     "claim",
     update(charges)
@@ -123,6 +127,7 @@ _CLAIM = Prepared(
             "old"
         ),
     ),
+    durable=False,
 )
 
 #: What a charge that could not be claimed is doing, and in how long a retry is due.

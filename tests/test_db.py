@@ -121,3 +121,21 @@ def test_two_versions_of_a_statement_never_share_a_name() -> None:
     other = db.Prepared("lookup", select(literal_column("2") + bindparam("n", type_=Integer)))
     assert other.name != _lookup().name
     assert _lookup().name == _lookup().name
+
+
+@pytest.mark.parametrize("prepared", [True, False], ids=["prepared", "plain SQL"])
+def test_a_statement_not_durable_skips_the_wal_flush_for_itself_alone(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch, prepared: bool
+) -> None:
+    from sqlalchemy import func, select
+
+    setting = select(func.current_setting("synchronous_commit"))
+    quick = db.Prepared("quick", setting, durable=False)
+    durable = db.Prepared("durable", setting)
+    if not prepared:  # the plain-SQL fallback (behind a pooler) keeps it too
+        monkeypatch.setattr(db.Prepared, "_prepare_on", lambda self, conn: None)
+    with db.autocommit(engine) as conn:
+        assert quick.execute(conn, {}).scalar_one() == "off"
+        assert durable.execute(conn, {}).scalar_one() == "on"
+        assert conn.execute(text("SHOW synchronous_commit")).scalar_one() == "on"
+        assert quick.execute(conn, {}).scalar_one() == "off"
