@@ -493,7 +493,11 @@ def _record(
     result, done, message_id, publish_delay_ms = saved
     extra = _extra(claim, result.value, latency_ms=latency_ms, error=error)
     if not done:
-        log.warning("lease lost: another worker took this charge over", extra=extra)
+        log.warning(
+            "lease lost: another worker took this charge over, or a database crash lost "
+            "the claim; the attempt is recorded, the charge is left as the row has it",
+            extra=extra,
+        )
         return Result.LEASE_LOST
     metrics.CHARGES.labels(result.value).inc()
     # A dead charge needs a person: ERROR (which Sentry, when on, reports as an event).

@@ -18,7 +18,7 @@ from payq.settings import Settings, load_settings
 from payq.sim import SimulatorThread
 from producers import enqueue_charge
 from tests.conftest import API_KEY
-from tests.helpers import Sim, attempts, charge, unique_key
+from tests.helpers import Sim, attempts, charge, unique_key, wait_until
 
 
 class Harness:
@@ -168,6 +168,34 @@ def test_a_worker_whose_lease_ran_out_cannot_overwrite_the_next(h: Harness) -> N
     first.join()
     slow.close()
     assert late == [Result.LEASE_LOST]
+    assert charge(cid).status == "succeeded"
+    assert h.sim.stats()["charges"] == 1 and h.sim.stats()["duplicate_charges"] == 0
+
+
+def test_a_claim_lost_in_a_database_crash_is_taken_up_again_and_charged_once(
+    h: Harness,
+) -> None:
+    """The claim's commit does not wait for the WAL flush, so a PostgreSQL crash during the
+    provider call can lose it. The row is put back here as such a crash leaves it."""
+    h.sim.faults(latency_ms=500)
+    cid = h.enqueue()
+    first: list[Result] = []
+    worker = threading.Thread(target=lambda: first.append(h.run(cid)))
+    worker.start()
+    wait_until(lambda: charge(cid).status == "processing", 5, "the charge to be claimed")
+    with transaction() as conn:  # the claim never reached the disk
+        conn.execute(
+            text(
+                "UPDATE charges SET status = 'pending', attempts = 0, lease_expires_at = NULL "
+                "WHERE id = :id"
+            ),
+            {"id": cid},
+        )
+    worker.join()
+    assert first == [Result.LEASE_LOST]
+    assert charge(cid).status == "pending"
+    assert [a["outcome"] for a in attempts(cid)] == ["succeeded"]  # the call made is on record
+    assert h.run(cid) is Result.SUCCEEDED  # sent again (by the relay): the same key
     assert charge(cid).status == "succeeded"
     assert h.sim.stats()["charges"] == 1 and h.sim.stats()["duplicate_charges"] == 0
 
