@@ -73,20 +73,45 @@ _ADMIT = LUA_NOW + ADMIT_LUA_FN + "return breaker_admit(KEYS, ARGV, now)"
 
 # KEYS: state. ARGV: bucket prefix, outcome (success|failure|neutral), slow (0/1),
 # probe (0/1), window_s, min_calls, failure_rate, slow_rate, open_ms, probes.
-# Returns {changed_to, reason}.
+# Returns {changed_to, reason}. ``later`` (the gate's batches): a call counted while the
+# breaker is closed returns {'', '', 1} instead of judging the window, and the caller
+# judges it once for the batch (``breaker_judge``, same arguments).
 RECORD_LUA_FN = """
-local function breaker_record(K, A, now)
+local function breaker_open(K, A, now, reason)
+    redis.call('HSET', K[1], 'state', 'open', 'until', now + tonumber(A[9]),
+               'changed_at', now, 'reason', reason)
+    redis.call('HINCRBY', K[1], 'opened', 1)
+    return {'open', reason}
+end
+
+local function breaker_judge(K, A, now)
+    if (redis.call('HGET', K[1], 'state') or 'closed') ~= 'closed' then return {'', ''} end
+    local window_s, sec = tonumber(A[5]), math.floor(now / 1000)
+    local calls, failures, slows = 0, 0, 0
+    for s = sec - window_s + 1, sec do
+        local v = redis.call('HMGET', A[1] .. s, 'calls', 'failures', 'slow')
+        calls = calls + (tonumber(v[1]) or 0)
+        failures = failures + (tonumber(v[2]) or 0)
+        slows = slows + (tonumber(v[3]) or 0)
+    end
+    if calls < tonumber(A[6]) then return {'', ''} end
+    if failures / calls >= tonumber(A[7]) then
+        local reason = string.format('%d of %d calls failed in %d s', failures, calls, window_s)
+        return breaker_open(K, A, now, reason)
+    end
+    if slows / calls >= tonumber(A[8]) then
+        local reason = string.format('%d of %d calls were slow in %d s', slows, calls, window_s)
+        return breaker_open(K, A, now, reason)
+    end
+    return {'', ''}
+end
+
+local function breaker_record(K, A, now, later)
     local state = redis.call('HGET', K[1], 'state') or 'closed'
     local outcome, slow, probe = A[2], A[3] == '1', A[4] == '1'
-    local window_s, open_ms = tonumber(A[5]), tonumber(A[9])
+    local window_s = tonumber(A[5])
     local sec = math.floor(now / 1000)
 
-    local function open(reason)
-        redis.call('HSET', K[1], 'state', 'open', 'until', now + open_ms,
-                   'changed_at', now, 'reason', reason)
-        redis.call('HINCRBY', K[1], 'opened', 1)
-        return {'open', reason}
-    end
 
     if probe and state == 'half_open' then
         -- The probes are judged like the window: by the failure rate. One unlucky probe
@@ -95,7 +120,8 @@ local function breaker_record(K, A, now)
         if outcome == 'failure' then
             local failed = redis.call('HINCRBY', K[1], 'failed', 1)
             if failed / n >= rate then
-                return open(string.format('%d of %d half-open probes failed', failed, n))
+                local reason = string.format('%d of %d half-open probes failed', failed, n)
+                return breaker_open(K, A, now, reason)
             end
             return {'', ''}
         end
@@ -116,22 +142,8 @@ local function breaker_record(K, A, now)
     if slow then redis.call('HINCRBY', bucket, 'slow', 1) end
     redis.call('EXPIRE', bucket, window_s + 2)
     if state ~= 'closed' then return {'', ''} end
-
-    local calls, failures, slows = 0, 0, 0
-    for s = sec - window_s + 1, sec do
-        local v = redis.call('HMGET', A[1] .. s, 'calls', 'failures', 'slow')
-        calls = calls + (tonumber(v[1]) or 0)
-        failures = failures + (tonumber(v[2]) or 0)
-        slows = slows + (tonumber(v[3]) or 0)
-    end
-    if calls < tonumber(A[6]) then return {'', ''} end
-    if failures / calls >= tonumber(A[7]) then
-        return open(string.format('%d of %d calls failed in %d s', failures, calls, window_s))
-    end
-    if slows / calls >= tonumber(A[8]) then
-        return open(string.format('%d of %d calls were slow in %d s', slows, calls, window_s))
-    end
-    return {'', ''}
+    if later then return {'', '', 1} end
+    return breaker_judge(K, A, now)
 end
 """
 _RECORD = LUA_NOW + RECORD_LUA_FN + "return breaker_record(KEYS, ARGV, now)"

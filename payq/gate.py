@@ -3,15 +3,30 @@
 A worker asks ``enter()`` before it claims a charge. It gets either a ``Pass`` (a slot
 held, maybe as a half-open probe) or a ``Wait`` saying why not and for how long; a
 ``Wait`` becomes a delayed message and costs the charge no attempt (DESIGN.md,
-invariant 4). After the call, ``leave()`` frees the slot at once and tells the breaker
-how the call went.
+invariant 4). After the call, ``leave()`` frees the slot and tells the breaker how the
+call went.
+
+A busy process skips both round trips. While the breaker was closed when this process
+last read it (within ``REUSE_FOR_S``), a call that did not fail leaves its slot here for
+the process's next call, and is counted here; one thread per process sends the counts
+and gives back the slots that no call took within ``REUSE_FOR_S``, one round trip every
+``KEEP_EVERY_S`` while there is something to send. So:
+
+* the fleet limit holds as before: a slot kept here is still held in Redis, renewed, and
+  used by one call at a time;
+* a failure, a probe, and any call while the breaker is not known to be closed go the
+  way they always did: at once, in one round trip, with the counts not yet sent;
+* a breaker opened elsewhere in the fleet stops this process's calls within
+  ``REUSE_FOR_S``, and successes reach its window at most ``KEEP_EVERY_S`` late.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import random
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,9 +46,24 @@ from payq.fleet import ACQUIRE_LUA_FN, FleetLimit, SlotRefused
 from payq.provider import ProviderCharge
 from payq.settings import Settings, get_settings
 
-__all__ = ["Pass", "ProviderGate", "Wait", "call_outcome", "get_gate", "jitter_ms"]
+__all__ = [
+    "KEEP_EVERY_S",
+    "REUSE_FOR_S",
+    "Pass",
+    "ProviderGate",
+    "Wait",
+    "call_outcome",
+    "get_gate",
+    "jitter_ms",
+]
 
 log = logging.getLogger("payq.gate")
+
+#: How long this process trusts a closed breaker it read from Redis, and keeps a slot no
+#: call took, before asking Redis again or giving the slot back.
+REUSE_FOR_S = 0.25
+#: How often the process's gate thread sends what it counted and gives back idle slots.
+KEEP_EVERY_S = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +100,10 @@ class ProviderGate:
         self.fleet = fleet
         self.settings = settings
         self._enter = fleet.client.register_script(_ENTER)
-        self._leave = fleet.client.register_script(_LEAVE)
+        self._settle = fleet.client.register_script(_SETTLE)
+        # The breaker's record arguments; outcome, slow and probe are filled in per call.
+        self._template = breaker.record_args(CallOutcome.NEUTRAL, 0, probe=False)
+        self._reuse = _Reuse()
 
     @classmethod
     def from_settings(cls, client: redis.Redis, settings: Settings) -> ProviderGate:
@@ -90,8 +123,12 @@ class ProviderGate:
         """A slot to call the provider now, or how long to wait. Never blocks.
 
         One round trip: the breaker's admission and the fleet's slot in one script (a
-        probe that finds the fleet full is given back there too).
+        probe that finds the fleet full is given back there too). None at all when this
+        process keeps a free slot and knows the breaker closed (module docstring).
         """
+        kept = self._reuse.take()
+        if kept is not None:
+            return Pass(kept, probe=False)
         breaker, fleet = self.breaker, self.fleet
         token = fleet.register()
         try:
@@ -104,6 +141,7 @@ class ProviderGate:
             detail = f"Redis did not answer ({type(exc).__name__})"
             return Wait("redis", jitter_ms(1000, 3000), detail)
         admission = breaker.admission(answer[:4])
+        self._reuse.seen(admission.state)
         if not admission.allowed:
             fleet.forget(token)
             if admission.wait_ms > 0 and admission.state is BreakerState.OPEN:
@@ -138,28 +176,158 @@ class ProviderGate:
     def leave(
         self, passed: Pass, outcome: ProviderCharge | ProviderError | None, latency_ms: int = 0
     ) -> None:
-        """Free the slot and tell the breaker how the call went (``None``: no call was made),
-        in one round trip. If Redis does not answer, the slot's lease frees it instead."""
+        """Free the slot and tell the breaker how the call went (``None``: no call was made).
+
+        A call that did not fail, while the breaker is known closed, leaves its slot and
+        its count with this process (module docstring); anything else is sent at once,
+        with the counts not yet sent. If Redis does not answer, the slot's lease frees it.
+        """
+        call = None if outcome is None else call_outcome(outcome)
+        if not passed.probe and call is not CallOutcome.FAILURE:
+            slow = call is not None and latency_ms >= self.settings.breaker_slow_call_ms
+            if self._reuse.keep(passed.token, counted=call is not None, slow=slow):
+                self._reuse.start_keeping(self._keep_forever)
+                return
         self.fleet.forget(passed.token)
-        record: list[Any]
-        if outcome is None:
-            record = ["none", 0, int(passed.probe)]
+        if call is None:
+            release = (passed.token, "none", 0, int(passed.probe))
         else:
-            args = self.breaker.record_args(call_outcome(outcome), latency_ms, probe=passed.probe)
-            record = args[1:]
+            args = self.breaker.record_args(call, latency_ms, probe=passed.probe)
+            release = (passed.token, *args[1:4])
+        calls, slow_calls = self._reuse.take_counts()
         try:
-            answer = self._leave(
-                keys=[self.breaker.state_key, self.fleet.slots_key],
-                args=[passed.token, self.breaker.bucket_prefix, *record],
-            )
+            self._send(release, [], calls, slow_calls)
         except redis.RedisError as exc:
             log.warning(
                 "fleet slot not released nor the breaker told (%s); the slot frees itself "
                 "within FLEET_SLOT_LEASE_S",
                 type(exc).__name__,
             )
+
+    def stop_keeping(self) -> None:
+        """Stop the gate thread (tests); ``flush()`` first to give the slots back."""
+        self._reuse.stopped.set()
+
+    def flush(self) -> None:
+        """Send what this process counted and give back every slot it keeps (a worker
+        shutting down; tests). If Redis does not answer, the leases free the slots."""
+        idle, calls, slow = self._reuse.due(time.monotonic())
+        if not idle and not calls:
             return
-        self.breaker.change(answer)
+        for token in idle:
+            self.fleet.forget(token)
+        try:
+            self._send(None, idle, calls, slow)
+        except redis.RedisError as exc:
+            log.warning("kept fleet slots not given back (%s)", type(exc).__name__)
+
+    def _send(
+        self, release: tuple[Any, ...] | None, idle: list[str], calls: int, slow: int
+    ) -> None:
+        """One round trip: counts, a call's release and record, idle slots given back."""
+        args = [*self._template, calls, slow, *(release or ("", "", 0, 0)), *idle]
+        state, changed, reason = self._settle(
+            keys=[self.breaker.state_key, self.fleet.slots_key], args=args
+        )
+        self.breaker.change([changed, reason])
+        self._reuse.seen(BreakerState(state.decode() if isinstance(state, bytes) else state))
+
+    def _keep_forever(self) -> None:
+        """The gate thread: counts out and idle slots back, every ``KEEP_EVERY_S``."""
+        while not self._reuse.stopped.wait(KEEP_EVERY_S):
+            try:
+                now = time.monotonic()
+                # Slots no call took for a while go back; all of them once the breaker is
+                # not known closed (a call would ask Redis for a slot of its own).
+                kept_since = now - REUSE_FOR_S if self._reuse.trusted(now) else now
+                idle, calls, slow = self._reuse.due(kept_since)
+                if not idle and not calls:
+                    continue
+                for token in idle:
+                    self.fleet.forget(token)
+                self._send(None, idle, calls, slow)
+            except redis.RedisError as exc:
+                log.warning(
+                    "counted calls not sent to the breaker nor idle fleet slots given back "
+                    "(%s); the slots free themselves within FLEET_SLOT_LEASE_S",
+                    type(exc).__name__,
+                )
+            except Exception:  # the thread must go on
+                log.exception("the gate thread failed a round; it goes on")
+
+
+class _Reuse:
+    """This process's kept slots and uncounted calls, and how long it trusts the breaker."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+        self._trusted_until = 0.0  # monotonic: the breaker was closed when last read
+        self._free: list[tuple[str, float]] = []  # (token, monotonic time it was freed)
+        self._calls = 0  # calls kept here, not yet counted in Redis
+        self._slow = 0
+        self._keeper: threading.Thread | None = None
+        self.stopped = threading.Event()
+
+    def _check_pid(self) -> None:
+        # A forked child holds none of its parent's slots, and runs no thread yet.
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            self._trusted_until, self._free, self._calls, self._slow = 0.0, [], 0, 0
+            self._keeper = None
+
+    def seen(self, state: BreakerState) -> None:
+        with self._lock:
+            closed = state is BreakerState.CLOSED
+            self._trusted_until = time.monotonic() + REUSE_FOR_S if closed else 0.0
+
+    def trusted(self, now: float) -> bool:
+        return now < self._trusted_until
+
+    def take(self) -> str | None:
+        """A kept slot for a call, if the breaker is trusted closed."""
+        with self._lock:
+            self._check_pid()
+            if not self._free or time.monotonic() >= self._trusted_until:
+                return None
+            return self._free.pop()[0]  # the last one freed: the others age out
+
+    def keep(self, token: str, *, counted: bool, slow: bool) -> bool:
+        """Keep a slot (and count its call) here, if the breaker is trusted closed."""
+        with self._lock:
+            self._check_pid()
+            now = time.monotonic()
+            if now >= self._trusted_until:
+                return False
+            self._free.append((token, now))
+            self._calls += counted
+            self._slow += slow
+            return True
+
+    def take_counts(self) -> tuple[int, int]:
+        with self._lock:
+            self._check_pid()
+            counts = self._calls, self._slow
+            self._calls = self._slow = 0
+            return counts
+
+    def due(self, freed_before: float) -> tuple[list[str], int, int]:
+        """Slots freed before then (taken out), and the counts (reset)."""
+        with self._lock:
+            self._check_pid()
+            idle = [token for token, at in self._free if at < freed_before]
+            self._free = [(token, at) for token, at in self._free if at >= freed_before]
+            counts = self._calls, self._slow
+            self._calls = self._slow = 0
+            return idle, *counts
+
+    def start_keeping(self, target: Any) -> None:
+        if self._keeper is not None and self._keeper.is_alive():
+            return
+        with self._lock:
+            if self._keeper is None or not self._keeper.is_alive():
+                self._keeper = threading.Thread(target=target, name="payq-gate", daemon=True)
+                self._keeper.start()
 
 
 # KEYS: breaker state, fleet slots, fleet epoch. ARGV: the breaker's admit arguments
@@ -179,21 +347,41 @@ return {a[1], a[2], a[3], a[4], s[1], s[2], s[3]}
 """
 )
 
-# KEYS: breaker state, fleet slots. ARGV: token, then the breaker's record arguments
-# (outcome 'none' when no call was made: only a probe is given back).
-_LEAVE = (
+# KEYS: breaker state, fleet slots. ARGV: the breaker's record arguments (10; outcome,
+# slow and probe among them are placeholders); calls counted in the process and of
+# them slow; one call's release (token, outcome: 'none' when no call was made, slow,
+# probe; an empty token when there is none); then idle slots to give back.
+# Returns the breaker's state after, then its change {changed_to, reason}.
+_SETTLE = (
     LUA_NOW
     + RECORD_LUA_FN
     + RETURN_PROBE_LUA_FN
     + """
-redis.call('ZREM', KEYS[2], ARGV[1])
-local args = {}
-for i = 2, #ARGV do args[i - 1] = ARGV[i] end
-if args[2] == 'none' then
-    if args[4] == '1' then breaker_return_probe({KEYS[1]}, {}, now) end
-    return {'', ''}
+local A = {}
+for i = 1, 10 do A[i] = ARGV[i] end
+for i = 17, #ARGV do redis.call('ZREM', KEYS[2], ARGV[i]) end
+local judge = false
+local calls, slow = tonumber(ARGV[11]), tonumber(ARGV[12])
+if calls > 0 then
+    local bucket = A[1] .. math.floor(now / 1000)
+    redis.call('HINCRBY', bucket, 'calls', calls)
+    if slow > 0 then redis.call('HINCRBY', bucket, 'slow', slow) end
+    redis.call('EXPIRE', bucket, tonumber(A[5]) + 2)
+    judge = true
 end
-return breaker_record({KEYS[1]}, args, now)
+local r = {'', ''}
+if ARGV[13] ~= '' then
+    redis.call('ZREM', KEYS[2], ARGV[13])
+    if ARGV[14] == 'none' then
+        if ARGV[16] == '1' then breaker_return_probe({KEYS[1]}, {}, now) end
+    else
+        A[2], A[3], A[4] = ARGV[14], ARGV[15], ARGV[16]
+        r = breaker_record({KEYS[1]}, A, now, true)
+        if r[3] then judge = true end
+    end
+end
+if judge and r[1] == '' then r = breaker_judge({KEYS[1]}, A, now) end
+return {redis.call('HGET', KEYS[1], 'state') or 'closed', r[1], r[2]}
 """
 )
 

@@ -21,12 +21,15 @@ from payq.db import get_engine
 from payq.fleet import FleetLimit
 from payq.gate import ProviderGate
 from payq.processing import Result, UnknownCharge, process_charge
-from payq.provider import ProviderClient
+from payq.provider import ProviderCharge, ProviderClient
 from payq.settings import Settings, load_settings
 from payq.sim import SimulatorThread
 from producers import enqueue_charge
 from tests.conftest import API_KEY, NAMESPACE, REDIS_URL
-from tests.helpers import Sim, attempts, charge, unique_key
+from tests.helpers import Sim, attempts, charge, unique_key, wait_until
+
+#: A provider's answer, for the gate's own tests.
+SUCCEEDED = ProviderCharge(id="ch_test", status="succeeded", amount=1999, currency="usd")
 
 
 class Rig:
@@ -73,6 +76,7 @@ def rig(clean: None) -> Iterator[Rig]:
         r = Rig(Sim(thread.url), settings, client)
         yield r
         r.provider.close()
+        r.gate.stop_keeping()
         r.gate.fleet.stop_renewing()
     client.close()
 
@@ -174,6 +178,9 @@ def test_the_slot_is_freed_on_every_path(rig: Rig) -> None:
         process_charge(
             str(uuid.uuid4()), settings=rig.settings, provider=rig.provider, gate=rig.gate
         )
+    # No path leaks a slot: the process keeps the one its calls share, until given back.
+    assert rig.gate.fleet.in_use() == 1 and rig.gate.fleet.held() == 1
+    rig.gate.flush()
     assert rig.gate.fleet.in_use() == 0 and rig.gate.fleet.held() == 0
 
 
@@ -189,6 +196,60 @@ def test_leaving_frees_the_slot_and_counts_the_call_in_one_step(rig: Rig) -> Non
         assert rig.gate.fleet.in_use() == 0
     snap = rig.gate.breaker.snapshot()
     assert snap.state is BreakerState.OPEN and "4 of 4 calls failed" in snap.reason
+
+
+def test_a_busy_process_keeps_its_slot_for_the_next_call_and_counts_it_soon(
+    rig: Rig,
+) -> None:
+    from payq.gate import REUSE_FOR_S, Pass
+
+    first = rig.gate.enter()
+    assert isinstance(first, Pass)
+    rig.gate.leave(first, SUCCEEDED, 20)
+    assert rig.gate.fleet.in_use() == 1  # kept here, still held in Redis
+    second = rig.gate.enter()  # no round trip: the kept slot
+    assert isinstance(second, Pass) and second.token == first.token
+    assert rig.gate.fleet.in_use() == 1
+    rig.gate.leave(second, SUCCEEDED, 20)
+    started = time.monotonic()
+    wait_until(lambda: rig.gate.fleet.in_use() == 0, 3, "the idle slot given back")
+    assert time.monotonic() - started >= REUSE_FOR_S - 0.05
+    assert rig.gate.fleet.held() == 0
+    assert rig.gate.breaker.snapshot().window_calls == 2
+
+
+def test_a_failure_is_told_at_once_with_the_calls_counted_before_it(rig: Rig) -> None:
+    from payq.breaker import BreakerState
+    from payq.errors import ProviderTimeout
+    from payq.gate import Pass
+
+    for _ in range(3):
+        entry = rig.gate.enter()
+        assert isinstance(entry, Pass)
+        rig.gate.leave(entry, SUCCEEDED, 20)
+    entry = rig.gate.enter()
+    assert isinstance(entry, Pass)
+    rig.gate.leave(entry, ProviderTimeout("no answer within 1500 ms"), 1500)
+    snap = rig.gate.breaker.snapshot()  # no wait: sent with the failure
+    assert (snap.window_calls, snap.window_failures) == (4, 1)
+    assert snap.state is BreakerState.CLOSED  # 1 of 4 is under the failure rate
+    assert rig.gate.fleet.in_use() == 0  # a failed call's slot goes back at once
+
+
+def test_a_breaker_opened_elsewhere_stops_this_process_within_the_trust_period(
+    rig: Rig,
+) -> None:
+    from payq.gate import REUSE_FOR_S, Pass, Wait
+
+    entry = rig.gate.enter()
+    assert isinstance(entry, Pass)
+    rig.gate.leave(entry, SUCCEEDED, 20)
+    elsewhere = ProviderGate.from_settings(rig.client, rig.settings)  # another process
+    for _ in range(4):
+        elsewhere.breaker.record(CallOutcome.FAILURE, 10, probe=False)
+    time.sleep(REUSE_FOR_S + 0.05)
+    refused = rig.gate.enter()
+    assert isinstance(refused, Wait) and refused.cause == "breaker_open"
 
 
 def test_a_deferral_hands_the_charge_a_fresh_message_and_drops_stale_duplicates(

@@ -141,6 +141,11 @@ class WorkerReport(Middleware):
             except Exception:  # shutting down anyway: the report expires on its own
                 log.debug("could not remove the worker report", exc_info=True)
 
+    def after_worker_shutdown(self, broker: Any, worker: Any) -> None:
+        # Every thread has finished its message: give back the fleet slots this process
+        # kept and send the calls it counted (leases would free the slots in seconds).
+        get_gate().flush()
+
     # The report thread --------------------------------------------------------------
     def figures(self) -> dict[str, Any]:
         engine = db.get_engine()
