@@ -22,11 +22,14 @@ a grace of one renewal interval plus a margin, while the renewers re-register.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import uuid
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import redis
@@ -120,6 +123,8 @@ class FleetLimit:
         self._lock = threading.Lock()
         self._renewer: threading.Thread | None = None
         self._stop = threading.Event()
+        # A forked child holds none of its parent's slots: it must not renew them.
+        os.register_at_fork(after_in_child=partial(_forked, weakref.ref(self)))
 
     def try_acquire(self) -> str | SlotRefused:
         """A slot's token, or why not. Raises ``redis.RedisError`` if Redis does not answer."""
@@ -192,6 +197,11 @@ class FleetLimit:
         with self._lock:
             return len(self._held)
 
+    def holds(self, token: str) -> bool:
+        """Whether this process still holds the slot (not released, refused or lost)."""
+        with self._lock:
+            return token in self._held
+
     def renew(self) -> None:
         """Extend this process's slots (and put back any that Redis lost with its data)."""
         with self._lock:
@@ -208,6 +218,9 @@ class FleetLimit:
             )
         with self._lock:  # a slot released while this ran is not lost
             lost = [t for t in map(_text, lost_tokens) if t in self._held]
+            # Not ours any more: others may have the room. A call running under one ends
+            # as it is; a slot kept for the next call is dropped (``holds``).
+            self._held.difference_update(lost)
         if lost:
             log.warning(
                 "fleet slots expired while held (%d): this process stalled longer than "
@@ -253,6 +266,14 @@ class FleetLimit:
         """Stop renewing a slot (released, refused, or given up)."""
         with self._lock:
             self._held.discard(token)
+
+
+def _forked(ref: weakref.ref[FleetLimit]) -> None:
+    fleet = ref()
+    if fleet is not None:
+        fleet._held = set()
+        fleet._lock = threading.Lock()
+        fleet._renewer = None
 
 
 def _text(value: bytes | str) -> str:

@@ -103,7 +103,7 @@ class ProviderGate:
         self._settle = fleet.client.register_script(_SETTLE)
         # The breaker's record arguments; outcome, slow and probe are filled in per call.
         self._template = breaker.record_args(CallOutcome.NEUTRAL, 0, probe=False)
-        self._reuse = _Reuse()
+        self._reuse = _Reuse(fleet)
 
     @classmethod
     def from_settings(cls, client: redis.Redis, settings: Settings) -> ProviderGate:
@@ -131,6 +131,7 @@ class ProviderGate:
             return Pass(kept, probe=False)
         breaker, fleet = self.breaker, self.fleet
         token = fleet.register()
+        asked_at = time.monotonic()
         try:
             answer = self._enter(
                 keys=[breaker.state_key, *fleet.acquire_keys()],
@@ -141,7 +142,7 @@ class ProviderGate:
             detail = f"Redis did not answer ({type(exc).__name__})"
             return Wait("redis", jitter_ms(1000, 3000), detail)
         admission = breaker.admission(answer[:4])
-        self._reuse.seen(admission.state)
+        self._reuse.seen(admission.state, asked_at)
         if not admission.allowed:
             fleet.forget(token)
             if admission.wait_ms > 0 and admission.state is BreakerState.OPEN:
@@ -166,6 +167,9 @@ class ProviderGate:
                     slot.wait_ms + jitter_ms(0, 500),
                     "fleet slots are being registered (a new or emptied Redis): a moment's grace",
                 )
+            kept = self._reuse.take()  # one of this process's calls may just have ended
+            if kept is not None:
+                return Pass(kept, probe=False)
             return Wait(
                 "fleet_full",
                 jitter_ms(200, 1000),
@@ -226,14 +230,21 @@ class ProviderGate:
     ) -> None:
         """One round trip: counts, a call's release and record, idle slots given back."""
         args = [*self._template, calls, slow, *(release or ("", "", 0, 0)), *idle]
+        asked_at = time.monotonic()
         state, changed, reason = self._settle(
             keys=[self.breaker.state_key, self.fleet.slots_key], args=args
         )
         self.breaker.change([changed, reason])
-        self._reuse.seen(BreakerState(state.decode() if isinstance(state, bytes) else state))
+        state = state.decode() if isinstance(state, bytes) else state
+        self._reuse.seen(BreakerState(state), asked_at)
 
     def _keep_forever(self) -> None:
-        """The gate thread: counts out and idle slots back, every ``KEEP_EVERY_S``."""
+        """The gate thread: counts out and idle slots back, every ``KEEP_EVERY_S``.
+
+        Each round trip also reads the breaker's state: while the process is busy, that is
+        what keeps it trusting a closed breaker. Counts it could not send are dropped: the
+        breaker then sees fewer successes, so it can only open sooner, never later.
+        """
         while not self._reuse.stopped.wait(KEEP_EVERY_S):
             try:
                 now = time.monotonic()
@@ -259,10 +270,12 @@ class ProviderGate:
 class _Reuse:
     """This process's kept slots and uncounted calls, and how long it trusts the breaker."""
 
-    def __init__(self) -> None:
+    def __init__(self, fleet: FleetLimit) -> None:
+        self.fleet = fleet
         self._lock = threading.Lock()
         self._pid = os.getpid()
         self._trusted_until = 0.0  # monotonic: the breaker was closed when last read
+        self._distrusted_at = 0.0  # when a read last found it not closed
         self._free: list[tuple[str, float]] = []  # (token, monotonic time it was freed)
         self._calls = 0  # calls kept here, not yet counted in Redis
         self._slow = 0
@@ -273,13 +286,22 @@ class _Reuse:
         # A forked child holds none of its parent's slots, and runs no thread yet.
         if self._pid != os.getpid():
             self._pid = os.getpid()
-            self._trusted_until, self._free, self._calls, self._slow = 0.0, [], 0, 0
-            self._keeper = None
+            self._trusted_until, self._distrusted_at = 0.0, 0.0
+            self._free, self._calls, self._slow = [], 0, 0
+            self._keeper, self.stopped = None, threading.Event()
 
-    def seen(self, state: BreakerState) -> None:
+    def seen(self, state: BreakerState, asked_at: float) -> None:
+        """The breaker's state as read by a request sent at ``asked_at`` (monotonic).
+
+        Answers can be handled out of order (threads): a closed read older than the
+        last read that found the breaker open or half-open trusts nothing.
+        """
         with self._lock:
-            closed = state is BreakerState.CLOSED
-            self._trusted_until = time.monotonic() + REUSE_FOR_S if closed else 0.0
+            if state is not BreakerState.CLOSED:
+                self._trusted_until = 0.0
+                self._distrusted_at = max(self._distrusted_at, asked_at)
+            elif asked_at > self._distrusted_at:
+                self._trusted_until = max(self._trusted_until, asked_at + REUSE_FOR_S)
 
     def trusted(self, now: float) -> bool:
         return now < self._trusted_until
@@ -288,16 +310,20 @@ class _Reuse:
         """A kept slot for a call, if the breaker is trusted closed."""
         with self._lock:
             self._check_pid()
-            if not self._free or time.monotonic() >= self._trusted_until:
+            if time.monotonic() >= self._trusted_until:
                 return None
-            return self._free.pop()[0]  # the last one freed: the others age out
+            while self._free:
+                token = self._free.pop()[0]  # the last one freed: the others age out
+                if self.fleet.holds(token):  # not lost (fleet.renew)
+                    return token
+            return None
 
     def keep(self, token: str, *, counted: bool, slow: bool) -> bool:
         """Keep a slot (and count its call) here, if the breaker is trusted closed."""
         with self._lock:
             self._check_pid()
             now = time.monotonic()
-            if now >= self._trusted_until:
+            if now >= self._trusted_until or not self.fleet.holds(token):
                 return False
             self._free.append((token, now))
             self._calls += counted
@@ -359,9 +385,10 @@ _SETTLE = (
     + """
 local A = {}
 for i = 1, 10 do A[i] = ARGV[i] end
+local calls, slow = tonumber(ARGV[11]), tonumber(ARGV[12])
+local token, outcome, call_slow, probe = ARGV[13], ARGV[14], ARGV[15], ARGV[16]
 for i = 17, #ARGV do redis.call('ZREM', KEYS[2], ARGV[i]) end
 local judge = false
-local calls, slow = tonumber(ARGV[11]), tonumber(ARGV[12])
 if calls > 0 then
     local bucket = A[1] .. math.floor(now / 1000)
     redis.call('HINCRBY', bucket, 'calls', calls)
@@ -370,12 +397,12 @@ if calls > 0 then
     judge = true
 end
 local r = {'', ''}
-if ARGV[13] ~= '' then
-    redis.call('ZREM', KEYS[2], ARGV[13])
-    if ARGV[14] == 'none' then
-        if ARGV[16] == '1' then breaker_return_probe({KEYS[1]}, {}, now) end
+if token ~= '' then
+    redis.call('ZREM', KEYS[2], token)
+    if outcome == 'none' then
+        if probe == '1' then breaker_return_probe({KEYS[1]}, {}, now) end
     else
-        A[2], A[3], A[4] = ARGV[14], ARGV[15], ARGV[16]
+        A[2], A[3], A[4] = outcome, call_slow, probe
         r = breaker_record({KEYS[1]}, A, now, true)
         if r[3] then judge = true end
     end

@@ -178,8 +178,9 @@ def test_the_slot_is_freed_on_every_path(rig: Rig) -> None:
         process_charge(
             str(uuid.uuid4()), settings=rig.settings, provider=rig.provider, gate=rig.gate
         )
-    # No path leaks a slot: the process keeps the one its calls share, until given back.
-    assert rig.gate.fleet.in_use() == 1 and rig.gate.fleet.held() == 1
+    # No path leaks a slot: the process keeps at most the one its calls share (given back
+    # after REUSE_FOR_S unused), and none once it gives them back.
+    assert rig.gate.fleet.in_use() <= 1 and rig.gate.fleet.held() <= 1
     rig.gate.flush()
     assert rig.gate.fleet.in_use() == 0 and rig.gate.fleet.held() == 0
 
@@ -223,17 +224,36 @@ def test_a_failure_is_told_at_once_with_the_calls_counted_before_it(rig: Rig) ->
     from payq.errors import ProviderTimeout
     from payq.gate import Pass
 
+    rig.gate.stop_keeping()  # the counts can reach Redis only with the failure
     for _ in range(3):
         entry = rig.gate.enter()
         assert isinstance(entry, Pass)
         rig.gate.leave(entry, SUCCEEDED, 20)
+    assert rig.gate.breaker.snapshot().window_calls == 0  # counted here so far
     entry = rig.gate.enter()
     assert isinstance(entry, Pass)
     rig.gate.leave(entry, ProviderTimeout("no answer within 1500 ms"), 1500)
-    snap = rig.gate.breaker.snapshot()  # no wait: sent with the failure
+    snap = rig.gate.breaker.snapshot()
     assert (snap.window_calls, snap.window_failures) == (4, 1)
     assert snap.state is BreakerState.CLOSED  # 1 of 4 is under the failure rate
     assert rig.gate.fleet.in_use() == 0  # a failed call's slot goes back at once
+
+
+def test_slow_calls_counted_here_open_the_breaker_when_they_are_sent(rig: Rig) -> None:
+    from payq.breaker import BreakerState
+    from payq.gate import Pass
+
+    rig.gate.stop_keeping()
+    slow_ms = rig.settings.breaker_slow_call_ms
+    for _ in range(4):  # BREAKER_MIN_CALLS=4 here; every one slow
+        entry = rig.gate.enter()
+        assert isinstance(entry, Pass)
+        rig.gate.leave(entry, SUCCEEDED, slow_ms)
+    assert rig.gate.breaker.snapshot().state is BreakerState.CLOSED  # not sent yet
+    rig.gate.flush()
+    snap = rig.gate.breaker.snapshot()
+    assert snap.state is BreakerState.OPEN and "4 of 4 calls were slow" in snap.reason
+    assert rig.gate.fleet.in_use() == 0
 
 
 def test_a_breaker_opened_elsewhere_stops_this_process_within_the_trust_period(
@@ -241,6 +261,7 @@ def test_a_breaker_opened_elsewhere_stops_this_process_within_the_trust_period(
 ) -> None:
     from payq.gate import REUSE_FOR_S, Pass, Wait
 
+    rig.gate.stop_keeping()  # the slot stays kept, and nothing reads the breaker again
     entry = rig.gate.enter()
     assert isinstance(entry, Pass)
     rig.gate.leave(entry, SUCCEEDED, 20)
@@ -248,8 +269,26 @@ def test_a_breaker_opened_elsewhere_stops_this_process_within_the_trust_period(
     for _ in range(4):
         elsewhere.breaker.record(CallOutcome.FAILURE, 10, probe=False)
     time.sleep(REUSE_FOR_S + 0.05)
-    refused = rig.gate.enter()
+    refused = rig.gate.enter()  # a kept slot is there, but the trust has run out
     assert isinstance(refused, Wait) and refused.cause == "breaker_open"
+    rig.gate.flush()
+
+
+def test_a_kept_slot_that_redis_lost_is_never_used_again(rig: Rig) -> None:
+    from payq.gate import Pass
+
+    rig.gate.stop_keeping()
+    entry = rig.gate.enter()
+    assert isinstance(entry, Pass)
+    rig.gate.leave(entry, SUCCEEDED, 20)
+    rig.client.zrem(rig.gate.fleet.slots_key, entry.token)  # gone: a stall, an eviction
+    rig.gate.fleet.renew()  # finds it lost
+    again = rig.gate.enter()
+    assert isinstance(again, Pass) and again.token != entry.token
+    assert rig.gate.fleet.in_use() == 1  # the new one only
+    rig.gate.leave(again, SUCCEEDED, 20)
+    rig.gate.flush()
+    assert rig.gate.fleet.in_use() == 0 and rig.gate.fleet.held() == 0
 
 
 def test_a_deferral_hands_the_charge_a_fresh_message_and_drops_stale_duplicates(
