@@ -101,7 +101,7 @@ def database() -> Iterator[str]:
     admin.dispose()
 
 
-def _clear_namespace() -> None:
+def _clear_namespace(*, settle: bool = True) -> None:
     import redis
 
     from payq.fleet import FleetLimit
@@ -110,8 +110,9 @@ def _clear_namespace() -> None:
     keys = list(client.scan_iter(match=f"{NAMESPACE}:*", count=1000))
     if keys:
         client.delete(*keys)
-    # Nothing runs between tests: the fleet limit need not wait for slots to re-register.
-    FleetLimit(client, NAMESPACE, limit=1, lease_s=1).mark_settled()
+    if settle:
+        # Nothing runs between tests: the fleet limit need not wait for slots to re-register.
+        FleetLimit(client, NAMESPACE, limit=1, lease_s=1).mark_settled()
     client.close()
 
 
@@ -132,4 +133,4 @@ def clean(database: str) -> Iterator[None]:
 @pytest.fixture(scope="session", autouse=True)
 def _namespace_cleanup() -> Iterator[None]:
     yield
-    _clear_namespace()
+    _clear_namespace(settle=False)  # the shared Redis keeps nothing of this run
