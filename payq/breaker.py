@@ -84,6 +84,15 @@ local function breaker_open(K, A, now, reason)
     return {'open', reason}
 end
 
+-- Count calls (of them failures and slow ones) in the window's bucket for this second.
+local function breaker_count(K, A, now, calls, failures, slow)
+    local bucket = A[1] .. math.floor(now / 1000)
+    redis.call('HINCRBY', bucket, 'calls', calls)
+    if failures > 0 then redis.call('HINCRBY', bucket, 'failures', failures) end
+    if slow > 0 then redis.call('HINCRBY', bucket, 'slow', slow) end
+    redis.call('EXPIRE', bucket, tonumber(A[5]) + 2)
+end
+
 local function breaker_judge(K, A, now)
     if (redis.call('HGET', K[1], 'state') or 'closed') ~= 'closed' then return {'', ''} end
     local window_s, sec = tonumber(A[5]), math.floor(now / 1000)
@@ -136,11 +145,7 @@ local function breaker_record(K, A, now, later)
         return {'', ''}
     end
 
-    local bucket = A[1] .. sec
-    redis.call('HINCRBY', bucket, 'calls', 1)
-    if outcome == 'failure' then redis.call('HINCRBY', bucket, 'failures', 1) end
-    if slow then redis.call('HINCRBY', bucket, 'slow', 1) end
-    redis.call('EXPIRE', bucket, window_s + 2)
+    breaker_count(K, A, now, 1, outcome == 'failure' and 1 or 0, slow and 1 or 0)
     if state ~= 'closed' then return {'', ''} end
     if later then return {'', '', 1} end
     return breaker_judge(K, A, now)
@@ -271,12 +276,16 @@ class FleetBreaker:
         )
         return self.change(answer)
 
+    def slow(self, latency_ms: int) -> bool:
+        """Whether a call this long counts as slow (``BREAKER_SLOW_CALL_MS``)."""
+        return latency_ms >= self.settings.breaker_slow_call_ms
+
     def record_args(self, outcome: CallOutcome, latency_ms: int, *, probe: bool) -> list[Any]:
         s = self.settings
         return [
             self.bucket_prefix,
             outcome.value,
-            int(latency_ms >= s.breaker_slow_call_ms),
+            int(self.slow(latency_ms)),
             int(probe),
             s.breaker_window_s,
             s.breaker_min_calls,

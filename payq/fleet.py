@@ -29,14 +29,13 @@ import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import redis
 
 from payq.constants import LUA_NOW, redis_key
 
-__all__ = ["FleetLimit", "SlotRefused"]
+__all__ = ["FleetLimit", "SlotRefused", "reset_after_fork"]
 
 log = logging.getLogger("payq.fleet")
 
@@ -123,8 +122,13 @@ class FleetLimit:
         self._lock = threading.Lock()
         self._renewer: threading.Thread | None = None
         self._stop = threading.Event()
-        # A forked child holds none of its parent's slots: it must not renew them.
-        os.register_at_fork(after_in_child=partial(_forked, weakref.ref(self)))
+        reset_after_fork(self)
+
+    def after_fork(self) -> None:
+        """In a forked child: it holds none of its parent's slots, so renews none."""
+        self._held = set()
+        self._lock = threading.Lock()
+        self._renewer = None
 
     def try_acquire(self) -> str | SlotRefused:
         """A slot's token, or why not. Raises ``redis.RedisError`` if Redis does not answer."""
@@ -268,12 +272,16 @@ class FleetLimit:
             self._held.discard(token)
 
 
-def _forked(ref: weakref.ref[FleetLimit]) -> None:
-    fleet = ref()
-    if fleet is not None:
-        fleet._held = set()
-        fleet._lock = threading.Lock()
-        fleet._renewer = None
+def reset_after_fork(obj: Any) -> None:
+    """Call ``obj.after_fork()`` in every forked child, for as long as ``obj`` lives."""
+    ref = weakref.ref(obj)
+
+    def reset() -> None:
+        live = ref()
+        if live is not None:
+            live.after_fork()
+
+    os.register_at_fork(after_in_child=reset)
 
 
 def _text(value: bytes | str) -> str:

@@ -23,7 +23,6 @@ and gives back the slots that no call took within ``REUSE_FOR_S``, one round tri
 from __future__ import annotations
 
 import logging
-import os
 import random
 import threading
 import time
@@ -42,7 +41,7 @@ from payq.breaker import (
 )
 from payq.constants import LUA_NOW
 from payq.errors import IdempotencyKeyInUse, ProviderError, RetryableProviderError
-from payq.fleet import ACQUIRE_LUA_FN, FleetLimit, SlotRefused
+from payq.fleet import ACQUIRE_LUA_FN, FleetLimit, SlotRefused, reset_after_fork
 from payq.provider import ProviderCharge
 from payq.settings import Settings, get_settings
 
@@ -187,17 +186,14 @@ class ProviderGate:
         with the counts not yet sent. If Redis does not answer, the slot's lease frees it.
         """
         call = None if outcome is None else call_outcome(outcome)
-        if not passed.probe and call is not CallOutcome.FAILURE:
-            slow = call is not None and latency_ms >= self.settings.breaker_slow_call_ms
-            if self._reuse.keep(passed.token, counted=call is not None, slow=slow):
-                self._reuse.start_keeping(self._keep_forever)
-                return
+        slow = call is not None and self.breaker.slow(latency_ms)
+        keepable = not passed.probe and call is not CallOutcome.FAILURE
+        if keepable and self._reuse.keep(passed.token, counted=call is not None, slow=slow):
+            self._reuse.start_keeping(self._keep_forever)
+            return
         self.fleet.forget(passed.token)
-        if call is None:
-            release = (passed.token, "none", 0, int(passed.probe))
-        else:
-            args = self.breaker.record_args(call, latency_ms, probe=passed.probe)
-            release = (passed.token, *args[1:4])
+        outcome_arg = "none" if call is None else call.value
+        release = (passed.token, outcome_arg, int(slow), int(passed.probe))
         calls, slow_calls = self._reuse.take_counts()
         try:
             self._send(release, [], calls, slow_calls)
@@ -215,7 +211,11 @@ class ProviderGate:
     def flush(self) -> None:
         """Send what this process counted and give back every slot it keeps (a worker
         shutting down; tests). If Redis does not answer, the leases free the slots."""
-        idle, calls, slow = self._reuse.due(time.monotonic())
+        self._give_back(kept_since=time.monotonic())
+
+    def _give_back(self, kept_since: float) -> None:
+        """Send the counts, and give back the slots kept since before ``kept_since``."""
+        idle, calls, slow = self._reuse.due(kept_since)
         if not idle and not calls:
             return
         for token in idle:
@@ -223,7 +223,11 @@ class ProviderGate:
         try:
             self._send(None, idle, calls, slow)
         except redis.RedisError as exc:
-            log.warning("kept fleet slots not given back (%s)", type(exc).__name__)
+            log.warning(
+                "counted calls not sent to the breaker nor kept fleet slots given back (%s); "
+                "the slots free themselves within FLEET_SLOT_LEASE_S",
+                type(exc).__name__,
+            )
 
     def _send(
         self, release: tuple[Any, ...] | None, idle: list[str], calls: int, slow: int
@@ -250,19 +254,7 @@ class ProviderGate:
                 now = time.monotonic()
                 # Slots no call took for a while go back; all of them once the breaker is
                 # not known closed (a call would ask Redis for a slot of its own).
-                kept_since = now - REUSE_FOR_S if self._reuse.trusted(now) else now
-                idle, calls, slow = self._reuse.due(kept_since)
-                if not idle and not calls:
-                    continue
-                for token in idle:
-                    self.fleet.forget(token)
-                self._send(None, idle, calls, slow)
-            except redis.RedisError as exc:
-                log.warning(
-                    "counted calls not sent to the breaker nor idle fleet slots given back "
-                    "(%s); the slots free themselves within FLEET_SLOT_LEASE_S",
-                    type(exc).__name__,
-                )
+                self._give_back(now - REUSE_FOR_S if self._reuse.trusted(now) else now)
             except Exception:  # the thread must go on
                 log.exception("the gate thread failed a round; it goes on")
 
@@ -272,8 +264,13 @@ class _Reuse:
 
     def __init__(self, fleet: FleetLimit) -> None:
         self.fleet = fleet
+        self.after_fork()
+        reset_after_fork(self)
+
+    def after_fork(self) -> None:
+        """A fresh state (also in a forked child: it holds none of its parent's slots,
+        and runs no thread yet)."""
         self._lock = threading.Lock()
-        self._pid = os.getpid()
         self._trusted_until = 0.0  # monotonic: the breaker was closed when last read
         self._distrusted_at = 0.0  # when a read last found it not closed
         self._free: list[tuple[str, float]] = []  # (token, monotonic time it was freed)
@@ -281,14 +278,6 @@ class _Reuse:
         self._slow = 0
         self._keeper: threading.Thread | None = None
         self.stopped = threading.Event()
-
-    def _check_pid(self) -> None:
-        # A forked child holds none of its parent's slots, and runs no thread yet.
-        if self._pid != os.getpid():
-            self._pid = os.getpid()
-            self._trusted_until, self._distrusted_at = 0.0, 0.0
-            self._free, self._calls, self._slow = [], 0, 0
-            self._keeper, self.stopped = None, threading.Event()
 
     def seen(self, state: BreakerState, asked_at: float) -> None:
         """The breaker's state as read by a request sent at ``asked_at`` (monotonic).
@@ -309,7 +298,6 @@ class _Reuse:
     def take(self) -> str | None:
         """A kept slot for a call, if the breaker is trusted closed."""
         with self._lock:
-            self._check_pid()
             if time.monotonic() >= self._trusted_until:
                 return None
             while self._free:
@@ -321,7 +309,6 @@ class _Reuse:
     def keep(self, token: str, *, counted: bool, slow: bool) -> bool:
         """Keep a slot (and count its call) here, if the breaker is trusted closed."""
         with self._lock:
-            self._check_pid()
             now = time.monotonic()
             if now >= self._trusted_until or not self.fleet.holds(token):
                 return False
@@ -332,7 +319,6 @@ class _Reuse:
 
     def take_counts(self) -> tuple[int, int]:
         with self._lock:
-            self._check_pid()
             counts = self._calls, self._slow
             self._calls = self._slow = 0
             return counts
@@ -340,7 +326,6 @@ class _Reuse:
     def due(self, freed_before: float) -> tuple[list[str], int, int]:
         """Slots freed before then (taken out), and the counts (reset)."""
         with self._lock:
-            self._check_pid()
             idle = [token for token, at in self._free if at < freed_before]
             self._free = [(token, at) for token, at in self._free if at >= freed_before]
             counts = self._calls, self._slow
@@ -390,10 +375,7 @@ local token, outcome, call_slow, probe = ARGV[13], ARGV[14], ARGV[15], ARGV[16]
 for i = 17, #ARGV do redis.call('ZREM', KEYS[2], ARGV[i]) end
 local judge = false
 if calls > 0 then
-    local bucket = A[1] .. math.floor(now / 1000)
-    redis.call('HINCRBY', bucket, 'calls', calls)
-    if slow > 0 then redis.call('HINCRBY', bucket, 'slow', slow) end
-    redis.call('EXPIRE', bucket, tonumber(A[5]) + 2)
+    breaker_count({KEYS[1]}, A, now, calls, 0, slow)
     judge = true
 end
 local r = {'', ''}
