@@ -4,9 +4,12 @@ Each host is a `payq worker` group in a process group of its own, with its own t
 and pool sizes, as two machines of a fleet would be; they share the fleet's settings
 (`PAYMENT_MAX_CONCURRENCY`, the breaker's thresholds) and nothing else but Redis, the
 database and the provider. The fleet limit and the circuit breaker live in Redis, so
-they hold across hosts: host A alone could never be refused a provider slot (its
-threads equal the limit), yet it is, because host B's calls hold slots; and once one
-host's failures open the breaker, neither host calls the provider until it half-opens.
+they hold across hosts: together the hosts have 10 threads, each host alone could run 4
+calls at once, yet the provider never sees more than 4, and the hosts are refused slots;
+and once one host's failures open the breaker, neither host calls the provider until it
+half-opens. (Which host is refused depends on which one holds the slots: a busy process
+keeps its slots for its next calls, so host A, whose threads equal the limit, may be
+the one that never is.)
 """
 
 from __future__ import annotations
@@ -126,12 +129,11 @@ def test_two_hosts_share_the_fleet_limit_and_the_circuit_breaker(
         )
         succeeded = {name: host.output().count(SUCCEEDED) for name, host in hosts.items()}
         assert sum(succeeded.values()) == 80 and all(succeeded.values()), succeeded
-        # Host A has as many threads as the fleet has slots: alone, it is never refused one.
-        # It is refused because host B's calls hold slots (reports come every 5 s).
+        # Slots were refused across the hosts (reports come every 5 s).
         refused = wait_until(
-            lambda: sum(fleet_full(r) for r in reports_by_host(hosts)["A"]),
+            lambda: sum(fleet_full(r) for rs in reports_by_host(hosts).values() for r in rs),
             15,
-            "host A's report of a full fleet",
+            "a host's report of a full fleet",
         )
         fleet_s = time.monotonic() - started
         calls_before_outage = stats["charge_requests"]
@@ -185,7 +187,7 @@ def test_two_hosts_share_the_fleet_limit_and_the_circuit_breaker(
     assert stats["max_in_flight"] <= MAX_CONCURRENCY
     print(
         f"two hosts: succeeded A={succeeded['A']} B={succeeded['B']} of 80 in {fleet_s:.1f} s, "
-        f"max_in_flight {stats['max_in_flight']}/{MAX_CONCURRENCY}, host A refused a full "
+        f"max_in_flight {stats['max_in_flight']}/{MAX_CONCURRENCY}, hosts refused a full "
         f"fleet {refused} times; breaker opened by host {openers[0]}, open {watched_s:.1f} s "
         f"after {frozen - calls_before_outage} failed calls, no call while open, breaker "
         f"deferrals A={deferrals['A']} B={deferrals['B']} ({len(offered)} charges offered while "
