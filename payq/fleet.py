@@ -247,8 +247,12 @@ class FleetLimit:
             )
             self._renewer.start()
 
-    def stop_renewing(self) -> None:
+    def stop_renewing(self, wait_s: float = 0.0) -> None:
+        """Stop the renewal thread; ``wait_s``: wait that long for a renewal under way."""
         self._stop.set()
+        renewer = self._renewer
+        if wait_s and renewer is not None and renewer.is_alive():
+            renewer.join(wait_s)
 
     def _renew_forever(self) -> None:
         while not self._stop.wait(self.renew_every_s):

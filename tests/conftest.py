@@ -133,4 +133,9 @@ def clean(database: str) -> Iterator[None]:
 @pytest.fixture(scope="session", autouse=True)
 def _namespace_cleanup() -> Iterator[None]:
     yield
+    from payq import gate
+
+    if gate._gate is not None:  # its renewal would write the fleet's epoch back
+        gate._gate.stop_keeping()
+        gate._gate.fleet.stop_renewing(wait_s=5)
     _clear_namespace(settle=False)  # the shared Redis keeps nothing of this run

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import subprocess
@@ -263,7 +264,8 @@ def test_the_provider_check_holds_a_fleet_slot_and_never_calls_over_the_limit(
     settings = load_settings(payment_provider_url=sim.url)
     gate = ProviderGate.from_settings(client, settings)
     held_slots.take(settings.payment_max_concurrency)
-    with ProviderClient(settings) as provider:
+    with ProviderClient(settings) as provider, contextlib.ExitStack() as after:
+        after.callback(gate.fleet.stop_renewing)  # it renews the slot the check took
         before = sim.stats()["requests"]
         full = check_provider(provider, gate.fleet)
         assert full == Check(
