@@ -6,8 +6,14 @@ __all__ = [
     "ACTOR_NAME",
     "FINAL_STATUSES",
     "QUEUE_NAME",
+    "SETTLED_STATUSES",
+    "SYSTEM_ACTOR",
+    "UNCERTAIN_OUTCOMES",
     "UNDECODABLE_ACTOR_NAME",
+    "AttemptKind",
+    "AttemptOutcome",
     "ChargeStatus",
+    "DeadOutcome",
     "redis_key",
 ]
 
@@ -30,6 +36,58 @@ class ChargeStatus(StrEnum):
 
 
 FINAL_STATUSES = frozenset({ChargeStatus.SUCCEEDED, ChargeStatus.FAILED, ChargeStatus.DEAD})
+#: Final by the provider's own answer: nothing payq learns later can change them. A dead
+#: charge is final for payq, not for the provider's books: a late answer still settles it.
+SETTLED_STATUSES = frozenset({ChargeStatus.SUCCEEDED, ChargeStatus.FAILED})
+
+
+class AttemptKind(StrEnum):
+    """What one request to the provider was (``charge_attempts.kind``)."""
+
+    CHARGE = "charge"  # POST /v1/charges
+    LOOKUP = "lookup"  # GET /v1/charges?idempotency_key=
+
+
+class AttemptOutcome(StrEnum):
+    """How one request ended, as far as the provider's books are concerned."""
+
+    IN_FLIGHT = "in_flight"  # written before the call; the worker has not recorded it (yet)
+    ABANDONED = "abandoned"  # still in flight when the charge was claimed again: unknown
+    SUCCEEDED = "succeeded"  # 200 charge object: charged
+    DECLINED = "declined"  # 402: a decline, stored by the provider
+    REJECTED = "rejected"  # 400, 401, 409 reused: refused before charging
+    NO_CHARGE = "no_charge"  # 429: charged nothing, by the contract
+    UNCLEAR = "unclear"  # 5xx, 409 in use, an odd status or body: an answer that does not say
+    NO_ANSWER = "no_answer"  # timeout, reset, connection error: no answer at all
+    UNRECORDED = "unrecorded"  # an answer came but could not be stored as it was
+    NOT_FOUND = "not_found"  # a lookup: the provider has no charge with this key
+
+
+#: Attempts after which the provider may have charged without payq knowing: before a
+#: charge with one of these goes dead, it is looked up by key. ``IN_FLIGHT`` counts when
+#: it is not the charge's current call; the next claim marks it ``ABANDONED`` (its
+#: worker died or stalled past its lease), and a late record still writes what happened.
+UNCERTAIN_OUTCOMES = frozenset(
+    {
+        AttemptOutcome.IN_FLIGHT,
+        AttemptOutcome.ABANDONED,
+        AttemptOutcome.UNCLEAR,
+        AttemptOutcome.NO_ANSWER,
+        AttemptOutcome.UNRECORDED,
+    }
+)
+
+
+class DeadOutcome(StrEnum):
+    """What a dead charge is known to have done at the provider (``charges.dead_outcome``)."""
+
+    NOT_CHARGED = "not_charged"  # every answer was one that charges nothing
+    VERIFIED_NOT_CHARGED = "verified_not_charged"  # looked up by key: no charge (404)
+    UNKNOWN = "unknown"  # could not be looked up yet: the sweep asks again
+
+
+#: Who ``operator_actions`` names when payq itself changed a charge (a late answer, a lookup).
+SYSTEM_ACTOR = "payq"
 
 
 def redis_key(namespace: str, *parts: str) -> str:

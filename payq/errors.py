@@ -21,7 +21,8 @@
             └── IdempotencyKeyReused    409: the key was used with other parameters
 
 Provider errors carry their context as attributes (``status``, ``code``,
-``retry_after_s``); ``error_class`` is the stable name recorded with each attempt.
+``retry_after_s``, and ``answer``: the body as it came, cut to 1 KiB); ``error_class``
+is the stable name recorded with each attempt.
 """
 
 from __future__ import annotations
@@ -102,10 +103,12 @@ class ProviderError(PayqError):
         *,
         status: int | None = None,
         code: str | None = None,
+        answer: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
+        self.answer = answer
 
 
 class RetryableProviderError(ProviderError):

@@ -17,10 +17,12 @@ __all__ = [
     "DEAD_LETTERS",
     "DEFERRALS",
     "FLEET_SLOTS_IN_USE",
+    "LOOKUPS",
     "POOL_EXHAUSTED",
     "POOL_IN_USE",
     "POOL_SIZE",
     "PROVIDER_LATENCY",
+    "UNKNOWN_OUTCOMES",
 ]
 
 CHARGES = Counter("payq_charges", "Charges that reached a state after an attempt", ["outcome"])
@@ -56,5 +58,17 @@ BREAKER_STATE = Gauge(
 FLEET_SLOTS_IN_USE = Gauge(
     "payq_fleet_slots_in_use",
     "Provider calls in flight across the fleet (PAYMENT_MAX_CONCURRENCY slots)",
+    multiprocess_mode="mostrecent",
+)
+LOOKUPS = Counter(
+    "payq_lookups",
+    "Dead charges of unknown outcome looked up by key (the sweep, reconcile), by result",
+    ["result"],
+)
+UNKNOWN_OUTCOMES = Gauge(
+    "payq_unknown_outcomes",
+    "Dead charges whose outcome is unknown: the sweep's backlog (within the key's retention) "
+    "and those past it, left to a person",
+    ["retention"],
     multiprocess_mode="mostrecent",
 )

@@ -27,7 +27,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
 from sqlalchemy.engine import RowMapping
 
-from payq.constants import ChargeStatus
+from payq.constants import ChargeStatus, DeadOutcome
 
 __all__ = ["Charge", "charge_attempts", "charges", "metadata", "operator_actions"]
 
@@ -42,6 +42,7 @@ metadata = MetaData(
 )
 
 _STATUSES = ", ".join(f"'{s.value}'" for s in ChargeStatus)
+_DEAD_OUTCOMES = ", ".join(f"'{o.value}'" for o in DeadOutcome)
 _NOT_FINAL = "status IN ('pending', 'processing', 'retrying')"
 
 charges = Table(
@@ -76,15 +77,31 @@ charges = Table(
     Column("purged_by", String(255)),
     # A dead charge whose outcome was unknown, looked up at the provider.
     Column("reconciled_at", DateTime(timezone=True)),
+    # The call that holds the claim: a record from any other call is fenced from moving
+    # the charge (its answer still settles it: ``payq.ledger``).
+    Column("call_id", UUID(as_uuid=True)),
+    # For a dead charge: what the provider is known to have done (``DeadOutcome``).
+    Column("dead_outcome", String(24)),
+    # For a dead charge of unknown outcome: when the sweep looks it up next.
+    Column("next_lookup_at", DateTime(timezone=True)),
     CheckConstraint("amount > 0", name="amount_positive"),
     CheckConstraint(f"status IN ({_STATUSES})", name="status_known"),
     CheckConstraint("attempts >= 0", name="attempts_not_negative"),
+    CheckConstraint(
+        f"dead_outcome IS NULL OR dead_outcome IN ({_DEAD_OUTCOMES})", name="dead_outcome_known"
+    ),
     # The relay scans only charges that are not final.
     Index("ix_charges_unfinished", "status", "updated_at", postgresql_where=text(_NOT_FINAL)),
     Index(
         "ix_charges_dead",
         "updated_at",
         postgresql_where=text("status = 'dead' AND purged_at IS NULL"),
+    ),
+    # The sweep's work: dead charges whose outcome is unknown.
+    Index(
+        "ix_charges_unknown_outcome",
+        "next_lookup_at",
+        postgresql_where=text("status = 'dead' AND dead_outcome = 'unknown'"),
     ),
 )
 
@@ -98,15 +115,24 @@ charge_attempts = Table(
         ForeignKey("charges.id", ondelete="RESTRICT"),
         nullable=False,
     ),
+    # The charge's attempt count when this call was made. Not unique: a claim lost in a
+    # database crash is made again under the same number, and both calls are recorded.
     Column("number", Integer, nullable=False),
+    # One provider request, drawn by the claim (a lookup draws its own).
+    Column("call_id", UUID(as_uuid=True), nullable=False, server_default=func.gen_random_uuid()),
+    Column("kind", String(8), nullable=False, server_default=text("'charge'")),  # AttemptKind
     Column("started_at", DateTime(timezone=True), nullable=False),
-    Column("finished_at", DateTime(timezone=True), nullable=False),
-    Column("outcome", String(32), nullable=False),
+    Column("finished_at", DateTime(timezone=True)),  # None while in flight
+    Column("outcome", String(32), nullable=False),  # AttemptOutcome
     Column("http_status", Integer),
     Column("error_class", String(64)),
     Column("error_message", Text),
-    Column("latency_ms", Integer, nullable=False),
-    UniqueConstraint("charge_id", "number", name="uq_charge_attempts_charge_id_number"),
+    # The provider's answer as it came, cut to ``ANSWER_LIMIT``, when it was not a plain
+    # charge object: what an operator needs to read an odd answer.
+    Column("answer", Text),
+    Column("latency_ms", Integer),
+    UniqueConstraint("call_id", name="uq_charge_attempts_call_id"),
+    Index("ix_charge_attempts_charge_id", "charge_id", "number"),
     Index("ix_charge_attempts_finished_at", "finished_at"),
 )
 
@@ -152,9 +178,22 @@ class Charge:
     purged_at: dt.datetime | None
     purged_by: str | None
     reconciled_at: dt.datetime | None
+    call_id: uuid.UUID | None
+    dead_outcome: DeadOutcome | None
+    next_lookup_at: dt.datetime | None
+
+    def __repr__(self) -> str:
+        """The payment token is masked: a repr ends up in logs and tracebacks."""
+        fields = ", ".join(
+            f"{name}={'***' if name == 'source' else repr(getattr(self, name))}"
+            for name in ("id", "status", "amount", "currency", "source", "attempts")
+        )
+        return f"Charge({fields})"
 
     @classmethod
     def from_row(cls, row: RowMapping) -> Charge:
         values = {name: row[name] for name in cls.__slots__}
         values["status"] = ChargeStatus(values["status"])
+        if values["dead_outcome"] is not None:
+            values["dead_outcome"] = DeadOutcome(values["dead_outcome"])
         return cls(**values)

@@ -7,7 +7,14 @@ trips), so duplicate deliveries and late workers cannot charge twice or overwrit
 each other:
 
     claim     pending | retrying (due) | processing (lease ran out)  ->  processing
-    record    processing (same attempt number)  ->  succeeded | failed | retrying | dead
+              (draws a call id and writes the call's attempt row before the call)
+    record    processing (same call id)  ->  succeeded | failed | retrying | dead
+
+The provider's answer is the truth (``payq.ledger``): a worker whose claim was taken
+over still records its call, and a 200 or 402 it got settles the charge anyway. A
+charge goes dead only after it was looked up by key, when any of its calls ended
+without a clear answer; if nobody could tell, it is dead of unknown outcome and the
+relay's sweep asks again.
 
 A retry is a delayed message published after the commit; if that publish is
 lost, the relay publishes the charge again once it is overdue.
@@ -23,9 +30,21 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Connection, Interval, Update, and_, bindparam, func, or_, select, update
+from sqlalchemy import (
+    Connection,
+    Interval,
+    Update,
+    and_,
+    bindparam,
+    exists,
+    func,
+    literal_column,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.pool import QueuePool
 from tenacity import (
@@ -36,10 +55,17 @@ from tenacity import (
     wait_exponential,
 )
 
-from payq import metrics
+from payq import ledger, metrics
 from payq.broker import new_message_id, publish_or_leave_to_relay, queued
-from payq.constants import FINAL_STATUSES, ChargeStatus
-from payq.db import Prepared, autocommit, get_engine
+from payq.constants import (
+    FINAL_STATUSES,
+    UNCERTAIN_OUTCOMES,
+    AttemptKind,
+    AttemptOutcome,
+    ChargeStatus,
+    DeadOutcome,
+)
+from payq.db import Prepared, autocommit, get_engine, transaction
 from payq.errors import (
     CardDeclined,
     FinalProviderError,
@@ -49,7 +75,7 @@ from payq.errors import (
 )
 from payq.gate import ProviderGate, Wait, get_gate, jitter_ms
 from payq.models import charge_attempts, charges
-from payq.provider import ProviderCharge, ProviderClient, charge_body, get_provider
+from payq.provider import ProviderCharge, ProviderClient, charge_body, clean_text, get_provider
 from payq.retry_policy import RetryPolicy
 from payq.sentry import tag_charge
 from payq.settings import Settings, get_settings
@@ -65,6 +91,8 @@ DB_UNAVAILABLE = (OperationalError, InterfaceError)
 RECORD_RETRY_S = 3.0
 
 S = ChargeStatus
+A = AttemptOutcome
+Outcome = ProviderCharge | ProviderError
 
 
 class UnknownCharge(PayqError):
@@ -78,7 +106,7 @@ class Result(StrEnum):
     DEAD = "dead"
     SKIPPED = "skipped"  # already claimed, final, or not yet due
     DEFERRED = "deferred"  # must wait (early, breaker, fleet, database): sent again for later
-    LEASE_LOST = "lease_lost"  # another worker took over while we called
+    LEASE_LOST = "lease_lost"  # another worker took over while we called (answer still kept)
     UNRECORDED = "unrecorded"  # the database did not answer; the lease brings it back
 
 
@@ -86,18 +114,14 @@ class Result(StrEnum):
 # per-call value. Building a Core construct on every call (coercing each argument, then
 # computing its cache key) was most of the worker CPU that claiming and recording took.
 # The claim and the record are also prepared on each connection (``db.Prepared``):
-# PostgreSQL parses and plans them once, and a call sends only the values. The SQL is
-# what the inline constructs produced: times are PostgreSQL's ``now()``, intervals are
-# bound as ``datetime.timedelta``.
+# PostgreSQL parses and plans them once, and a call sends only the values. Times are
+# PostgreSQL's ``now()``, intervals are bound as ``datetime.timedelta``.
 
 #: Take a charge for one attempt, if it is free: pending, a retry that is due, or
-#: processing under a lease that ran out. ``old``: created before the key retention.
-#: Not durable: its commit does not wait for the WAL flush. A claim lost in a PostgreSQL
-#: crash leaves the charge as it was; its record then finds no claim (lease lost), the
-#: relay sends the charge again, and the next attempt's call carries the same key, so
-#: the provider replays its answer. The record is durable, and flushes the claim with it.
-_CLAIM = Prepared(
-    "claim",
+#: processing under a lease that ran out. ``past_window``: created longer ago than the
+#: key's send window (``Settings.key_send_window_s``); ``past_retention``: than the
+#: provider keeps keys, so that a lookup by key proves nothing any more.
+_CLAIMED = (
     update(charges)
     .where(
         charges.c.id == bindparam("charge_id"),
@@ -111,11 +135,13 @@ _CLAIM = Prepared(
         status=S.PROCESSING,
         attempts=charges.c.attempts + 1,
         lease_expires_at=func.now() + bindparam("lease", type_=Interval),
+        call_id=func.gen_random_uuid(),
         updated_at=func.now(),
     )
     .returning(
         charges.c.id,
         charges.c.attempts,
+        charges.c.call_id,
         charges.c.retry_base,
         charges.c.idempotency_key,
         charges.c.amount,
@@ -123,10 +149,62 @@ _CLAIM = Prepared(
         charges.c.source,
         charges.c.description,
         charges.c.metadata,
-        (charges.c.created_at < func.now() - bindparam("key_retention", type_=Interval)).label(
-            "old"
+        (charges.c.created_at < func.now() - bindparam("send_window", type_=Interval)).label(
+            "past_window"
         ),
-    ),
+        (charges.c.created_at < func.now() - bindparam("retention", type_=Interval)).label(
+            "past_retention"
+        ),
+        func.extract(
+            "epoch", charges.c.created_at + bindparam("send_window", type_=Interval) - func.now()
+        ).label("window_left_s"),
+    )
+    .cte("claimed")
+)
+#: Whether the claimed charge is sent: not when the provider may already have seen it and
+#: its send window passed, nor when its attempts ran out while unrecorded (a record that
+#: kept failing, workers that kept dying): then it goes dead without a call.
+_SENDABLE = and_(
+    ~and_(_CLAIMED.c.past_window, _CLAIMED.c.attempts > 1),
+    _CLAIMED.c.attempts - _CLAIMED.c.retry_base <= bindparam("max_attempts"),
+)
+#: The call's row, written before the call: every request sent leaves a record, even if
+#: its worker dies before it hears the answer.
+_WRITE_AHEAD = (
+    pg_insert(charge_attempts)
+    .from_select(
+        ["charge_id", "number", "call_id", "kind", "started_at", "outcome"],
+        select(
+            _CLAIMED.c.id,
+            _CLAIMED.c.attempts,
+            _CLAIMED.c.call_id,
+            literal_column(f"'{AttemptKind.CHARGE}'"),
+            func.now(),
+            literal_column(f"'{A.IN_FLIGHT}'"),
+        ).where(_SENDABLE),
+    )
+    .cte("written")
+)
+#: A call still in flight when its charge is claimed again was cut off (its worker died or
+#: stalled past the lease): unknown. Its own record, if it ever comes, writes what happened.
+_ABANDON = (
+    update(charge_attempts)
+    .where(
+        charge_attempts.c.charge_id == bindparam("charge_id"),
+        charge_attempts.c.outcome == A.IN_FLIGHT,
+        exists(select(_CLAIMED.c.id)),
+    )
+    .values(outcome=A.ABANDONED)
+    .cte("abandoned")
+)
+#: Not durable: its commit does not wait for the WAL flush. A claim lost in a PostgreSQL
+#: crash leaves the charge as it was; its record then finds no claim (lease lost) but
+#: still writes the call's row, the relay sends the charge again, and the next attempt's
+#: call carries the same key, so the provider replays its answer. The record is
+#: durable, and flushes the claim with it.
+_CLAIM = Prepared(
+    "claim",
+    select(_CLAIMED, _SENDABLE.label("sendable")).add_cte(_WRITE_AHEAD).add_cte(_ABANDON),
     durable=False,
 )
 
@@ -153,27 +231,39 @@ _ROW_MESSAGE = select(charges.c.message_id, charges.c.status).where(
     charges.c.id == bindparam("charge_id")
 )
 
-#: One provider call's row; a retry after a commit whose answer was lost finds it there.
-_ATTEMPT = (
-    pg_insert(charge_attempts)
-    .values(
-        charge_id=bindparam("charge_id"),
-        number=bindparam("attempt"),
-        started_at=bindparam("started_at"),
-        finished_at=func.now(),
-        outcome=bindparam("outcome"),
-        http_status=bindparam("http_status"),
-        error_class=bindparam("error_class"),
-        error_message=bindparam("error_message"),
-        latency_ms=bindparam("latency_ms"),
+#: Whether an earlier call of this charge ended without a clear answer.
+_EARLIER_UNCERTAIN = select(
+    exists().where(
+        charge_attempts.c.charge_id == bindparam("charge_id"),
+        charge_attempts.c.kind == AttemptKind.CHARGE,
+        charge_attempts.c.outcome.in_(sorted(UNCERTAIN_OUTCOMES)),
+        charge_attempts.c.call_id != bindparam("call_id"),
     )
-    .on_conflict_do_nothing(constraint="uq_charge_attempts_charge_id_number")
-    .cte("attempt")
+)
+
+_ATTEMPT_FIELDS = ("outcome", "http_status", "error_class", "error_message", "answer", "latency_ms")
+_ATTEMPT_INSERT = pg_insert(charge_attempts).values(
+    charge_id=bindparam("charge_id"),
+    number=bindparam("attempt"),
+    call_id=bindparam("call_id"),
+    kind=AttemptKind.CHARGE,
+    started_at=bindparam("started_at"),
+    finished_at=func.now(),
+    **{name: bindparam(name) for name in _ATTEMPT_FIELDS},
+)
+#: One provider call's row, completed (or written, if its claim was lost in a crash): by
+#: the call's own id, so a retry after a commit whose answer was lost finds it there.
+_ATTEMPT = _ATTEMPT_INSERT.on_conflict_do_update(
+    constraint="uq_charge_attempts_call_id",
+    set_={
+        "finished_at": _ATTEMPT_INSERT.excluded.finished_at,
+        **{name: getattr(_ATTEMPT_INSERT.excluded, name) for name in _ATTEMPT_FIELDS},
+    },
 )
 
 
 def _finish_statement(status: ChargeStatus, *columns: str, **expressions: Any) -> Update:
-    """Move a claimed charge to ``status``, only if this attempt still holds it.
+    """Move a claimed charge to ``status``, only if this call still holds it.
 
     ``columns`` are set from bind parameters of the same name, ``expressions`` as given.
     """
@@ -182,7 +272,7 @@ def _finish_statement(status: ChargeStatus, *columns: str, **expressions: Any) -
         .where(
             charges.c.id == bindparam("charge_id"),
             charges.c.status == S.PROCESSING,
-            charges.c.attempts == bindparam("attempt"),
+            charges.c.call_id == bindparam("call_id"),
         )
         .values(
             status=status,
@@ -195,50 +285,71 @@ def _finish_statement(status: ChargeStatus, *columns: str, **expressions: Any) -
 
 
 _ERRORS = ("last_error", "last_error_class")
-#: Record an attempt and move its charge on, in one statement, by where the outcome took
-#: it. PostgreSQL runs the INSERT in ``WITH`` to completion whether or not the guarded
-#: UPDATE matches: an attempt whose worker lost its lease is still recorded, as it was made.
-_RECORD: dict[Result, Prepared] = {
-    Result.SUCCEEDED: Prepared(
-        "succeeded", _finish_statement(S.SUCCEEDED, "provider_charge_id").add_cte(_ATTEMPT)
+#: Where each result takes the charge: the columns it sets.
+_MOVES: dict[Result, tuple[ChargeStatus, tuple[str, ...], dict[str, Any]]] = {
+    Result.SUCCEEDED: (S.SUCCEEDED, ("provider_charge_id",), {}),
+    Result.FAILED: (S.FAILED, ("provider_charge_id", "decline_code", *_ERRORS), {}),
+    Result.DEAD: (
+        S.DEAD,
+        ("dead_reason", "dead_outcome", *_ERRORS),
+        {"next_lookup_at": func.now() + bindparam("lookup_in", type_=Interval)},
     ),
-    Result.FAILED: Prepared(
-        "failed",
-        _finish_statement(S.FAILED, "provider_charge_id", "decline_code", *_ERRORS).add_cte(
-            _ATTEMPT
-        ),
-    ),
-    Result.DEAD: Prepared(
-        "dead", _finish_statement(S.DEAD, "dead_reason", *_ERRORS).add_cte(_ATTEMPT)
-    ),
-    Result.RETRYING: Prepared(
-        "retrying",
-        _finish_statement(
-            S.RETRYING,
-            "message_id",
-            *_ERRORS,
-            next_attempt_at=func.now() + bindparam("retry_in", type_=Interval),
-            published_at=func.now(),
-        ).add_cte(_ATTEMPT),
+    Result.RETRYING: (
+        S.RETRYING,
+        ("message_id", *_ERRORS),
+        {
+            "next_attempt_at": func.now() + bindparam("retry_in", type_=Interval),
+            "published_at": func.now(),
+        },
     ),
 }
-#: A charge claimed past the key retention: dead without a call, the claim's count undone.
-_EXPIRE = Prepared("expire", _finish_statement(S.DEAD, "dead_reason", "attempts"))
+#: Record a call and move its charge on, in one statement. PostgreSQL runs the INSERT in
+#: ``WITH`` to completion whether or not the guarded UPDATE matches: a call whose worker
+#: lost its claim is still recorded, as it was made.
+_RECORD: dict[Result, Prepared] = {
+    result: Prepared(
+        result.value,
+        _finish_statement(status, *columns, **expressions).add_cte(_ATTEMPT.cte("attempt")),
+    )
+    for result, (status, columns, expressions) in _MOVES.items()
+}
+#: A charge that ends without a call (its send window passed, its attempts ran out while
+#: unrecorded): the claim's count is undone, as no request was sent.
+_NO_CALL: dict[Result, Prepared] = {
+    result: Prepared(
+        f"{result.value}_no_call",
+        _finish_statement(status, *columns, "attempts", **expressions),
+    )
+    for result, (status, columns, expressions) in _MOVES.items()
+    if result is not Result.RETRYING
+}
 
 
 @dataclass(frozen=True, slots=True)
 class _Claim:
     id: uuid.UUID
     attempt: int  # the attempt's number, counted over the charge's whole life
+    call_id: uuid.UUID  # this call's own id: the claim's fence, and its attempt row's key
     budget_used: int  # attempts since the last operator replay, this one included
     key: str
     source: str
     body: bytes
-    expired: bool
+    sendable: bool  # False: no request may be sent (window passed, attempts ran out)
+    past_window: bool
+    past_retention: bool
+    window_left_s: float  # until the key's send window closes
 
     def masked(self, text: str) -> str:
         """Provider messages may echo the payment token: it is not stored with them."""
         return text.replace(self.source, "[source]") if self.source else text
+
+
+@dataclass(frozen=True, slots=True)
+class _Decision:
+    """Where the charge goes, and the columns the move sets (``_MOVES``)."""
+
+    result: Result
+    values: dict[str, Any]
 
 
 def process_charge(
@@ -253,6 +364,7 @@ def process_charge(
 
     The breaker and the fleet limit are asked first, the database second: a charge
     that must wait is deferred before it is claimed, so waiting never uses an attempt.
+    A lookup by key before the charge goes dead uses the same fleet slot as the call.
     """
     settings = settings or get_settings()
     try:
@@ -264,7 +376,8 @@ def process_charge(
     entry = gate.enter()
     if isinstance(entry, Wait):
         return _defer(cid, message_id, entry.cause, entry.delay_ms, entry.detail)
-    outcome: ProviderCharge | ProviderError | None = None
+    outcome: Outcome | None = None
+    lookup: ledger.Lookup | None = None
     elapsed_s = 0.0
     try:
         try:
@@ -272,8 +385,6 @@ def process_charge(
                 claim = _claim(conn, cid, settings)
                 if claim is None:
                     result, redo_in_ms = _not_claimed(conn, cid, message_id)
-                elif claim.expired:
-                    return _expire(conn, claim, settings)
         except PoolTimeout:
             _pool_exhausted(cid, settings)
             delay_ms = jitter_ms(500, 2000)
@@ -294,21 +405,30 @@ def process_charge(
             return result
 
         tag_charge(str(claim.id), claim.attempt)
+        provider = provider or get_provider()
         started_at = dt.datetime.now(dt.UTC)
-        t0 = time.monotonic()
-        try:
-            outcome = (provider or get_provider()).create_charge(claim.key, claim.body)
-        except ProviderError as exc:
-            outcome = exc
-        elapsed_s = time.monotonic() - t0
+        if claim.sendable:
+            t0 = time.monotonic()
+            try:
+                outcome = provider.create_charge(claim.key, claim.body)
+            except ProviderError as exc:
+                outcome = exc
+            elapsed_s = time.monotonic() - t0
+        decision = _decide(claim, outcome, RetryPolicy.from_settings(settings), settings)
+        if decision.result is Result.DEAD and _uncertain(claim, outcome):
+            if claim.past_retention:
+                decision = _after_lookup(decision, None)
+            else:
+                lookup = ledger.look_up(provider, claim.key)  # the same slot as the call
+                decision = _after_lookup(decision, lookup)
     finally:
         gate.leave(entry, outcome, int(elapsed_s * 1000))
-    assert outcome is not None
-    metrics.PROVIDER_LATENCY.observe(elapsed_s)
-    metrics.ATTEMPTS.labels(
-        "none" if isinstance(outcome, ProviderCharge) else outcome.error_class
-    ).inc()
-    return _record(claim, outcome, started_at, int(elapsed_s * 1000), settings)
+    if outcome is not None:
+        metrics.PROVIDER_LATENCY.observe(elapsed_s)
+        metrics.ATTEMPTS.labels(
+            "none" if isinstance(outcome, ProviderCharge) else outcome.error_class
+        ).inc()
+    return _record(claim, outcome, lookup, decision, started_at, int(elapsed_s * 1000), settings)
 
 
 def _defer(
@@ -395,27 +515,53 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0][:200] if text else ''}"
 
 
-def _expire(conn: Connection, claim: _Claim, settings: Settings) -> Result:
-    _finish(
-        conn,
-        _EXPIRE,
-        claim,
-        dead_reason=(
-            f"older than the provider's idempotency-key retention "
-            f"({settings.provider_idempotency_ttl_s} s): not sent again, since the provider "
-            "may have forgotten the key and charge twice; reconcile or decide by hand"
-        ),
-        attempts=claim.attempt - 1,
+def _adopt(conn: Connection, cid: uuid.UUID, new_id: str) -> int:
+    """Hand the charge over to this message although the row names another, if that
+    other is gone from Redis (this one was sent while the database could not record
+    it): the charge then keeps a message instead of waiting for the relay. 0 when the
+    charge is final or its own message is still queued (this one is a duplicate)."""
+    row = conn.execute(_ROW_MESSAGE, {"charge_id": cid}).first()
+    if row is None or row.status in FINAL_STATUSES:
+        return 0
+    if queued([row.message_id], overdue_after_s=get_settings().relay_stale_after_s)[0]:
+        return 0
+    return int(
+        conn.execute(
+            _HAND_OVER, {"charge_id": cid, "old_id": row.message_id, "new_id": new_id}
+        ).rowcount
     )
-    log.error("charge dead: key retention passed", extra=_extra(claim, "dead"))
-    return Result.DEAD
+
+
+def _pool_exhausted(cid: uuid.UUID, settings: Settings) -> None:
+    pool = get_engine().pool
+    figures = {
+        "pool_size": settings.database_pool_max_connections,
+        "pool_checked_out": pool.checkedout() if isinstance(pool, QueuePool) else None,
+        "db_timeout_ms": settings.db_timeout_ms,
+    }
+    metrics.POOL_EXHAUSTED.labels("database").inc()
+    log.warning(
+        "database connection pool exhausted: no connection within DB_TIMEOUT_MS (%d ms), "
+        "%s of %d in use; charge deferred, no attempt used",
+        settings.db_timeout_ms,
+        figures["pool_checked_out"],
+        settings.database_pool_max_connections,
+        extra={"charge_id": str(cid), "cause": "db_pool", **figures},
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:200] if text else ''}"
 
 
 def _claim(conn: Connection, cid: uuid.UUID, settings: Settings) -> _Claim | None:
     params = {
         "charge_id": cid,
         "lease": dt.timedelta(seconds=settings.charge_lease_s),
-        "key_retention": dt.timedelta(seconds=settings.provider_idempotency_ttl_s),
+        "send_window": dt.timedelta(seconds=settings.key_send_window_s),
+        "retention": dt.timedelta(seconds=settings.provider_idempotency_ttl_s),
+        "max_attempts": settings.retry_max_attempts,
     }
     row = _CLAIM.execute(conn, params).mappings().first()
     if row is None:
@@ -423,6 +569,7 @@ def _claim(conn: Connection, cid: uuid.UUID, settings: Settings) -> _Claim | Non
     return _Claim(
         id=row["id"],
         attempt=row["attempts"],
+        call_id=row["call_id"],
         budget_used=row["attempts"] - row["retry_base"],
         key=row["idempotency_key"],
         source=row["source"],
@@ -434,8 +581,10 @@ def _claim(conn: Connection, cid: uuid.UUID, settings: Settings) -> _Claim | Non
             description=row["description"],
             metadata=row["metadata"],
         ),
-        # Only a charge the provider may already have seen is at risk of a second charge.
-        expired=bool(row["old"]) and row["attempts"] > 1,
+        sendable=bool(row["sendable"]),
+        past_window=bool(row["past_window"]),
+        past_retention=bool(row["past_retention"]),
+        window_left_s=float(row["window_left_s"]),
     )
 
 
@@ -457,9 +606,125 @@ def _not_claimed(
     return Result.SKIPPED, None
 
 
+# --- where an outcome takes the charge ------------------------------------------------
+
+
+def _decide(
+    claim: _Claim, outcome: Outcome | None, policy: RetryPolicy, settings: Settings
+) -> _Decision:
+    """Where one call's outcome (``None``: no call was made) takes the charge, exactly as
+    provider-api.md says. A dead decision is not yet final: ``_uncertain`` may ask for a
+    lookup first."""
+    if outcome is None:
+        if claim.past_window:
+            ttl_s = settings.provider_idempotency_ttl_s
+            reason = (
+                f"near the end of the provider's key retention ({ttl_s} s, less the lease and "
+                "the call's timeout): not sent again, since a request reaching the provider "
+                "after it forgot the key could charge twice"
+            )
+        else:
+            reason = (
+                f"attempts exhausted ({claim.budget_used - 1} of {policy.max_attempts}) "
+                "without a recorded answer (a record that kept failing, or workers that "
+                "stopped mid-call)"
+            )
+        return _dead(reason)
+    if isinstance(outcome, ProviderCharge):
+        return _Decision(Result.SUCCEEDED, {"provider_charge_id": outcome.id})
+    errors = {"last_error": str(outcome), "last_error_class": outcome.error_class}
+    if isinstance(outcome, CardDeclined):
+        return _Decision(
+            Result.FAILED,
+            {
+                "provider_charge_id": outcome.provider_charge_id,
+                "decline_code": outcome.code,
+                **errors,
+            },
+        )
+    if isinstance(outcome, FinalProviderError):
+        return _dead(f"{outcome.error_class}: {outcome}", errors)
+    assert isinstance(outcome, RetryableProviderError)
+    if policy.exhausted(claim.budget_used):
+        reason = (
+            f"attempts exhausted ({claim.budget_used} of {policy.max_attempts}); last error "
+            f"{outcome.error_class}: {outcome}"
+        )
+        return _dead(reason, errors)
+    delay_s = policy.delay_s(claim.budget_used, outcome.retry_after_s)
+    if delay_s >= claim.window_left_s:
+        reason = (
+            f"the next attempt (in {delay_s:.0f} s) would come after the idempotency key's "
+            f"send window closes (in {max(0.0, claim.window_left_s):.0f} s); last error "
+            f"{outcome.error_class}: {outcome}"
+        )
+        return _dead(reason, errors)
+    return _Decision(
+        Result.RETRYING,
+        {"delay_ms": int(delay_s * 1000) + 1, "message_id": new_message_id(), **errors},
+    )
+
+
+def _dead(reason: str, errors: dict[str, Any] | None = None) -> _Decision:
+    """Dead, with nothing charged as far as the answers tell (``_after_lookup`` may differ)."""
+    values = {
+        "dead_reason": reason,
+        "dead_outcome": DeadOutcome.NOT_CHARGED,
+        **(errors or {"last_error": None, "last_error_class": None}),
+    }
+    return _Decision(Result.DEAD, values)
+
+
+def _uncertain(claim: _Claim, outcome: Outcome | None) -> bool:
+    """Whether this call, or an earlier one, ended without saying what the provider did."""
+    if outcome is not None and _attempt_outcome(outcome) in UNCERTAIN_OUTCOMES:
+        return True
+    try:
+        with autocommit() as conn:
+            params = {"charge_id": claim.id, "call_id": claim.call_id}
+            return bool(conn.execute(_EARLIER_UNCERTAIN, params).scalar())
+    except (PoolTimeout, *DB_UNAVAILABLE):
+        return True  # cannot tell: look it up
+
+
+def _after_lookup(decision: _Decision, lookup: ledger.Lookup | None) -> _Decision:
+    """A dead decision, corrected by what the provider's books say (``lookup``: ``None``
+    when the key's retention passed and a lookup could prove nothing)."""
+    verdict = (
+        lookup.verdict
+        if lookup is not None
+        else ledger.Unknown("the provider's key retention passed: check it at the provider")
+    )
+    if isinstance(verdict, ledger.Charged):
+        return _Decision(Result.SUCCEEDED, {"provider_charge_id": verdict.provider_charge_id})
+    if isinstance(verdict, ledger.Declined):
+        return _Decision(
+            Result.FAILED,
+            {
+                "provider_charge_id": verdict.provider_charge_id,
+                "decline_code": verdict.code,
+                "last_error": verdict.message,
+                "last_error_class": CardDeclined.error_class,
+            },
+        )
+    values = dict(decision.values)
+    if isinstance(verdict, ledger.NotCharged):
+        values["dead_outcome"] = DeadOutcome.VERIFIED_NOT_CHARGED
+        values["dead_reason"] += "; looked up by key: not charged at the provider"
+    else:
+        values["dead_outcome"] = DeadOutcome.UNKNOWN
+        values["dead_reason"] += f"; outcome unknown: {verdict.reason}"
+    return _Decision(Result.DEAD, values)
+
+
+# --- recording -------------------------------------------------------------------------
+
+
 def _record(
     claim: _Claim,
-    outcome: ProviderCharge | ProviderError,
+    outcome: Outcome | None,
+    lookup: ledger.Lookup | None,
+    decision: _Decision,
     started_at: dt.datetime,
     latency_ms: int,
     settings: Settings,
@@ -476,9 +741,16 @@ def _record(
             with attempt:
                 if attempt.retry_state.attempt_number > 1:
                     log.warning("database unavailable: recording the attempt again", extra=extra)
-                saved = _save(claim, outcome, started_at, latency_ms, settings)
+                try:
+                    row = None if outcome is None else _attempt_row(claim, outcome, latency_ms)
+                    done = _save(claim, row, started_at, lookup, decision)
+                except DBAPIError as exc:
+                    if isinstance(exc, DB_UNAVAILABLE):
+                        raise
+                    return _unrecordable(claim, outcome, exc, started_at, latency_ms, settings)
     except (PoolTimeout, *DB_UNAVAILABLE) as exc:
-        # The provider has answered and the answer is lost with this attempt. The lease
+        # The provider has answered and the answer is lost with this attempt; its row,
+        # written before the call, says so once the charge is claimed again. The lease
         # brings the charge back; the next attempt sends the same key and the provider
         # replays its answer: nothing is charged twice.
         log.error(
@@ -490,103 +762,179 @@ def _record(
             extra={**extra, "outcome": "unrecorded"},
         )
         return Result.UNRECORDED
-    result, done, message_id, publish_delay_ms = saved
+    result = decision.result
     extra = _extra(claim, result.value, latency_ms=latency_ms, error=error)
     if not done:
-        log.warning(
-            "lease lost: another worker took this charge over, or a database crash lost "
-            "the claim; the attempt is recorded, the charge is left as the row has it",
-            extra=extra,
-        )
+        _fenced(claim, outcome, lookup, extra)
         return Result.LEASE_LOST
     metrics.CHARGES.labels(result.value).inc()
     # A dead charge needs a person: ERROR (which Sentry, when on, reports as an event).
     level = {Result.DEAD: logging.ERROR, Result.RETRYING: logging.WARNING}.get(result, logging.INFO)
+    if result is Result.DEAD:
+        extra["dead_outcome"] = str(decision.values["dead_outcome"])
     log.log(level, "charge %s", result.value, extra=extra)
-    if publish_delay_ms is not None and message_id is not None:
-        publish_or_leave_to_relay([(claim.id, message_id)], delay_ms=publish_delay_ms)
+    if result is Result.RETRYING:
+        publish_or_leave_to_relay(
+            [(claim.id, decision.values["message_id"])], delay_ms=decision.values["delay_ms"]
+        )
     return result
 
 
 def _save(
     claim: _Claim,
-    outcome: ProviderCharge | ProviderError,
+    row: dict[str, Any] | None,
     started_at: dt.datetime,
-    latency_ms: int,
-    settings: Settings,
-) -> tuple[Result, bool, str | None, int | None]:
-    """Record the attempt and move the charge on, in one statement (atomic on its own)."""
-    error = outcome if isinstance(outcome, ProviderError) else None
-    result, values = _next_state(outcome, claim.budget_used, RetryPolicy.from_settings(settings))
+    lookup: ledger.Lookup | None,
+    decision: _Decision,
+) -> bool:
+    """Record the call's ``row`` (``None``: no call was made) and the lookup, and move the
+    charge on, in one statement after the lookup's; whether this call still held it."""
+    values = dict(decision.values)
     for field in ("last_error", "dead_reason"):
         if isinstance(values.get(field), str):
-            values[field] = claim.masked(values[field])
-    publish_delay_ms: int | None = None
-    message_id: str | None = None
-    if result is Result.RETRYING:
-        message_id = values["message_id"]
-        publish_delay_ms = values.pop("delay_ms")
-        values["retry_in"] = dt.timedelta(milliseconds=publish_delay_ms)
+            values[field] = clean_text(claim.masked(values[field]), 2000)
+    if decision.result is Result.RETRYING:
+        values["retry_in"] = dt.timedelta(milliseconds=values.pop("delay_ms"))
+    if decision.result is Result.DEAD:
+        unknown = values["dead_outcome"] is DeadOutcome.UNKNOWN
+        values["lookup_in"] = dt.timedelta(0) if unknown else None
     with autocommit() as conn:
-        done = _finish(
-            conn,
-            _RECORD[result],
-            claim,
-            started_at=started_at,
-            outcome=_attempt_outcome(outcome),
-            http_status=200 if error is None else error.status,
-            error_class=None if error is None else error.error_class,
-            error_message=None if error is None else claim.masked(str(error))[:2000],
-            latency_ms=latency_ms,
-            **values,
-        )
-    return result, done, message_id, publish_delay_ms
-
-
-def _next_state(
-    outcome: ProviderCharge | ProviderError, attempt: int, policy: RetryPolicy
-) -> tuple[Result, dict[str, Any]]:
-    """Where one attempt's outcome takes the charge, exactly as provider-api.md says."""
-    if isinstance(outcome, ProviderCharge):
-        return Result.SUCCEEDED, {"provider_charge_id": outcome.id}
-    errors = {"last_error": str(outcome)[:2000], "last_error_class": outcome.error_class}
-    if isinstance(outcome, CardDeclined):
-        return Result.FAILED, {
-            "provider_charge_id": outcome.provider_charge_id,
-            "decline_code": outcome.code,
-            **errors,
-        }
-    if isinstance(outcome, FinalProviderError):
-        return Result.DEAD, {"dead_reason": f"{outcome.error_class}: {outcome}", **errors}
-    assert isinstance(outcome, RetryableProviderError)
-    if policy.exhausted(attempt):
-        reason = (
-            f"attempts exhausted ({attempt} of {policy.max_attempts}); last error "
-            f"{outcome.error_class}: {outcome}"
-        )
-        return Result.DEAD, {"dead_reason": reason, **errors}
-    delay_ms = int(policy.delay_s(attempt, outcome.retry_after_s) * 1000) + 1
-    return Result.RETRYING, {"delay_ms": delay_ms, "message_id": new_message_id(), **errors}
-
-
-def _finish(conn: Connection, statement: Prepared, claim: _Claim, **values: Any) -> bool:
-    """Run one of the guarded finishing statements; whether this attempt still held the charge.
-
-    ``values`` are the statement's own bind parameters; the columns it sets were fixed
-    when it was built (``_finish_statement``).
-    """
-    done = statement.execute(conn, {"charge_id": claim.id, "attempt": claim.attempt, **values})
+        if lookup is not None:
+            ledger.record_lookup(conn, claim.id, claim.attempt, lookup)
+        if row is None:
+            statement = _NO_CALL[decision.result]
+            values["attempts"] = claim.attempt - 1
+        else:
+            statement = _RECORD[decision.result]
+            values.update(row, attempt=claim.attempt, started_at=started_at)
+        done = statement.execute(conn, {"charge_id": claim.id, "call_id": claim.call_id, **values})
     return done.rowcount == 1
 
 
-def _attempt_outcome(outcome: ProviderCharge | ProviderError) -> str:
+def _attempt_row(claim: _Claim, outcome: Outcome, latency_ms: int) -> dict[str, Any]:
+    """The values of a call's attempt row, normalized to what the columns take."""
+    error = outcome if isinstance(outcome, ProviderError) else None
+    return {
+        "outcome": _attempt_outcome(outcome),
+        "http_status": 200 if error is None else error.status,
+        "error_class": None if error is None else error.error_class,
+        "error_message": None if error is None else clean_text(claim.masked(str(error)), 2000),
+        "answer": None
+        if error is None or error.answer is None
+        else clean_text(claim.masked(error.answer)),
+        "latency_ms": latency_ms,
+    }
+
+
+def _unrecordable(
+    claim: _Claim,
+    outcome: Outcome | None,
+    exc: DBAPIError,
+    started_at: dt.datetime,
+    latency_ms: int,
+    settings: Settings,
+) -> Result:
+    """The database refused the record itself (not for being down): the call's row says
+    so in words the columns always take, and the charge goes dead after a lookup, never
+    round again on an answer it cannot store."""
+    problem = f"{type(exc.orig).__name__} ({getattr(exc.orig, 'pgcode', None)})"
+    log.error(
+        "the provider's answer could not be recorded: the database refused it with %s; the "
+        "charge goes dead after a lookup by key",
+        problem,
+        extra=_extra(claim, "unrecorded", latency_ms=latency_ms),
+    )
+    decision = _dead(f"the provider's answer could not be recorded: {problem}")
+    lookup = None if claim.past_retention else _look_up_again(claim)
+    if lookup is not None or claim.past_retention:
+        decision = _after_lookup(decision, lookup)
+    else:
+        decision.values["dead_outcome"] = DeadOutcome.UNKNOWN
+        decision.values["dead_reason"] += "; outcome unknown: no fleet slot for a lookup yet"
+    row = None
+    if outcome is not None:  # what the columns always take
+        row = {
+            "outcome": A.UNRECORDED,
+            "http_status": None,
+            "error_class": "unrecordable_answer",
+            "error_message": f"the answer could not be stored: {problem}",
+            "answer": None,
+            "latency_ms": latency_ms,
+        }
+    try:
+        done = _save(claim, row, started_at, lookup, decision)
+    except DBAPIError as again:
+        log.error(
+            "not even the plain record could be written (%s); the charge is taken up again "
+            "when its lease runs out, and goes dead without a call once its attempts are used",
+            _first_line(again),
+            extra=_extra(claim, "unrecorded"),
+        )
+        return Result.UNRECORDED
+    return decision.result if done else Result.LEASE_LOST
+
+
+def _look_up_again(claim: _Claim) -> ledger.Lookup | None:
+    """A lookup by key outside the call's slot: through the gate, ``None`` if it says wait."""
+    gate = get_gate()
+    entry = gate.enter()
+    if isinstance(entry, Wait):
+        return None
+    lookup: ledger.Lookup | None = None
+    try:
+        lookup = ledger.look_up(get_provider(), claim.key)
+    finally:
+        gate.leave(entry, lookup.error if lookup is not None else None)
+    return lookup
+
+
+def _fenced(
+    claim: _Claim, outcome: Outcome | None, lookup: ledger.Lookup | None, extra: dict[str, Any]
+) -> None:
+    """This call lost its claim (taken over, or the claim lost in a crash). Its row is
+    written; what it learned of the provider's books still settles the charge."""
+    verdict = ledger.definite(outcome)
+    if (
+        verdict is None
+        and lookup is not None
+        and not isinstance(lookup.verdict, ledger.NotCharged | ledger.Unknown)
+    ):
+        verdict = lookup.verdict
+    if verdict is None:
+        log.warning(
+            "lease lost: another worker took this charge over, or a database crash lost "
+            "the claim; the attempt is recorded, the charge is left as the row has it",
+            extra=extra,
+        )
+        return
+    why = f"the answer to attempt {claim.attempt}, which had lost its claim"
+    try:
+        with transaction() as conn:
+            was = ledger.settle(conn, claim.id, verdict, why=why)
+    except (PoolTimeout, *DB_UNAVAILABLE) as exc:
+        log.error(
+            "lease lost, and the provider's answer could not settle the charge (%s); the "
+            "attempt row holds it, and the charge's own next attempt gets it replayed",
+            _first_line(exc),
+            extra=extra,
+        )
+        return
+    if was is None:
+        log.info("lease lost; the charge already agrees with this answer", extra=extra)
+
+
+def _attempt_outcome(outcome: Outcome) -> AttemptOutcome:
     if isinstance(outcome, ProviderCharge):
-        return "succeeded"
+        return A.SUCCEEDED
     if isinstance(outcome, CardDeclined):
-        return "declined"
+        return A.DECLINED
     if isinstance(outcome, FinalProviderError):
-        return "rejected"
-    return "no_charge" if outcome.status is not None else "no_answer"
+        return A.REJECTED
+    if outcome.status is None:
+        return A.NO_ANSWER
+    # 429 charges nothing by the contract; a 5xx, a 409 "in use" or an odd answer does
+    # not say (real providers sometimes charge, then fail).
+    return A.NO_CHARGE if outcome.status == 429 else A.UNCLEAR
 
 
 def _extra(

@@ -34,9 +34,21 @@ from payq.errors import (
 )
 from payq.settings import Settings, get_settings
 
-__all__ = ["ProviderCharge", "ProviderClient", "charge_body", "classify", "get_provider"]
+__all__ = [
+    "ProviderCharge",
+    "ProviderClient",
+    "charge_body",
+    "classify",
+    "clean_text",
+    "get_provider",
+    "lookup_answer",
+]
 
+#: How much of an answer's body is kept with an attempt, logged, or put in a message.
 BODY_LOG_LIMIT = 1024
+#: The longest charge id and decline code payq keeps (the columns they go to).
+CHARGE_ID_LIMIT = 255
+CODE_LIMIT = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,23 +110,13 @@ class ProviderClient:
         response = self._call("POST", "/v1/charges", content=body, key=idempotency_key)
         return classify(response)
 
-    def find_charge(self, idempotency_key: str) -> ProviderCharge | None:
-        """Look a charge up by its key without creating one; ``None`` if none was made."""
+    def find_charge(self, idempotency_key: str) -> ProviderCharge | CardDeclined | None:
+        """Look a charge up by its key without creating one: the charge, its decline
+        (returned, not raised), or ``None`` if none was made with this key."""
         response = self._call(
             "GET", "/v1/charges", params={"idempotency_key": idempotency_key}, key=None
         )
-        if response.status_code == 404:
-            return None
-        if response.status_code == 200:
-            data = _json(response)
-            if isinstance(data, dict) and data.get("object") == "charge":
-                return ProviderCharge(
-                    id=str(data.get("id")),
-                    status=str(data.get("status")),
-                    amount=int(data.get("amount", 0)),
-                    currency=str(data.get("currency", "")),
-                )
-        return classify(response)
+        return lookup_answer(response)
 
     @property
     def in_flight(self) -> int:
@@ -176,7 +178,62 @@ def _json(response: httpx.Response) -> Any:
 
 
 def _cut(response: httpx.Response) -> str:
-    return response.content[:BODY_LOG_LIMIT].decode("utf-8", "replace")
+    """The start of the body as text that any log line or database column takes."""
+    return clean_text(response.content[:BODY_LOG_LIMIT].decode("utf-8", "replace"))
+
+
+def clean_text(text: str, limit: int = BODY_LOG_LIMIT) -> str:
+    """``text`` cut to ``limit`` characters, without NUL (PostgreSQL's text refuses it)."""
+    return text.replace("\x00", "\\0")[:limit]
+
+
+def _bounded(value: Any, limit: int) -> str | None:
+    """A provider's id or code as payq keeps it: a string, cut; ``None`` if absent."""
+    if value is None or isinstance(value, dict | list):
+        return None
+    return clean_text(str(value), limit) or None
+
+
+def _charge_object(data: Any) -> ProviderCharge | None:
+    """A charge object (``"object": "charge"`` with an id), normalized; else ``None``."""
+    if not isinstance(data, dict) or data.get("object") != "charge":
+        return None
+    charge_id = _bounded(data.get("id"), CHARGE_ID_LIMIT)
+    if charge_id is None:
+        return None
+    amount = data.get("amount")
+    return ProviderCharge(
+        id=charge_id,
+        status=clean_text(str(data.get("status")), 32),
+        amount=amount if type(amount) is int else 0,
+        currency=clean_text(str(data.get("currency", "")), 8),
+    )
+
+
+def lookup_answer(response: httpx.Response) -> ProviderCharge | CardDeclined | None:
+    """A lookup by key's answer: the charge, its decline, ``None`` (404), or an error raised."""
+    if response.status_code == 404:
+        return None
+    if response.status_code == 200:
+        data = _json(response)
+        charge = _charge_object(data)
+        if charge is not None and charge.status == "succeeded":
+            return charge
+        if charge is not None and charge.status == "failed":
+            error = data.get("error") if isinstance(data.get("error"), dict) else {}
+            code = _bounded(error.get("code"), CODE_LIMIT) or "card_declined"
+            return CardDeclined(
+                clean_text(str(error.get("message") or f"card declined ({code})")),
+                code=code,
+                provider_charge_id=charge.id,
+                status=200,
+            )
+        raise ProviderUnavailable(
+            f"lookup answered 200 with no charge object it could read: {_cut(response)}",
+            status=200,
+            answer=_cut(response),
+        )
+    return classify(response)
 
 
 RETRY_AFTER_MAX_S = 3600.0
@@ -205,13 +262,15 @@ def classify(response: httpx.Response) -> ProviderCharge:
     """
     try:
         return _classify(response)
-    except ProviderError:
+    except ProviderError as exc:
+        exc.answer = _cut(response)
         raise
     except Exception as exc:  # a malformed answer is provider trouble, never a crash
         raise ProviderUnavailable(
             f"unreadable answer, status {response.status_code} ({type(exc).__name__}): "
             f"{_cut(response)}",
             status=response.status_code,
+            answer=_cut(response),
         ) from None
 
 
@@ -220,30 +279,22 @@ def _classify(response: httpx.Response) -> ProviderCharge:
     data = _json(response)
     error = data.get("error") if isinstance(data, dict) else None
     error = error if isinstance(error, dict) else {}
-    message = str(error.get("message") or "")[:BODY_LOG_LIMIT]
+    message = clean_text(str(error.get("message") or ""))
     code = error.get("code")
 
     if status == 200:
-        if (
-            isinstance(data, dict)
-            and data.get("object") == "charge"
-            and isinstance(data.get("id"), str)
-            and data.get("status") == "succeeded"
-        ):
-            return ProviderCharge(
-                id=data["id"],
-                status="succeeded",
-                amount=int(data.get("amount", 0)),
-                currency=str(data.get("currency", "")),
-            )
+        charge = _charge_object(data)
+        if charge is not None and charge.status == "succeeded":
+            return charge
         raise ProviderUnavailable(
             f"200 whose body is not a succeeded charge object: {_cut(response)}", status=status
         )
     if status == 402:
+        decline_code = _bounded(code, CODE_LIMIT) or "card_declined"
         raise CardDeclined(
-            message or f"card declined ({code})",
-            code=str(code or "card_declined"),
-            provider_charge_id=error.get("charge"),
+            message or f"card declined ({decline_code})",
+            code=decline_code,
+            provider_charge_id=_bounded(error.get("charge"), CHARGE_ID_LIMIT),
         )
     if status == 400:
         param = error.get("param")

@@ -91,6 +91,9 @@ class Settings(BaseSettings):
     relay_stale_after_s: float = Field(30.0, gt=0, le=86_400)
     relay_batch_size: int = Field(500, ge=1, le=100_000)
     relay_dead_worker_s: float = Field(15.0, ge=5, le=3600)
+    # The sweep of dead charges whose outcome is unknown (run by the relay).
+    sweep_lookups_per_s: float = Field(5.0, gt=0, le=1000)
+    sweep_every_s: float = Field(30.0, ge=1, le=86_400)
 
     # Operations.
     health_check_interval_s: int = Field(30, ge=1, le=3600)
@@ -133,6 +136,12 @@ class Settings(BaseSettings):
                 f"2 x (DB_TIMEOUT_MS + DB_STATEMENT_TIMEOUT_MS) = {attempt_s:g} s "
                 f"(got {self.charge_lease_s})"
             )
+        if self.key_send_window_s <= 0:
+            raise ValueError(
+                "PROVIDER_IDEMPOTENCY_TTL_S: must exceed CHARGE_LEASE_S + PAYMENT_TIMEOUT_MS, "
+                "the margin kept so that no request reaches the provider after it forgot the "
+                f"key (got {self.provider_idempotency_ttl_s} s)"
+            )
         key = self.payment_provider_api_key
         if key is not None and not re.fullmatch(r"[\x21-\x7e]*", key.get_secret_value()):
             raise ValueError(
@@ -171,6 +180,13 @@ class Settings(BaseSettings):
         step may wait for a connection and then for its statements)."""
         db_step_ms = self.db_timeout_ms + self.db_statement_timeout_ms
         return self.payment_timeout_ms + 2 * db_step_ms
+
+    @property
+    def key_send_window_s(self) -> float:
+        """How long after a charge's creation payq may still send it: the provider's key
+        retention less one attempt's worst case (its lease and the call's timeout), so
+        that no request can reach the provider after it forgot the key."""
+        return self.provider_idempotency_ttl_s - self.charge_lease_s - self.payment_timeout_s
 
     @property
     def payment_timeout_s(self) -> float:

@@ -13,6 +13,9 @@ due, under ``FOR UPDATE SKIP LOCKED`` so several relays can run side by side:
 Every charge a pass looks at is stamped ``published_at = now()``, so the next pass
 looks at others and each is checked about once every ``RELAY_STALE_AFTER_S``.
 
+Each pass ends with the sweep (``payq.sweep``): dead charges of unknown outcome are looked
+up by key, at most ``SWEEP_LOOKUPS_PER_S`` a second.
+
 Messages a worker had fetched but not finished when it died sit in that worker's
 Redis ack set, where Dramatiq recovers them only after a 60 s heartbeat timeout *and*
 a random maintenance pass (minutes, unbounded when idle). Each pass therefore also
@@ -38,9 +41,10 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from payq.broker import get_broker, new_message_id, publish, queued
 from payq.constants import ChargeStatus
 from payq.db import transaction
-from payq.errors import ServiceUnavailable
+from payq.errors import ConfigError, ServiceUnavailable
 from payq.models import charges
 from payq.settings import Settings, get_settings
+from payq.sweep import sweep_once
 
 __all__ = ["RelayPass", "relay_once", "run_relay"]
 
@@ -164,15 +168,52 @@ def recover_dead_workers(broker: RedisBroker, dead_after_s: float) -> int:
     return moved
 
 
+class _Pace:
+    """At most ``per_s`` a second on average, never more than ``per_s`` (or 1) at once."""
+
+    def __init__(self, per_s: float) -> None:
+        self.per_s = per_s
+        self.burst = max(1.0, per_s)
+        self.allowance = self.burst
+        self.at = time.monotonic()
+
+    def take(self) -> int:
+        now = time.monotonic()
+        self.allowance = min(self.burst, self.allowance + (now - self.at) * self.per_s)
+        self.at = now
+        budget = int(self.allowance)
+        self.allowance -= budget
+        return budget
+
+
+def _sweeping(settings: Settings) -> bool:
+    """The sweep needs the provider's API key; without it the relay only relays."""
+    try:
+        from payq.provider import get_provider
+
+        get_provider()
+    except ConfigError as exc:
+        log.error(
+            "the sweep of dead charges of unknown outcome is off (%s): they are not looked "
+            "up until an operator runs payq reconcile",
+            exc,
+        )
+        return False
+    return True
+
+
 def run_relay(stop: threading.Event | None = None, settings: Settings | None = None) -> None:
-    """Relay until ``stop`` is set, one pass every ``RELAY_INTERVAL_S``."""
+    """Relay until ``stop`` is set, one pass every ``RELAY_INTERVAL_S``, each followed by
+    the sweep."""
     settings = settings or get_settings()
     stop = stop or threading.Event()
+    pace = _Pace(settings.sweep_lookups_per_s) if _sweeping(settings) else None
     log.info(
         "relay started",
         extra={
             "interval_s": settings.relay_interval_s,
             "stale_after_s": settings.relay_stale_after_s,
+            "sweep": pace is not None,
         },
     )
     while not stop.is_set():
@@ -180,6 +221,8 @@ def run_relay(stop: threading.Event | None = None, settings: Settings | None = N
         try:
             result = relay_once(settings)
             busy = result.checked >= settings.relay_batch_size
+            if pace is not None and (budget := pace.take()):
+                sweep_once(settings, budget=budget)
         except (ServiceUnavailable, redis.RedisError, OperationalError, PoolTimeout) as exc:
             log.warning(
                 "relay pass failed (%s: %s); check that PostgreSQL (DATABASE_URL) and Redis "

@@ -22,13 +22,14 @@ def charge(charge_id: uuid.UUID | str) -> Charge:
         return Charge.from_row(row.mappings().one())
 
 
-def attempts(charge_id: uuid.UUID | str) -> list[dict[str, Any]]:
+def attempts(charge_id: uuid.UUID | str, kind: str | None = "charge") -> list[dict[str, Any]]:
+    """The charge's provider requests, oldest first: its calls, its lookups (``kind``), or
+    every one (``kind=None``)."""
+    query = select(charge_attempts).where(charge_attempts.c.charge_id == uuid.UUID(str(charge_id)))
+    if kind is not None:
+        query = query.where(charge_attempts.c.kind == kind)
     with transaction() as conn:
-        rows = conn.execute(
-            select(charge_attempts)
-            .where(charge_attempts.c.charge_id == uuid.UUID(str(charge_id)))
-            .order_by(charge_attempts.c.number)
-        )
+        rows = conn.execute(query.order_by(charge_attempts.c.started_at, charge_attempts.c.id))
         return [dict(r) for r in rows.mappings()]
 
 

@@ -130,6 +130,9 @@ def test_attempts_exhausted_go_dead_with_the_whole_history(h: Harness) -> None:
     history = attempts(cid)
     assert [a["number"] for a in history] == list(range(1, h.settings.retry_max_attempts + 1))
     assert {a["error_class"] for a in history} == {"provider_unavailable"}
+    # A 5xx does not say whether it charged: looked up by key before it went dead.
+    assert [a["outcome"] for a in attempts(cid, kind="lookup")] == ["not_found"]
+    assert c.dead_outcome == "verified_not_charged"
     assert h.run(cid) is Result.SKIPPED
 
 
@@ -172,32 +175,53 @@ def test_a_worker_whose_lease_ran_out_cannot_overwrite_the_next(h: Harness) -> N
     assert h.sim.stats()["charges"] == 1 and h.sim.stats()["duplicate_charges"] == 0
 
 
-def test_a_claim_lost_in_a_database_crash_is_taken_up_again_and_charged_once(
-    h: Harness,
-) -> None:
-    """The claim's commit does not wait for the WAL flush, so a PostgreSQL crash during the
-    provider call can lose it. The row is put back here as such a crash leaves it."""
-    h.sim.faults(latency_ms=500)
-    cid = h.enqueue()
+def _lose_the_claim_mid_call(h: Harness, cid: uuid.UUID) -> list[Result]:
+    """Run one attempt and, during its call, put the row back as a PostgreSQL crash leaves
+    it when the claim's commit (not durable) had not reached the disk: the claim and the
+    call's row written with it are gone."""
     first: list[Result] = []
     worker = threading.Thread(target=lambda: first.append(h.run(cid)))
     worker.start()
     wait_until(lambda: charge(cid).status == "processing", 5, "the charge to be claimed")
-    with transaction() as conn:  # the claim never reached the disk
+    with transaction() as conn:
         conn.execute(
             text(
-                "UPDATE charges SET status = 'pending', attempts = 0, lease_expires_at = NULL "
-                "WHERE id = :id"
+                "UPDATE charges SET status = 'pending', attempts = 0, lease_expires_at = NULL, "
+                "call_id = NULL WHERE id = :id; DELETE FROM charge_attempts WHERE charge_id = :id"
             ),
             {"id": cid},
         )
     worker.join()
-    assert first == [Result.LEASE_LOST]
-    assert charge(cid).status == "pending"
-    assert [a["outcome"] for a in attempts(cid)] == ["succeeded"]  # the call made is on record
+    return first
+
+
+def test_a_claim_lost_in_a_database_crash_keeps_the_record_of_both_calls(h: Harness) -> None:
+    """The claim's commit does not wait for the WAL flush, so a PostgreSQL crash during the
+    provider call can lose it; the attempt number is then drawn again. Each call keeps
+    its own row (they used to share the number, and the second record was dropped)."""
+    h.sim.faults(latency_ms=500, script=["error"])
+    cid = h.enqueue()
+    assert _lose_the_claim_mid_call(h, cid) == [Result.LEASE_LOST]
+    assert charge(cid).status == "pending"  # a 503 proves nothing: the row stays as it is
+    h.sim.faults(latency_ms=0)
     assert h.run(cid) is Result.SUCCEEDED  # sent again (by the relay): the same key
-    assert charge(cid).status == "succeeded"
+    calls = attempts(cid)
+    assert [(a["number"], a["outcome"]) for a in calls] == [(1, "unclear"), (1, "succeeded")]
+    assert len({a["call_id"] for a in calls}) == 2
+    # The provider's side: every request it saw has its row.
+    assert len(h.sim.requests(charge(cid).idempotency_key)) == len(calls) == 2
     assert h.sim.stats()["charges"] == 1 and h.sim.stats()["duplicate_charges"] == 0
+
+
+def test_a_charge_from_a_claim_lost_in_a_crash_is_settled_by_its_answer(h: Harness) -> None:
+    h.sim.faults(latency_ms=500)
+    cid = h.enqueue()
+    assert _lose_the_claim_mid_call(h, cid) == [Result.LEASE_LOST]
+    c = charge(cid)
+    assert c.status == "succeeded" and c.provider_charge_id  # the provider charged it
+    assert [a["outcome"] for a in attempts(cid)] == ["succeeded"]  # the call made is on record
+    assert h.run(cid) is Result.SKIPPED  # the relay's message finds it settled
+    assert h.sim.stats()["charges"] == 1 and h.sim.stats()["requests"] == 1
 
 
 def test_charge_older_than_key_retention_is_not_sent_again(h: Harness) -> None:
@@ -216,6 +240,8 @@ def test_charge_older_than_key_retention_is_not_sent_again(h: Harness) -> None:
     c = charge(cid)
     assert c.dead_reason and "retention" in c.dead_reason and c.attempts == 1
     assert len(h.sim.requests(c.idempotency_key)) == 1
+    # Its 503 did not say whether it charged, and past the retention a lookup proves nothing.
+    assert c.dead_outcome == "unknown" and attempts(cid, kind="lookup") == []
 
 
 def test_unknown_or_malformed_charge_id_cannot_be_processed(h: Harness) -> None:

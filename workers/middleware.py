@@ -38,6 +38,7 @@ from payq.ops.status import dead_count
 from payq.provider import ProviderClient, get_provider
 from payq.sentry import alert
 from payq.settings import Settings
+from payq.sweep import backlog
 
 __all__ = ["DrainOnce", "PoolGuard", "WorkerReport"]
 
@@ -269,6 +270,9 @@ class WorkerReport(Middleware):
             c.name for c in checks if c.level is not Level.OK and c.name != "dead_letters"
         }
         metrics.DEAD_LETTERS.set(dead_count(self._health_engine))
+        figures = backlog(self.settings, self._health_engine)
+        metrics.UNKNOWN_OUTCOMES.labels("within").set(figures["unknown"])
+        metrics.UNKNOWN_OUTCOMES.labels("past").set(figures["unknown_past_retention"])
 
 
 def _deferrals() -> dict[str, int]:

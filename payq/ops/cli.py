@@ -14,6 +14,8 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from payq.constants import DeadOutcome
+
 __all__ = ["add_ops_commands"]
 
 
@@ -60,6 +62,12 @@ def _add_filters(p: argparse.ArgumentParser, *, ids: bool = True) -> None:
     g.add_argument("--max-amount", type=int, metavar="MINOR_UNITS")
     g.add_argument("--currency")
     g.add_argument("--include-purged", action="store_true", help="show purged charges too")
+    g.add_argument(
+        "--outcome",
+        choices=[o.value for o in DeadOutcome],
+        help="what the provider is known to have done: not_charged (by its answers), "
+        "verified_not_charged (looked up by key), unknown (the sweep asks again)",
+    )
 
 
 def add_ops_commands(sub: Any) -> None:

@@ -16,13 +16,14 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+from payq.constants import DeadOutcome
 from payq.db import transaction
 from payq.errors import ConfigError
+from payq.ledger import audit
 from payq.ops import broker_dlq
 from payq.ops.dlq import (
     DeadCharge,
     DeadFilter,
-    audit,
     iter_dead_charges,
     purge,
     replay,
@@ -64,6 +65,7 @@ def _filter(args: argparse.Namespace) -> DeadFilter:
         max_amount=args.max_amount,
         currency=args.currency,
         include_purged=args.include_purged,
+        outcome=DeadOutcome(args.outcome) if getattr(args, "outcome", None) else None,
     )
 
 
@@ -123,18 +125,31 @@ def cmd_list(args: argparse.Namespace) -> int:
                 format_amount(d.charge.amount, d.charge.currency),
                 str(d.charge.attempts),
                 d.charge.last_error_class or "",
-                "outcome unknown" if d.outcome_unknown else "",
+                _outcome(d),
                 _cut(d.charge.dead_reason),
             ]
             for d in dead
         ],
-        ["ID", "DEAD AT (UTC)", "AMOUNT", "ATT", "LAST ERROR", "NOTE", "REASON"],
+        ["ID", "DEAD AT (UTC)", "AMOUNT", "ATT", "LAST ERROR", "AT THE PROVIDER", "REASON"],
     )
     count = sum(n for n, _ in sums.values())
     shown = f" (showing {len(dead)})" if len(dead) < count else ""
     money = ", ".join(format_amount(amt, cur) for cur, (_, amt) in sums.items()) or "nothing"
     print(f"\n{count} dead charges{shown}: {money}")
     return 0
+
+
+#: What ``payq dlq`` says a dead charge did at the provider.
+OUTCOME_WORDS = {
+    DeadOutcome.NOT_CHARGED: "not charged",
+    DeadOutcome.VERIFIED_NOT_CHARGED: "verified not charged",
+    DeadOutcome.UNKNOWN: "outcome unknown",
+}
+
+
+def _outcome(dead: DeadCharge) -> str:
+    outcome = dead.charge.dead_outcome
+    return OUTCOME_WORDS[outcome] if outcome is not None else ""
 
 
 def _limited(items: Iterable[DeadCharge], limit: int | None) -> Iterable[DeadCharge]:
@@ -150,8 +165,8 @@ def cmd_show(args: argparse.Namespace) -> int:
         _print_json({**dead.as_dict(), "status": dead.charge.status.value, "attempts": attempts})
         return 0
     c = dead.charge
-    unknown = ", outcome unknown" if dead.outcome_unknown else ""
-    print(f"charge     {c.id}  ({c.status.value}{unknown})")
+    outcome = f", {_outcome(dead)}" if c.dead_outcome else ""
+    print(f"charge     {c.id}  ({c.status.value}{outcome})")
     print(f"key        {c.idempotency_key}")
     print(f"amount     {format_amount(c.amount, c.currency)}   {c.description or ''}")
     stamp = "%Y-%m-%d %H:%M:%S UTC"
@@ -162,21 +177,24 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(f"provider   {c.provider_charge_id}")
     if c.purged_at:
         print(f"purged     {c.purged_at:%Y-%m-%d %H:%M:%S} UTC by {c.purged_by}")
+    if c.dead_outcome is DeadOutcome.UNKNOWN and c.next_lookup_at:
+        print(f"lookup     the sweep asks the provider again at {c.next_lookup_at:%H:%M:%S} UTC")
     print()
     _table(
         [
             [
                 str(a["number"]),
+                a["kind"],
                 a["started_at"].strftime("%Y-%m-%d %H:%M:%S.%f")[:-3],
-                f"{a['latency_ms']} ms",
+                "-" if a["latency_ms"] is None else f"{a['latency_ms']} ms",
                 a["outcome"],
                 str(a["http_status"] or "-"),
                 a["error_class"] or "",
-                _cut(a["error_message"], MESSAGE_WIDTH),
+                _cut(a["error_message"] or a["answer"], MESSAGE_WIDTH),
             ]
             for a in attempts
         ],
-        ["#", "STARTED (UTC)", "LATENCY", "OUTCOME", "HTTP", "ERROR CLASS", "MESSAGE"],
+        ["#", "REQUEST", "STARTED (UTC)", "LATENCY", "OUTCOME", "HTTP", "ERROR CLASS", "MESSAGE"],
     )
     return 0
 
@@ -240,7 +258,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         return 0
     fields = [
         "id", "idempotency_key", "amount", "currency", "description", "attempts", "dead_reason",
-        "last_error_class", "last_error", "outcome_unknown", "created_at", "dead_at",
+        "last_error_class", "last_error", "dead_outcome", "created_at", "dead_at",
         "purged_at", "purged_by", "reconciled_at",
     ]  # fmt: skip
     writer = csv.DictWriter(sys.stdout, fieldnames=fields, extrasaction="ignore")

@@ -15,21 +15,21 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, Select, and_, exists, func, insert, select, update
+from sqlalchemy import Select, and_, func, select, update
 from sqlalchemy.sql.elements import ColumnElement
 
 from payq.broker import new_message_id, publish_or_leave_to_relay
-from payq.constants import ChargeStatus
+from payq.constants import ChargeStatus, DeadOutcome
 from payq.db import transaction
 from payq.errors import ChargeNotFound
-from payq.models import Charge, charge_attempts, charges, operator_actions
+from payq.ledger import audit
+from payq.models import Charge, charge_attempts, charges
 from payq.settings import Settings, get_settings
 
 __all__ = [
     "DeadCharge",
     "DeadFilter",
     "ReplayReport",
-    "audit",
     "dead_charges",
     "iter_dead_charges",
     "key_may_be_forgotten",
@@ -38,10 +38,6 @@ __all__ = [
     "show",
     "totals",
 ]
-
-#: An attempt that ended without an answer: the provider may have charged.
-NO_ANSWER = "no_answer"
-
 
 @dataclass(frozen=True, kw_only=True)
 class DeadFilter:
@@ -56,6 +52,7 @@ class DeadFilter:
     max_amount: int | None = None
     currency: str | None = None
     include_purged: bool = False
+    outcome: DeadOutcome | None = None  # what the provider is known to have done
 
     def is_empty(self) -> bool:
         return self == DeadFilter(include_purged=self.include_purged)
@@ -94,6 +91,8 @@ class DeadFilter:
             clauses.append(c.amount <= self.max_amount)
         if self.currency:
             clauses.append(c.currency == self.currency.lower())
+        if self.outcome:
+            clauses.append(c.dead_outcome == self.outcome)
         return and_(*clauses)
 
 
@@ -101,20 +100,19 @@ def _escape_like(text: str) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
-def _outcome_unknown() -> ColumnElement[bool]:
-    """Dead after an attempt without an answer, and not looked up at the provider since."""
-    return and_(
-        charges.c.reconciled_at.is_(None),
-        exists().where(
-            charge_attempts.c.charge_id == charges.c.id, charge_attempts.c.outcome == NO_ANSWER
-        ),
-    )
-
-
 @dataclass(frozen=True)
 class DeadCharge:
     charge: Charge
-    outcome_unknown: bool
+
+    @property
+    def outcome_unknown(self) -> bool:
+        """Nobody could tell yet whether the provider charged it: the sweep asks again."""
+        return self.charge.dead_outcome is DeadOutcome.UNKNOWN
+
+    @property
+    def verified(self) -> bool:
+        """A lookup by key proved the provider did not charge it."""
+        return self.charge.dead_outcome is DeadOutcome.VERIFIED_NOT_CHARGED
 
     def as_dict(self) -> dict[str, Any]:
         c = self.charge
@@ -129,6 +127,7 @@ class DeadCharge:
             "dead_reason": c.dead_reason,
             "last_error_class": c.last_error_class,
             "last_error": c.last_error,
+            "dead_outcome": c.dead_outcome.value if c.dead_outcome else None,
             "outcome_unknown": self.outcome_unknown,
             "created_at": c.created_at.isoformat(),
             "dead_at": c.updated_at.isoformat(),
@@ -140,7 +139,7 @@ class DeadCharge:
 
 def _dead_select(flt: DeadFilter) -> Select[Any]:
     return (
-        select(charges, _outcome_unknown().label("outcome_unknown"))
+        select(charges)
         .where(flt.where())
         .order_by(charges.c.updated_at, charges.c.id)
     )
@@ -171,7 +170,7 @@ def iter_dead_charges(flt: DeadFilter, batch: int = 1000) -> Iterator[DeadCharge
 def _fetch(query: Select[Any]) -> list[DeadCharge]:
     with transaction() as conn:
         rows = conn.execute(query).mappings().all()
-    return [DeadCharge(Charge.from_row(r), bool(r["outcome_unknown"])) for r in rows]
+    return [DeadCharge(Charge.from_row(r)) for r in rows]
 
 
 def totals(flt: DeadFilter) -> dict[str, tuple[int, int]]:
@@ -189,34 +188,16 @@ def totals(flt: DeadFilter) -> dict[str, tuple[int, int]]:
 def show(charge_id: uuid.UUID) -> tuple[DeadCharge, list[dict[str, Any]]]:
     """One charge (dead or not) with every attempt, oldest first."""
     with transaction() as conn:
-        row = (
-            conn.execute(
-                select(charges, _outcome_unknown().label("outcome_unknown")).where(
-                    charges.c.id == charge_id
-                )
-            )
-            .mappings()
-            .first()
-        )
+        row = conn.execute(select(charges).where(charges.c.id == charge_id)).mappings().first()
         if row is None:
             raise ChargeNotFound(str(charge_id))
         history = conn.execute(
             select(charge_attempts)
             .where(charge_attempts.c.charge_id == charge_id)
-            .order_by(charge_attempts.c.number)
+            .order_by(charge_attempts.c.started_at, charge_attempts.c.id)
         ).mappings()
         attempts = [dict(a) for a in history]
-    return DeadCharge(Charge.from_row(row), bool(row["outcome_unknown"])), attempts
-
-
-def audit(
-    conn: Connection, *, actor: str, action: str, params: dict[str, Any], ids: Sequence[uuid.UUID]
-) -> None:
-    conn.execute(
-        insert(operator_actions).values(
-            actor=actor, action=action, params=params, charge_ids=list(ids), count=len(ids)
-        )
-    )
+    return DeadCharge(Charge.from_row(row)), attempts
 
 
 @dataclass
@@ -291,6 +272,8 @@ def replay(
                         lease_expires_at=None,
                         # A replayed charge starts afresh: back in view if it dies again.
                         reconciled_at=None,
+                        dead_outcome=None,
+                        next_lookup_at=None,
                         purged_at=None,
                         purged_by=None,
                         message_id=message_id,

@@ -34,6 +34,7 @@ from payq.ops.status import (
 )
 from payq.provider import ProviderClient, get_provider
 from payq.settings import Settings
+from payq.sweep import backlog
 
 __all__ = ["Check", "Level", "run_checks", "worst"]
 
@@ -194,6 +195,44 @@ def check_dead_letters(settings: Settings, engine: Engine | None = None) -> Chec
     return Check("dead_letters", Level.OK, f"{total} dead charges, none new in {window_s} s")
 
 
+def check_unknown_outcomes(settings: Settings, engine: Engine | None = None) -> Check:
+    """Dead charges nobody could yet say the provider did or did not charge.
+
+    OK while the relay's sweep looks them up; DEGRADED when lookups are long overdue
+    (no sweep runs) or when some passed the key's retention (a person must check them).
+    """
+    figures = backlog(settings, engine)
+    unknown, overdue, old = (
+        figures["unknown"],
+        figures["overdue"],
+        figures["unknown_past_retention"],
+    )
+    if old:
+        return Check(
+            "unknown_outcomes",
+            Level.DEGRADED,
+            f"{_n(old, 'dead charge')} of unknown outcome past the provider's key retention: "
+            "check them at the provider by hand (payq dlq list --outcome unknown)",
+        )
+    if overdue:
+        return Check(
+            "unknown_outcomes",
+            Level.DEGRADED,
+            f"{_n(overdue, 'dead charge')} of unknown outcome not looked up for over "
+            f"{2 * settings.sweep_every_s:g} s: is payq relay running, with "
+            "PAYMENT_PROVIDER_API_KEY? (payq reconcile looks them up now)",
+        )
+    return Check(
+        "unknown_outcomes",
+        Level.OK,
+        f"{_n(unknown, 'dead charge')} of unknown outcome, looked up by the relay's sweep",
+    )
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def check_pools(settings: Settings) -> Check:
     reports = worker_reports()
     if not reports:
@@ -230,6 +269,7 @@ def run_checks(
         fleet_checks: list[Callable[[], Check]] = [
             lambda: check_error_rate(settings, engine),
             lambda: check_dead_letters(settings, engine),
+            lambda: check_unknown_outcomes(settings, engine),
             lambda: check_pools(settings),
         ]
         for fleet_check in fleet_checks:

@@ -1,31 +1,30 @@
-"""``payq reconcile``: settle dead charges whose outcome is unknown, by asking the provider.
+"""``payq reconcile``: settle dead charges whose outcome is unknown, by asking the provider now.
 
-A charge whose attempt ended without an answer (timeout, reset) and that then went
-dead may in fact have been charged. Each one is looked up by its idempotency key
-(``GET /v1/charges?idempotency_key=``), never charged again: found and succeeded →
-``succeeded`` with the provider's id; found and declined → ``failed``; not found →
-it stays dead, marked "not charged at provider".
+The relay's sweep does the same on its own, at a bounded pace (``payq.sweep``); an
+operator runs this to ask at once, for the charges a filter names. Each one is looked up
+by its idempotency key (``GET /v1/charges?idempotency_key=``), never charged again:
+found and succeeded → ``succeeded`` with the provider's id; found and declined →
+``failed``; not found → it stays dead, marked verified not charged. Every lookup is
+recorded with the charge, every change audited.
 """
 
 from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import select
 
-from payq.constants import ChargeStatus
+from payq.constants import ChargeStatus, DeadOutcome
 from payq.db import transaction
-from payq.errors import IdempotencyKeyInUse, ProviderError
+from payq.ledger import audit
 from payq.models import charges
-from payq.ops.dlq import DeadFilter, _outcome_unknown, audit, key_may_be_forgotten
+from payq.ops.dlq import DeadFilter, key_may_be_forgotten
 from payq.provider import ProviderClient, get_provider
 from payq.settings import Settings, get_settings
+from payq.sweep import resolve
 
 __all__ = ["ReconcileReport", "reconcile"]
-
-NOT_CHARGED = "not charged at provider (reconciled)"
 
 
 @dataclass
@@ -49,6 +48,11 @@ def reconcile(
     provider: ProviderClient | None = None,
     settings: Settings | None = None,
 ) -> ReconcileReport:
+    """Look up every dead charge of unknown outcome that ``flt`` names.
+
+    ``actor`` is the operator: the run is audited under their name, each change the
+    answer makes under payq's own (``payq.ledger``), with the lookup as its reason.
+    """
     settings = settings or get_settings()
     report = ReconcileReport()
     with transaction() as conn:
@@ -59,7 +63,7 @@ def reconcile(
                 charges.c.attempts,
                 key_may_be_forgotten(settings).label("too_old"),
             )
-            .where(flt.where(), _outcome_unknown())
+            .where(flt.where(), charges.c.dead_outcome == DeadOutcome.UNKNOWN)
             .order_by(charges.c.updated_at)
         ).all()
     if dry_run:
@@ -75,45 +79,28 @@ def reconcile(
                 " s): a lookup by key cannot prove it was not charged; check by hand"
             )
             continue
-        try:
-            found = provider.find_charge(key)
-        except IdempotencyKeyInUse:
-            report.pending[cid] = "still being processed at the provider: reconcile again later"
-            continue
-        except ProviderError as exc:
-            report.pending[cid] = f"lookup failed ({exc.error_class}): {exc}"
-            continue
-        values: dict[str, Any]
-        if found is not None and found.status == "succeeded":
-            result, bucket = "succeeded", report.succeeded
-            values = {
-                "status": ChargeStatus.SUCCEEDED,
-                "provider_charge_id": found.id,
-                "dead_reason": None,
-            }
-        elif found is not None:
-            result, bucket = "failed", report.failed
-            values = {"status": ChargeStatus.FAILED, "provider_charge_id": found.id}
+        resolution = resolve(cid, key, attempts, provider)
+        if resolution is None:
+            report.pending[cid] = (
+                "not looked up: the circuit breaker is open or every fleet slot is in use; "
+                "reconcile again later"
+            )
+        elif resolution.result == "settled":
+            succeeded = resolution.settled_as is ChargeStatus.SUCCEEDED
+            (report.succeeded if succeeded else report.failed).append(cid)
+        elif resolution.result == "verified":
+            report.not_charged.append(cid)
+        elif resolution.result == "unknown":
+            report.pending[cid] = f"{resolution.detail}: reconcile again later"
         else:
-            result, bucket = "not_charged", report.not_charged
-            # Still dead: its dead time (updated_at) stays what it was.
-            values = {"dead_reason": func.concat(charges.c.dead_reason, f"; {NOT_CHARGED}")}
-        if "status" in values:
-            values["updated_at"] = func.now()
+            report.pending[cid] = f"{resolution.detail}: try again"
+    if report.settled:
         with transaction() as conn:
-            done = conn.execute(
-                update(charges)
-                .where(
-                    charges.c.id == cid,
-                    charges.c.status == ChargeStatus.DEAD,
-                    charges.c.attempts == attempts,  # not replayed meanwhile
-                )
-                .values(reconciled_at=func.now(), **values)
-            ).rowcount
-            if done:
-                params = {**flt.describe(), "result": result}
-                audit(conn, actor=actor, action="reconcile", params=params, ids=[cid])
-                bucket.append(cid)
-            else:
-                report.pending[cid] = "changed while it was looked up (replayed?): try again"
+            params = {
+                **flt.describe(),
+                "succeeded": len(report.succeeded),
+                "failed": len(report.failed),
+                "not_charged": len(report.not_charged),
+            }
+            audit(conn, actor=actor, action="reconcile", params=params, ids=report.settled)
     return report

@@ -20,11 +20,12 @@ from sqlalchemy import Engine, func, select, text
 
 from payq.breaker import BreakerState, FleetBreaker
 from payq.broker import get_broker
-from payq.constants import QUEUE_NAME, ChargeStatus, redis_key
+from payq.constants import QUEUE_NAME, ChargeStatus, DeadOutcome, redis_key
 from payq.db import transaction
 from payq.gate import ProviderGate
 from payq.models import charges
 from payq.settings import Settings, get_settings
+from payq.sweep import backlog
 
 __all__ = [
     "AttemptStats",
@@ -64,14 +65,15 @@ def attempt_stats(minutes: int, engine: Engine | None = None) -> AttemptStats:
                 "percentile_cont(0.5) WITHIN GROUP (ORDER BY latency_ms), "
                 "percentile_cont(0.95) WITHIN GROUP (ORDER BY latency_ms), "
                 "percentile_cont(0.99) WITHIN GROUP (ORDER BY latency_ms) "
-                "FROM charge_attempts WHERE finished_at >= :since"
+                "FROM charge_attempts WHERE finished_at >= :since AND kind = 'charge'"
             ),
             window,
         ).one()
         by_class = conn.execute(
             text(
                 "SELECT error_class, count(*) FROM charge_attempts "
-                "WHERE finished_at >= :since AND outcome NOT IN ('succeeded', 'declined') "
+                "WHERE finished_at >= :since AND kind = 'charge' "
+                "AND outcome NOT IN ('succeeded', 'declined') "
                 "GROUP BY error_class ORDER BY count(*) DESC"
             ),
             window,
@@ -115,7 +117,7 @@ def attempt_series(minutes: int = 15, engine: Engine | None = None) -> list[Minu
                 "percentile_cont(0.5) WITHIN GROUP (ORDER BY a.latency_ms), "
                 "percentile_cont(0.95) WITHIN GROUP (ORDER BY a.latency_ms) "
                 "FROM m LEFT JOIN charge_attempts a ON a.finished_at >= m.minute "
-                "AND a.finished_at < m.minute + interval '1 minute' "
+                "AND a.finished_at < m.minute + interval '1 minute' AND a.kind = 'charge' "
                 "GROUP BY m.minute ORDER BY m.minute"
             ),
             {"back": minutes - 1},
@@ -211,6 +213,13 @@ def snapshot(settings: Settings | None = None) -> dict[str, Any]:
         by_status: dict[str, int] = dict(
             conn.execute(select(charges.c.status, func.count()).group_by(charges.c.status)).all()
         )
+        dead_by_outcome: dict[str, int] = dict(
+            conn.execute(
+                select(charges.c.dead_outcome, func.count())
+                .where(charges.c.status == ChargeStatus.DEAD, charges.c.purged_at.is_(None))
+                .group_by(charges.c.dead_outcome)
+            ).all()
+        )
     workers = worker_reports()
     deferrals: dict[str, int] = {}
     for w in workers:
@@ -221,6 +230,9 @@ def snapshot(settings: Settings | None = None) -> dict[str, Any]:
         "queues": {"ready": ready, "delayed": delayed, "broker_dead_letters": broker_dead},
         "charges": {s.value: int(by_status.get(s.value, 0)) for s in ChargeStatus},
         "dead_in_view": dead_count(),
+        # What the dead charges in the view did at the provider, and the sweep's work.
+        "dead_outcomes": {o.value: int(dead_by_outcome.get(o.value, 0)) for o in DeadOutcome},
+        "sweep": backlog(settings),
         "provider": {
             "last_5_min": asdict(attempt_stats(5)),
             "last_60_min": asdict(attempt_stats(60)),
@@ -249,6 +261,11 @@ def render(snap: dict[str, Any]) -> str:
         f"broker dead letters {q['broker_dead_letters']}",
         "charges    " + " · ".join(f"{k} {v}" for k, v in c.items())
         + f" (in the dead-letter view: {snap['dead_in_view']})",
+        "dead       " + " · ".join(
+            f"{k.replace('_', ' ')} {v}" for k, v in snap["dead_outcomes"].items()
+        ) + f" | sweep: {snap['sweep']['unknown']} to look up by key, "
+        f"{snap['sweep']['overdue']} of them overdue, "
+        f"{snap['sweep']['unknown_past_retention']} past the key's retention (for a person)",
     ]  # fmt: skip
     for label, key in (("last 5 min", "last_5_min"), ("last 60 min", "last_60_min")):
         p = snap["provider"][key]

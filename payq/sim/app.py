@@ -355,8 +355,9 @@ async def _create_charge(request: web.Request) -> web.StreamResponse:
         await asyncio.sleep(state.latency_s())
         return _key_error(conflict)
     state.claim(params)
-    try:
-        await asyncio.sleep(state.latency_s())
+    try:  # a slow request holds its key in use all along: a second one gets a 409
+        slow = step is Step.SLOW
+        await asyncio.sleep(state.faults.timeout_delay_s if slow else state.latency_s())
         outcome, fault = state.make_outcome(params, step)
     finally:
         state.release(params)
@@ -379,6 +380,9 @@ async def _lookup_by_key(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE_KEY]
     if state.outage_active():
         return await _outage(request, state)
+    if state.draw_lookup_error():
+        await asyncio.sleep(state.latency_s())
+        return _api_error(503)
     response = _charge_for_key(state, request.query.get("idempotency_key"))
     await asyncio.sleep(state.latency_s())  # decided on arrival, like a charge
     return response
@@ -461,6 +465,10 @@ async def _get_request_log(request: web.Request) -> web.StreamResponse:
     return web.json_response([record.to_log_dict(key) for key, record in log])
 
 
+async def _get_books(request: web.Request) -> web.StreamResponse:
+    return web.json_response(request.app[STATE_KEY].books())
+
+
 async def _forget_keys(request: web.Request) -> web.StreamResponse:
     return web.json_response({"forgotten": request.app[STATE_KEY].forget_keys()})
 
@@ -479,5 +487,6 @@ def build_app(state: SimulatorState) -> web.Application:
     app.router.add_post("/_faults", _post_faults)
     app.router.add_get("/_requests", _get_requests)
     app.router.add_get("/_requests/all", _get_request_log)
+    app.router.add_get("/_charges", _get_books)
     app.router.add_post("/_keys/forget", _forget_keys)
     return app

@@ -44,6 +44,7 @@ class Step(StrEnum):
     ERROR = "error"  # 503 api_error, nothing stored
     RATE_LIMIT = "rate_limit"  # 429 with Retry-After, nothing stored
     TIMEOUT = "timeout"  # charge and store, then answer after timeout_delay_s
+    SLOW = "slow"  # process normally, but take timeout_delay_s with the key in use
     RESET = "reset"  # connection reset without an answer, nothing stored
     TRICKLE = "trickle"  # charge and store, then trickle the body over trickle_duration_s
     INVALID_REQUEST = "invalid_request"  # 400 invalid_request_error, nothing stored
@@ -126,6 +127,7 @@ _VALIDATORS: dict[str, Callable[[str, object], Any]] = {
     "reset_rate": _rate,
     "trickle_rate": _rate,
     "trickle_duration_s": _non_negative,
+    "lookup_error_rate": _rate,
     "outage_s": _non_negative,
     "outage_mode": _outage_mode,
     "script": _script,
@@ -139,7 +141,8 @@ KNOBS: tuple[str, ...] = tuple(_VALIDATORS)
 class Faults:
     """Every fault knob of the simulator; the defaults mean "behave perfectly".
 
-    Rates are probabilities per ``POST /v1/charges``. ``outage_s`` starts an outage
+    Rates are probabilities per ``POST /v1/charges``; ``lookup_error_rate`` per lookup by
+    key (``GET /v1/charges?idempotency_key=``), answered 503. ``outage_s`` starts an outage
     window of that many seconds when the knobs are applied (at start, or by
     ``POST /_faults``); ``0`` ends it.
     """
@@ -155,6 +158,7 @@ class Faults:
     reset_rate: float = 0.0
     trickle_rate: float = 0.0
     trickle_duration_s: float = 10.0
+    lookup_error_rate: float = 0.0
     outage_s: float = 0.0
     outage_mode: str = "503"
     script: tuple[str, ...] = ()
@@ -207,6 +211,9 @@ def add_fault_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--trickle-duration-s", type=float, help="time a trickled body takes (default 10.0)"
+    )
+    group.add_argument(
+        "--lookup-error-rate", type=float, help="probability that a lookup by key answers 503"
     )
     group.add_argument("--outage-s", type=float, help="every request fails for this long")
     group.add_argument("--outage-mode", choices=OUTAGE_MODES, help="503 (default) or reset")

@@ -217,6 +217,10 @@ class SimulatorState:
             return Step.ERROR
         return None
 
+    def draw_lookup_error(self) -> bool:
+        """Whether this lookup by key fails with a 503 (``lookup_error_rate``)."""
+        return self._draw(self.faults.lookup_error_rate)
+
     def random_error_status(self) -> int:
         """A 5xx status chosen at random."""
         return self.rng.choice(ERROR_STATUSES)
@@ -308,7 +312,7 @@ class SimulatorState:
                 fault = Step.TRICKLE
         elif step is Step.DECLINE:
             code, fault = code or "card_declined", Step.DECLINE
-        elif step in (Step.TIMEOUT, Step.TRICKLE):
+        elif step in (Step.TIMEOUT, Step.TRICKLE, Step.SLOW):
             fault = step
         charge_id = "ch_" + secrets.token_hex(12)
         charge: JSONObject = {
@@ -342,6 +346,15 @@ class SimulatorState:
         """The charge object created with ``key``, or None."""
         outcome = self._outcomes.get(key)
         return None if outcome is None else self.charges.get(outcome.charge_id)
+
+    def books(self) -> list[JSONObject]:
+        """The provider's books (``GET /_charges``): every stored outcome by key, with its
+        charge's id and status (``succeeded`` charged, ``failed`` declined)."""
+        return [
+            {"idempotency_key": key, "id": outcome.charge_id, "status": charge["status"]}
+            for key, outcome in self._outcomes.items()
+            if (charge := self.charges.get(outcome.charge_id)) is not None
+        ]
 
     def forget_keys(self) -> int:
         """Drop every stored outcome (as if keys expired), keeping the counters.

@@ -1,0 +1,213 @@
+"""The sweep: look up, by key, every dead charge whose outcome is unknown, until it settles.
+
+A charge goes dead of unknown outcome when one of its calls got no clear answer and the
+lookup before it went dead could not tell either (the key still in use, the provider
+unreachable). The relay runs ``sweep_once`` on every pass: at most
+``SWEEP_LOOKUPS_PER_S`` lookups a second, each one through the gate like any provider
+call (a breaker that is open or a fleet that is full ends the pass), each charge again
+every ``SWEEP_EVERY_S``, until the provider answers or the key's retention ends (then a
+lookup proves nothing, and the charge is left to a person: ``unknown_past_retention``).
+
+``resolve`` is the one way a dead charge is looked up and settled; ``payq reconcile``
+uses it too.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import uuid
+from dataclasses import dataclass, field
+
+from sqlalchemy import Engine, Select, func, select, update
+
+from payq import ledger, metrics
+from payq.constants import ChargeStatus, DeadOutcome
+from payq.db import transaction
+from payq.gate import ProviderGate, Wait, get_gate
+from payq.models import charges
+from payq.provider import ProviderClient, get_provider
+from payq.settings import Settings, get_settings
+
+__all__ = ["Resolution", "SweepPass", "backlog", "resolve", "sweep_once", "unknown_outcomes"]
+
+log = logging.getLogger("payq.sweep")
+
+#: A lookup due this long past two sweep periods means no sweep runs.
+OVERDUE_AFTER_S = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Resolution:
+    """What one lookup of a dead charge did: ``settled`` (succeeded or failed),
+    ``verified`` (not charged), ``unknown`` (ask again later) or ``changed`` (the charge
+    moved meanwhile: replayed, or settled by another answer)."""
+
+    result: str
+    detail: str
+    settled_as: ChargeStatus | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SweepPass:
+    looked_up: int = 0
+    settled: int = 0
+    verified: int = 0
+    unknown: int = 0
+    waited: str | None = None  # why the pass stopped early (the gate said wait)
+    results: dict[uuid.UUID, Resolution] = field(default_factory=dict)
+
+
+def unknown_outcomes(settings: Settings, *, within_retention: bool = True) -> Select[tuple[int]]:
+    """How many dead charges are of unknown outcome, within the key's retention or past it."""
+    retention_start = func.now() - dt.timedelta(seconds=settings.provider_idempotency_ttl_s)
+    age = (
+        charges.c.created_at >= retention_start
+        if within_retention
+        else charges.c.created_at < retention_start
+    )
+    return select(func.count()).where(
+        charges.c.status == ChargeStatus.DEAD,
+        charges.c.dead_outcome == DeadOutcome.UNKNOWN,
+        age,
+    )
+
+
+def backlog(settings: Settings | None = None, engine: Engine | None = None) -> dict[str, int]:
+    """The sweep's work: ``unknown`` (it will look them up), ``overdue`` (of those, due
+    for a lookup long ago: no sweep is running) and ``unknown_past_retention`` (a lookup
+    proves nothing any more: for a person with the provider's records)."""
+    settings = settings or get_settings()
+    late = dt.timedelta(seconds=2 * settings.sweep_every_s + OVERDUE_AFTER_S)
+    with transaction(engine) as conn:
+        return {
+            "unknown": int(conn.execute(unknown_outcomes(settings)).scalar_one()),
+            "overdue": int(
+                conn.execute(
+                    unknown_outcomes(settings).where(charges.c.next_lookup_at < func.now() - late)
+                ).scalar_one()
+            ),
+            "unknown_past_retention": int(
+                conn.execute(unknown_outcomes(settings, within_retention=False)).scalar_one()
+            ),
+        }
+
+
+def sweep_once(
+    settings: Settings | None = None,
+    *,
+    budget: int,
+    provider: ProviderClient | None = None,
+    gate: ProviderGate | None = None,
+) -> SweepPass:
+    """Look up at most ``budget`` due charges of unknown outcome, oldest due first."""
+    settings = settings or get_settings()
+    retention = dt.timedelta(seconds=settings.provider_idempotency_ttl_s)
+    with transaction() as conn:
+        # Taken for this pass by pushing their next lookup on: another relay skips them.
+        due = (
+            select(charges.c.id)
+            .where(
+                charges.c.status == ChargeStatus.DEAD,
+                charges.c.dead_outcome == DeadOutcome.UNKNOWN,
+                charges.c.next_lookup_at <= func.now(),
+                charges.c.created_at >= func.now() - retention,
+            )
+            .order_by(charges.c.next_lookup_at)
+            .limit(budget)
+            .with_for_update(skip_locked=True)
+        )
+        rows = conn.execute(
+            update(charges)
+            .where(charges.c.id.in_(due.scalar_subquery()))
+            .values(next_lookup_at=func.now() + dt.timedelta(seconds=settings.sweep_every_s))
+            .returning(charges.c.id, charges.c.idempotency_key, charges.c.attempts)
+        ).all()
+    counts = {"settled": 0, "verified": 0, "unknown": 0}
+    results: dict[uuid.UUID, Resolution] = {}
+    waited = None
+    for row in rows:
+        resolution = resolve(row.id, row.idempotency_key, row.attempts, provider, gate)
+        if resolution is None:
+            waited = "the gate said wait (breaker open or fleet full)"
+            _due_now([r.id for r in rows if r.id not in results])
+            break
+        results[row.id] = resolution
+        if resolution.result in counts:
+            counts[resolution.result] += 1
+    return SweepPass(looked_up=len(results), waited=waited, results=results, **counts)
+
+
+def _due_now(ids: list[uuid.UUID]) -> None:
+    """Charges this pass took but did not look up: due again at once."""
+    with transaction() as conn:
+        conn.execute(update(charges).where(charges.c.id.in_(ids)).values(next_lookup_at=func.now()))
+
+
+def resolve(
+    charge_id: uuid.UUID,
+    key: str,
+    attempts: int,
+    provider: ProviderClient | None = None,
+    gate: ProviderGate | None = None,
+) -> Resolution | None:
+    """Look one dead charge up by key and settle it by the answer; ``None`` if the gate
+    said wait (nothing was sent). ``attempts``: the count it had when it was picked (a
+    replay meanwhile changes it, and the answer then settles nothing here)."""
+    gate = gate or get_gate()
+    entry = gate.enter()
+    if isinstance(entry, Wait):
+        return None
+    lookup: ledger.Lookup | None = None
+    try:
+        lookup = ledger.look_up(provider or get_provider(), key)
+    finally:
+        gate.leave(entry, lookup.error if lookup is not None else None, 0)
+    verdict = lookup.verdict
+    with transaction() as conn:
+        ledger.record_lookup(conn, charge_id, attempts, lookup)
+        if isinstance(verdict, ledger.Charged | ledger.Declined):
+            was = ledger.settle(conn, charge_id, verdict, why="looked up by key", looked_up=True)
+            to = _settled_as(verdict)
+            resolution = (
+                Resolution("settled", f"{was.value} -> {to.value}", to)
+                if was is not None
+                else Resolution("changed", "already settled")
+            )
+        elif isinstance(verdict, ledger.NotCharged):
+            done = conn.execute(
+                update(charges)
+                .where(
+                    charges.c.id == charge_id,
+                    charges.c.status == ChargeStatus.DEAD,
+                    charges.c.attempts == attempts,  # not replayed meanwhile
+                )
+                .values(
+                    dead_outcome=DeadOutcome.VERIFIED_NOT_CHARGED,
+                    reconciled_at=func.now(),
+                    next_lookup_at=None,
+                    dead_reason=func.concat(
+                        charges.c.dead_reason, "; looked up by key: not charged at the provider"
+                    ),
+                )
+            ).rowcount
+            resolution = (
+                Resolution("verified", "not charged at the provider")
+                if done
+                else Resolution("changed", "changed while it was looked up (replayed?)")
+            )
+        else:
+            resolution = Resolution("unknown", verdict.reason)
+    metrics.LOOKUPS.labels(resolution.result).inc()
+    log.log(
+        logging.INFO if resolution.result != "unknown" else logging.WARNING,
+        "dead charge looked up by key: %s (%s)",
+        resolution.result,
+        resolution.detail,
+        extra={"charge_id": str(charge_id), "lookup": resolution.result},
+    )
+    return resolution
+
+
+def _settled_as(verdict: ledger.Charged | ledger.Declined) -> ChargeStatus:
+    return ChargeStatus.SUCCEEDED if isinstance(verdict, ledger.Charged) else ChargeStatus.FAILED
