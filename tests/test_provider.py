@@ -162,10 +162,9 @@ def test_malformed_answers_are_provider_errors_not_crashes() -> None:
     cases = [
         httpx.Response(429, headers={"Retry-After": "soon"}),
         httpx.Response(429, headers={"Retry-After": "inf"}),
-        httpx.Response(
-            200, json={"object": "charge", "id": "ch_1", "status": "succeeded", "amount": "12.5"}
-        ),
         httpx.Response(200, content=b"\xff\xfe not json"),
+        httpx.Response(200, json={"object": "charge", "id": None, "status": "succeeded"}),
+        httpx.Response(503, content=b"<html><body>Service Unavailable</body></html>"),
         httpx.Response(402, json={"error": "not an object"}),
         httpx.Response(409, json={"error": {"code": "something_new"}}),
     ]
@@ -175,6 +174,39 @@ def test_malformed_answers_are_provider_errors_not_crashes() -> None:
         assert caught.value.status == response.status_code
         retryable = isinstance(caught.value, errors.RetryableProviderError)
         assert retryable or isinstance(caught.value, errors.CardDeclined)
+
+
+def test_odd_but_whole_answers_are_normalized_to_what_payq_keeps() -> None:
+    import httpx
+
+    from payq.provider import CHARGE_ID_LIMIT, CODE_LIMIT, classify
+
+    odd_amount = classify(
+        httpx.Response(
+            200, json={"object": "charge", "id": 4242, "status": "succeeded", "amount": "12.5"}
+        )
+    )
+    assert (odd_amount.id, odd_amount.amount) == ("4242", 0)  # charged: a number id is an id
+    long_id = classify(
+        httpx.Response(
+            200, json={"object": "charge", "id": "ch_" + "x" * 400, "status": "succeeded"}
+        )
+    )
+    assert len(long_id.id) == CHARGE_ID_LIMIT
+    with pytest.raises(errors.CardDeclined) as declined:
+        classify(
+            httpx.Response(
+                402,
+                json={"error": {"code": "do_not_honor_" + "z" * 100, "charge": {"id": 1},
+                                "message": "no\x00pe"}},
+            )
+        )  # fmt: skip
+    assert len(declined.value.code) == CODE_LIMIT and declined.value.provider_charge_id is None
+    assert "\x00" not in str(declined.value)
+    with pytest.raises(errors.ProviderUnavailable) as html:
+        classify(httpx.Response(503, content=b"<html>\x00 down </html>" + b"y" * 5000))
+    assert html.value.answer is not None and len(html.value.answer) <= 1024
+    assert html.value.answer.startswith("<html>") and "\x00" not in html.value.answer
 
 
 def test_an_api_key_that_cannot_be_sent_never_appears_in_the_error(sim: Sim) -> None:

@@ -39,6 +39,7 @@ __all__ = [
     "totals",
 ]
 
+
 @dataclass(frozen=True, kw_only=True)
 class DeadFilter:
     """Which dead charges an operator means. Empty means every one in the view."""
@@ -138,11 +139,7 @@ class DeadCharge:
 
 
 def _dead_select(flt: DeadFilter) -> Select[Any]:
-    return (
-        select(charges)
-        .where(flt.where())
-        .order_by(charges.c.updated_at, charges.c.id)
-    )
+    return select(charges).where(flt.where()).order_by(charges.c.updated_at, charges.c.id)
 
 
 def dead_charges(flt: DeadFilter, limit: int | None = None) -> list[DeadCharge]:

@@ -39,10 +39,12 @@ class Ops:
         self.provider = ProviderClient(self.settings)
 
     def dead(self, step: str, amount: int = 1999, currency: str = "usd") -> uuid.UUID:
-        """A charge that went dead after one attempt ending in ``step``."""
-        self.sim.faults(script=[step], timeout_delay_s=3)
+        """A charge that went dead after one attempt ending in ``step``; when that step
+        leaves the outcome unclear, the lookup before it went dead failed too."""
+        self.sim.faults(script=[step], timeout_delay_s=3, lookup_error_rate=1.0)
         cid = enqueue_charge(amount, currency, "tok_visa", unique_key("dead")).id
         result = process_charge(str(cid), settings=self.settings, provider=self.provider)
+        self.sim.faults(lookup_error_rate=0.0)
         assert result is Result.DEAD
         return cid
 
@@ -109,9 +111,15 @@ def test_cli_list_is_a_table_with_totals_and_json_on_request(ops: Ops) -> None:
 def test_show_has_every_attempt(ops: Ops) -> None:
     cid = ops.dead("timeout")
     dead, attempts = show(cid)
-    assert dead.outcome_unknown and [a["outcome"] for a in attempts] == ["no_answer"]
+    # The call got no answer, and the lookup by key before it went dead failed too.
+    assert dead.outcome_unknown
+    assert [(a["kind"], a["outcome"]) for a in attempts] == [
+        ("charge", "no_answer"),
+        ("lookup", "unclear"),
+    ]
     out = ops.cli("dlq", "show", str(cid))
     assert out.returncode == 0 and "no_answer" in out.stdout and "timeout" in out.stdout
+    assert "outcome unknown" in out.stdout and "lookup" in out.stdout
 
 
 def test_replay_uses_the_same_key_a_fresh_budget_and_is_audited(ops: Ops) -> None:
@@ -181,14 +189,14 @@ def test_a_replayed_charge_starts_afresh_in_the_view(ops: Ops) -> None:
     assert replay(DeadFilter(ids=[cid], include_purged=True), actor="alice").replayed == [cid]
     c = charge(cid)
     assert (c.status, c.purged_at, c.purged_by, c.reconciled_at) == ("pending", None, None, None)
-    ops.sim.faults(script=["timeout"], timeout_delay_s=3)
+    ops.sim.faults(script=["timeout"], timeout_delay_s=3, lookup_error_rate=1.0)
     assert ops.run_once_more(cid) is Result.DEAD  # dies again, outcome unknown again
     [again] = dead_charges(DeadFilter())
     assert again.charge.id == cid and again.outcome_unknown
 
 
-def test_reconcile_does_not_overwrite_a_charge_replayed_meanwhile(ops: Ops) -> None:
-    cid = ops.dead("timeout")
+def test_reconcile_does_not_mark_a_charge_replayed_meanwhile_not_charged(ops: Ops) -> None:
+    cid = ops.dead("reset")  # not charged: the lookup would say so
 
     class ReplayedDuringLookup(ProviderClient):
         def find_charge(self, idempotency_key: str) -> Any:
@@ -200,6 +208,24 @@ def test_reconcile_does_not_overwrite_a_charge_replayed_meanwhile(ops: Ops) -> N
         report = reconcile(DeadFilter(), actor="erin", provider=provider)
     assert report.settled == [] and "changed while" in report.pending[cid]
     assert charge(cid).status == "dead" and charge(cid).reconciled_at is None
+
+
+def test_a_charge_the_provider_made_is_settled_even_if_replayed_meanwhile(ops: Ops) -> None:
+    """The provider's books decide: whoever asked, the charge it made is succeeded."""
+    cid = ops.dead("timeout")  # charged, then answered too late
+
+    class ReplayedDuringLookup(ProviderClient):
+        def find_charge(self, idempotency_key: str) -> Any:
+            with transaction() as conn:  # an operator's replay, meanwhile
+                conn.execute(text("UPDATE charges SET status = 'pending', retry_base = attempts"))
+            return super().find_charge(idempotency_key)
+
+    with ReplayedDuringLookup(ops.settings) as provider:
+        report = reconcile(DeadFilter(), actor="erin", provider=provider)
+    assert report.succeeded == [cid]
+    assert charge(cid).status == "succeeded"
+    [settled] = [r for r in audit_rows() if r["action"] == "settle"]
+    assert settled["actor"] == "payq" and settled["params"]["from"] == "pending"
 
 
 def test_purge_hides_but_keeps_and_needs_yes(ops: Ops) -> None:
@@ -233,15 +259,19 @@ def test_reconcile_settles_unknown_outcomes_without_charging(ops: Ops) -> None:
     assert report.succeeded == [charged] and report.not_charged == [lost]
     assert ops.sim.stats()["charges"] == charges_before  # looked up, never charged
     assert charge(charged).status == "succeeded" and charge(charged).provider_charge_id
-    assert charge(lost).status == "dead" and "not charged at provider" in (
+    assert charge(lost).status == "dead" and "not charged at the provider" in (
         charge(lost).dead_reason or ""
     )
+    assert charge(lost).dead_outcome == "verified_not_charged"
     assert charge(known).reconciled_at is None
     assert {d.charge.id: d.outcome_unknown for d in dead_charges(DeadFilter())} == {
         lost: False,
         known: False,
     }
-    assert sorted(r["params"]["result"] for r in audit_rows()) == ["not_charged", "succeeded"]
+    actions = {(r["actor"], r["action"]): r for r in audit_rows()}
+    assert actions[("payq", "settle")]["charge_ids"] == [charged]  # the answer's change
+    assert actions[("erin", "reconcile")]["params"] == {"succeeded": 1, "failed": 0,
+                                                        "not_charged": 1}  # fmt: skip
     again = reconcile(DeadFilter(), actor="erin", provider=ops.provider)
     assert again.settled == []
 

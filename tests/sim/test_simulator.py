@@ -309,6 +309,7 @@ SCRIPT_EXPECTATIONS = [
     ("unexpected_status", 418, None, False),
     ("timeout", 200, None, True),
     ("trickle", 200, None, True),
+    ("slow", 200, None, True),
 ]
 
 
@@ -677,3 +678,25 @@ def test_a_token_the_provider_never_issued_is_refused() -> None:
         "message": "no such payment token",
         "param": "source",
     }
+
+
+def test_a_slow_request_holds_its_key_in_use_and_lookups_can_fail(start: Start) -> None:
+    sim = start(script=["slow"], timeout_delay_s=1.0, lookup_error_rate=1.0)
+    with connect(sim) as c, connect(sim) as other:
+        import threading
+
+        first: list[httpx.Response] = []
+        thread = threading.Thread(target=lambda: first.append(charge(c, "k-slow")))
+        thread.start()
+        time.sleep(0.3)
+        second = charge(other, "k-slow")  # while the first is still being processed
+        assert second.status_code == 409
+        assert second.json()["error"]["code"] == "idempotency_key_in_use"
+        assert lookup(other, "k-slow").status_code == 503  # lookup_error_rate
+        thread.join()
+        assert first[0].status_code == 200
+        other.post("/_faults", json={"lookup_error_rate": 0})
+        assert lookup(other, "k-slow").json()["id"] == first[0].json()["id"]
+        books = other.get("/_charges").json()
+        assert books == [{"idempotency_key": "k-slow", "id": first[0].json()["id"],
+                          "status": "succeeded"}]  # fmt: skip

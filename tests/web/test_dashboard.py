@@ -45,11 +45,13 @@ class Dead:
         self.provider = ProviderClient(self.settings)
 
     def make(self, step: str, amount: int = 1999, currency: str = "usd") -> uuid.UUID:
-        self.sim.faults(script=[step], timeout_delay_s=3)
+        """Dead after one attempt ending in ``step``; when that leaves the outcome unclear,
+        the lookup by key before it went dead failed too (outcome unknown)."""
+        self.sim.faults(script=[step], timeout_delay_s=3, lookup_error_rate=1.0)
         cid = enqueue_charge(amount, currency, "tok_visa", unique_key("dash")).id
-        assert process_charge(str(cid), settings=self.settings, provider=self.provider) is (
-            Result.DEAD
-        )
+        result = process_charge(str(cid), settings=self.settings, provider=self.provider)
+        self.sim.faults(lookup_error_rate=0.0)
+        assert result is Result.DEAD
         return cid
 
 
@@ -378,12 +380,10 @@ async def test_reconcile_settles_a_charge_the_provider_made(browser: Browser, de
     done = await submit(client, "/ops/actions/reconcile", hidden_fields(confirm))
     assert done.status_code == 200 and "1 were charged (now succeeded)" in done.text
     assert charge(cid).status == "succeeded"
-    [row] = audit_rows()
-    assert (row["actor"], row["action"], row["params"]["result"]) == (
-        "carol",
-        "reconcile",
-        "succeeded",
-    )
+    rows = {row["actor"]: row for row in audit_rows()}
+    assert (rows["carol"]["action"], rows["carol"]["params"]["succeeded"]) == ("reconcile", 1)
+    # The change itself is the provider's answer's, audited under payq's own name.
+    assert (rows["payq"]["action"], rows["payq"]["charge_ids"]) == ("settle", [cid])
 
 
 async def test_nothing_to_do_offers_no_button(browser: Browser, dead: Dead) -> None:
