@@ -91,7 +91,7 @@ def definite(outcome: ProviderCharge | ProviderError | None) -> Charged | Declin
     if isinstance(outcome, ProviderCharge):
         return Charged(outcome.id)
     if isinstance(outcome, CardDeclined):
-        return Declined(outcome.provider_charge_id, outcome.code, str(outcome))
+        return Declined(outcome.provider_charge_id, outcome.code or "card_declined", str(outcome))
     return None
 
 

@@ -428,7 +428,16 @@ def process_charge(
         metrics.ATTEMPTS.labels(
             "none" if isinstance(outcome, ProviderCharge) else outcome.error_class
         ).inc()
-    return _record(claim, outcome, lookup, decision, started_at, int(elapsed_s * 1000), settings)
+    return _record(
+        claim,
+        outcome,
+        lookup,
+        decision,
+        started_at,
+        int(elapsed_s * 1000),
+        settings,
+        (provider, gate),
+    )
 
 
 def _defer(
@@ -473,46 +482,6 @@ def _defer(
         extra={"charge_id": str(cid), "cause": cause, "delay_ms": delay_ms},
     )
     return Result.DEFERRED
-
-
-def _adopt(conn: Connection, cid: uuid.UUID, new_id: str) -> int:
-    """Hand the charge over to this message although the row names another, if that
-    other is gone from Redis (this one was sent while the database could not record
-    it): the charge then keeps a message instead of waiting for the relay. 0 when the
-    charge is final or its own message is still queued (this one is a duplicate)."""
-    row = conn.execute(_ROW_MESSAGE, {"charge_id": cid}).first()
-    if row is None or row.status in FINAL_STATUSES:
-        return 0
-    if queued([row.message_id], overdue_after_s=get_settings().relay_stale_after_s)[0]:
-        return 0
-    return int(
-        conn.execute(
-            _HAND_OVER, {"charge_id": cid, "old_id": row.message_id, "new_id": new_id}
-        ).rowcount
-    )
-
-
-def _pool_exhausted(cid: uuid.UUID, settings: Settings) -> None:
-    pool = get_engine().pool
-    figures = {
-        "pool_size": settings.database_pool_max_connections,
-        "pool_checked_out": pool.checkedout() if isinstance(pool, QueuePool) else None,
-        "db_timeout_ms": settings.db_timeout_ms,
-    }
-    metrics.POOL_EXHAUSTED.labels("database").inc()
-    log.warning(
-        "database connection pool exhausted: no connection within DB_TIMEOUT_MS (%d ms), "
-        "%s of %d in use; charge deferred, no attempt used",
-        settings.db_timeout_ms,
-        figures["pool_checked_out"],
-        settings.database_pool_max_connections,
-        extra={"charge_id": str(cid), "cause": "db_pool", **figures},
-    )
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0][:200] if text else ''}"
 
 
 def _adopt(conn: Connection, cid: uuid.UUID, new_id: str) -> int:
@@ -728,7 +697,10 @@ def _record(
     started_at: dt.datetime,
     latency_ms: int,
     settings: Settings,
+    way: tuple[ProviderClient, ProviderGate],
 ) -> Result:
+    """Record the call and move the charge on. ``way``: the client and gate to look the
+    charge up with, should its answer prove impossible to store."""
     error = outcome if isinstance(outcome, ProviderError) else None
     extra = _extra(claim, "recording", latency_ms=latency_ms, error=error)
     try:
@@ -747,7 +719,7 @@ def _record(
                 except DBAPIError as exc:
                     if isinstance(exc, DB_UNAVAILABLE):
                         raise
-                    return _unrecordable(claim, outcome, exc, started_at, latency_ms, settings)
+                    return _unrecordable(claim, outcome, exc, started_at, latency_ms, way)
     except (PoolTimeout, *DB_UNAVAILABLE) as exc:
         # The provider has answered and the answer is lost with this attempt; its row,
         # written before the call, says so once the charge is claimed again. The lease
@@ -832,7 +804,7 @@ def _unrecordable(
     exc: DBAPIError,
     started_at: dt.datetime,
     latency_ms: int,
-    settings: Settings,
+    way: tuple[ProviderClient, ProviderGate],
 ) -> Result:
     """The database refused the record itself (not for being down): the call's row says
     so in words the columns always take, and the charge goes dead after a lookup, never
@@ -845,7 +817,7 @@ def _unrecordable(
         extra=_extra(claim, "unrecorded", latency_ms=latency_ms),
     )
     decision = _dead(f"the provider's answer could not be recorded: {problem}")
-    lookup = None if claim.past_retention else _look_up_again(claim)
+    lookup = None if claim.past_retention else _look_up_again(claim, *way)
     if lookup is not None or claim.past_retention:
         decision = _after_lookup(decision, lookup)
     else:
@@ -874,15 +846,16 @@ def _unrecordable(
     return decision.result if done else Result.LEASE_LOST
 
 
-def _look_up_again(claim: _Claim) -> ledger.Lookup | None:
+def _look_up_again(
+    claim: _Claim, provider: ProviderClient, gate: ProviderGate
+) -> ledger.Lookup | None:
     """A lookup by key outside the call's slot: through the gate, ``None`` if it says wait."""
-    gate = get_gate()
     entry = gate.enter()
     if isinstance(entry, Wait):
         return None
     lookup: ledger.Lookup | None = None
     try:
-        lookup = ledger.look_up(get_provider(), claim.key)
+        lookup = ledger.look_up(provider, claim.key)
     finally:
         gate.leave(entry, lookup.error if lookup is not None else None)
     return lookup

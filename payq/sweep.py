@@ -18,6 +18,7 @@ import datetime as dt
 import logging
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 from sqlalchemy import Engine, Select, func, select, update
 
@@ -58,7 +59,7 @@ class SweepPass:
     results: dict[uuid.UUID, Resolution] = field(default_factory=dict)
 
 
-def unknown_outcomes(settings: Settings, *, within_retention: bool = True) -> Select[tuple[int]]:
+def unknown_outcomes(settings: Settings, *, within_retention: bool = True) -> Select[Any]:
     """How many dead charges are of unknown outcome, within the key's retention or past it."""
     retention_start = func.now() - dt.timedelta(seconds=settings.provider_idempotency_ttl_s)
     age = (
