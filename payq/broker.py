@@ -19,6 +19,7 @@ import redis
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.common import dq_name
 from dramatiq.encoder import JSONEncoder, MessageData
+from dramatiq.middleware import Middleware, TimeLimit, default_middleware
 
 from payq.constants import ACTOR_NAME, QUEUE_NAME, UNDECODABLE_ACTOR_NAME
 from payq.errors import ServiceUnavailable
@@ -118,6 +119,20 @@ class ChargeBroker(RedisBroker):
         return message
 
 
+def _middleware() -> list[Middleware]:
+    """Dramatiq's default middleware, without its time limit.
+
+    ``TimeLimit`` raises an exception asynchronously in a thread that runs too long: it
+    lands wherever that thread is, inside httpx's connection pool, redis-py's reads or
+    SQLAlchemy's pool, and leaves a lock held or a call unrecorded (a worker frozen past
+    its lease and then thawed wedged every thread this way). payq bounds every step
+    itself (``PAYMENT_TIMEOUT_MS`` with its own deadline, ``DB_TIMEOUT_MS``,
+    ``DB_STATEMENT_TIMEOUT_MS``, Redis socket timeouts), and the worker's watchdog ends a
+    process whose threads stop making progress (``workers.middleware.Watchdog``).
+    """
+    return [m() for m in default_middleware if m is not TimeLimit]
+
+
 def make_broker(settings: Settings) -> RedisBroker:
     client = redis.Redis.from_url(
         settings.redis_url,
@@ -125,7 +140,9 @@ def make_broker(settings: Settings) -> RedisBroker:
         socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
         health_check_interval=30,
     )
-    return ChargeBroker(client=client, namespace=settings.payq_namespace)  # type: ignore[no-untyped-call]
+    return ChargeBroker(  # type: ignore[no-untyped-call]
+        client=client, namespace=settings.payq_namespace, middleware=_middleware()
+    )
 
 
 def get_broker() -> RedisBroker:

@@ -68,6 +68,9 @@ class Settings(BaseSettings):
     worker_threads: int = Field(4, ge=1, le=1000)
     charge_lease_s: int = Field(30, ge=2, le=3600)
     worker_poll_ms: int = Field(200, ge=10, le=10_000)
+    # 0: three leases. A message in progress longer than this (time the process was
+    # frozen does not count) means a wedged thread: the process ends to be restarted.
+    worker_watchdog_s: float = Field(0.0, ge=0, le=86_400)
 
     # Retries between attempts (delayed messages, never sleeps).
     retry_max_attempts: int = Field(8, ge=1, le=100)
@@ -136,6 +139,12 @@ class Settings(BaseSettings):
                 f"2 x (DB_TIMEOUT_MS + DB_STATEMENT_TIMEOUT_MS) = {attempt_s:g} s "
                 f"(got {self.charge_lease_s})"
             )
+        if self.worker_watchdog_s and self.worker_watchdog_s < 2 * self.charge_lease_s:
+            raise ValueError(
+                "WORKER_WATCHDOG_S: must be at least 2 x CHARGE_LEASE_S "
+                f"({2 * self.charge_lease_s} s), or 0 for three leases (got "
+                f"{self.worker_watchdog_s:g}); a charge may rightly take a lease and a lookup"
+            )
         if self.key_send_window_s <= 0:
             raise ValueError(
                 "PROVIDER_IDEMPOTENCY_TTL_S: must exceed CHARGE_LEASE_S + PAYMENT_TIMEOUT_MS, "
@@ -180,6 +189,11 @@ class Settings(BaseSettings):
         step may wait for a connection and then for its statements)."""
         db_step_ms = self.db_timeout_ms + self.db_statement_timeout_ms
         return self.payment_timeout_ms + 2 * db_step_ms
+
+    @property
+    def watchdog_s(self) -> float:
+        """How long one message may be in progress before its thread counts as wedged."""
+        return self.worker_watchdog_s or 3.0 * self.charge_lease_s
 
     @property
     def key_send_window_s(self) -> float:

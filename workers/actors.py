@@ -19,6 +19,7 @@ from payq.logs import configure_logging
 from payq.sentry import init_sentry, tag_charge
 from payq.settings import get_settings
 from workers.middleware import DrainOnce, PoolGuard, WorkerReport
+from workers.watchdog import Watchdog
 
 __all__ = ["broker", "process_charge"]
 
@@ -36,7 +37,14 @@ broker = get_broker()
 broker.add_middleware(CurrentMessage())
 broker.add_middleware(PoolGuard(settings))
 broker.add_middleware(DrainOnce())
-broker.add_middleware(WorkerReport(settings))
+report = WorkerReport(settings)
+broker.add_middleware(report)
+broker.add_middleware(
+    Watchdog(
+        settings.watchdog_s,
+        tell=lambda wedged: report.publish(wedged_s=round(max(wedged.values()), 1)),
+    )
+)
 try:
     # Join the fleet's slot accounting at boot, not at the first charge: on a new (or
     # emptied) Redis the short grace for re-registering slots then passes while we boot.
@@ -61,7 +69,6 @@ if os.environ.get("dramatiq_prom_host"):  # noqa: SIM112 - Dramatiq reads this l
     min_backoff=1000,
     max_backoff=30_000,
     throws=(processing.UnknownCharge,),
-    time_limit=settings.charge_lease_s * 1000,
 )
 def process_charge(charge_id: str) -> None:
     tag_charge(charge_id, None)

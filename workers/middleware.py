@@ -168,14 +168,17 @@ class WorkerReport(Middleware):
             "reported_at": time.time(),
         }
 
+    def publish(self, **extra: Any) -> dict[str, Any]:
+        """Write this process's figures (and ``extra``) where ``payq status`` reads them."""
+        figures = {**self.figures(), **extra}
+        get_broker().client.set(self._key, json.dumps(figures), ex=int(REPORT_INTERVAL_S * 3))
+        return figures
+
     def _run(self) -> None:
         next_health = time.monotonic() + self.settings.health_check_interval_s
         while True:
             try:
-                figures = self.figures()
-                get_broker().client.set(
-                    self._key, json.dumps(figures), ex=int(REPORT_INTERVAL_S * 3)
-                )
+                figures = self.publish()
                 self._watch_pools(figures)
                 self._watch_gate()
                 if time.monotonic() >= next_health:

@@ -237,6 +237,16 @@ def check_pools(settings: Settings) -> Check:
     reports = worker_reports()
     if not reports:
         return Check("pools", Level.OK, "no live worker reports")
+    wedged = [r for r in reports if r.get("wedged_s")]
+    if wedged:
+        return Check(
+            "pools",
+            Level.DOWN,
+            "wedged: "
+            + ", ".join(f"{r['host']}:{r['pid']} ({r['wedged_s']:.0f} s on one message)"
+                        for r in wedged)
+            + "; the watchdog ends such a process for its supervisor to restart",
+        )  # fmt: skip
     worst_use = 0.0
     where = ""
     for r in reports:
