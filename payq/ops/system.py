@@ -65,6 +65,13 @@ class LocalSystem:
         data: list[dict[str, Any]] = response.json()
         return data
 
+    def books(self) -> list[dict[str, Any]]:
+        """The provider's books: every key it charged or declined (``GET /_charges``)."""
+        response = httpx.get(f"{self.sim_url}/_charges", timeout=30)
+        response.raise_for_status()
+        data: list[dict[str, Any]] = response.json()
+        return data
+
     def provider_charge_id(self, key: str) -> str | None:
         """The provider's charge for ``key``, looked up as payq's reconciliation does."""
         response = httpx.get(

@@ -15,7 +15,7 @@ from payq.ops.chaos import ChaosPlan, run_chaos
 pytestmark = pytest.mark.e2e
 
 # The requirement's 15 s outage (a breaker's reaction time is the same in a small run),
-# a fifth of the charges, SIGKILLs more often.
+# a fifth of the charges, SIGKILLs more often, three stalls past the lease.
 SMALL = ChaosPlan(charges=600, enqueue_s=45, outage_s=15, kill_every_s=3, deadline_s=95)
 
 
@@ -36,6 +36,14 @@ def test_small_chaos_run_passes_every_check_and_really_did_the_damage() -> None:
     assert f["final"] == f["charges"] == 600
     assert int(f["succeeded"]) + int(f["failed"]) + int(f["dead"]) == 600
     assert f["duplicate_charges"] == 0
+    # payq's books agree with the provider's, after stalls past the lease.
+    assert (f["phantom"], f["unknown_dead"], f["unrecorded_calls"], f["ledger_mismatch"]) == (
+        0,
+        0,
+        0,
+        0,
+    )
+    assert f["stalls"] == SMALL.stalls > 0
     assert 0 < int(f["max_in_flight"]) <= SMALL.max_concurrency < SMALL.fleet_threads
     # The damage happened: kills with restarts, both servers restarted, 429s, an outage.
     assert int(f["kills"]) >= 2 and int(f["group_restarts"]) >= int(f["kills"])

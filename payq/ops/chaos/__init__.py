@@ -9,12 +9,22 @@ else on the machine. A producer process enqueues the charges at a steady pace wh
   for a window (every call 503);
 - a random worker process (a dramatiq child) is SIGKILLed every few seconds; its
   master then stops the group and the supervisor starts it again;
+- after the outage, a worker group is frozen (SIGSTOP) past its lease with its calls
+  in flight, then thawed (SIGCONT), several times, with a small retry budget so that
+  charges can run out of attempts meanwhile; a third of the lookups by key fail, so
+  some charges go dead of unknown outcome until the relay's sweep settles them;
 - Redis restarts once with its data gone (the relay republishes from PostgreSQL), and
   PostgreSQL restarts once.
 
 Then it checks what payq promises and prints one line of figures; the run is ok only
 if every check passed. How each figure is taken:
 
+- *phantom*, *ledger_mismatch*, *unknown_dead*, *unrecorded_calls*: payq's books
+  against the provider's (``/_charges``, its request log). A charge the provider
+  charged must be ``succeeded`` with that charge's id (else *phantom*); one it declined,
+  ``failed``; one it never charged, neither. No dead charge may be of unknown outcome
+  once the sweep has run (the run waits for it), and every charge request the provider
+  saw must have its row (the requests per key, against payq's calls per charge).
 - *final*, *duplicate_charges*, *max_in_flight*: the database, and the simulator's
   ``/_stats``; ``max_in_flight`` (every /v1 request, also lookups) must stay within
   ``PAYMENT_MAX_CONCURRENCY``, which is set below the fleet's threads so that the

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, select, text
+from sqlalchemy import Engine, func, select, text
 from sqlalchemy.exc import SQLAlchemyError
 
-from payq.constants import FINAL_STATUSES, ChargeStatus
+from payq.constants import FINAL_STATUSES, AttemptKind, AttemptOutcome, ChargeStatus, DeadOutcome
 from payq.models import charge_attempts, charges
 from payq.settings import Settings
 
@@ -31,6 +31,7 @@ __all__ = [
     "Recovery",
     "claimed_before",
     "killed_in_flight",
+    "ledger",
     "outage_calls",
     "relay_republished",
     "retry_after",
@@ -136,10 +137,18 @@ def killed_in_flight(engine: Engine, kills: list[Kill]) -> list[Recovery]:
         return []
     ids = list({cid for cid, _ in claimed})
     with engine.connect() as conn:
+        # Calls whose worker recorded an answer (a killed one's row stays in flight until
+        # the next claim marks it abandoned).
         tried = conn.execute(
             select(
                 charge_attempts.c.charge_id, charge_attempts.c.number, charge_attempts.c.started_at
-            ).where(charge_attempts.c.charge_id.in_(ids))
+            ).where(
+                charge_attempts.c.charge_id.in_(ids),
+                charge_attempts.c.kind == AttemptKind.CHARGE,
+                charge_attempts.c.outcome.not_in(
+                    [AttemptOutcome.IN_FLIGHT, AttemptOutcome.ABANDONED]
+                ),
+            )
         ).all()
         ended = {
             row.id: row.updated_at.timestamp()
@@ -209,3 +218,53 @@ def relay_republished(log: Path) -> tuple[int, int]:
     """(lost messages, expired leases) the relay published again, from its log lines."""
     found = _RELAY_LINE.findall(log.read_text(errors="replace"))
     return sum(int(lost) for lost, _ in found), sum(int(leases) for _, leases in found)
+
+
+def ledger(
+    engine: Engine, books: list[dict[str, Any]], log: list[dict[str, Any]]
+) -> dict[str, int]:
+    """payq's books against the provider's, every charge.
+
+    ``phantom``: charged at the provider (``/_charges``) but not ``succeeded`` in payq
+    with that charge's id. ``mismatch``: any other disagreement (declined there but not
+    ``failed`` here; ``succeeded`` here with no charge there). ``unknown_dead``: dead of
+    unknown outcome. ``unrecorded_calls``: charge requests the provider saw (its request
+    log, by key) beyond the calls payq has a row for.
+    """
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(
+                charges.c.id,
+                charges.c.idempotency_key,
+                charges.c.status,
+                charges.c.provider_charge_id,
+                charges.c.dead_outcome,
+            )
+        ).all()
+        calls: dict[uuid.UUID, int] = dict(
+            conn.execute(
+                select(charge_attempts.c.charge_id, func.count())
+                .where(charge_attempts.c.kind == AttemptKind.CHARGE)
+                .group_by(charge_attempts.c.charge_id)
+            ).all()
+        )
+    booked = {b["idempotency_key"]: b for b in books}
+    sent = Counter(record["idempotency_key"] for record in log)
+    phantom = mismatch = unknown = unrecorded = 0
+    for row in rows:
+        book = booked.get(row.idempotency_key)
+        if book is not None and book["status"] == "succeeded":
+            if (row.status, row.provider_charge_id) != (ChargeStatus.SUCCEEDED, book["id"]):
+                phantom += 1
+        elif book is not None:
+            mismatch += row.status != ChargeStatus.FAILED
+        else:
+            mismatch += row.status in (ChargeStatus.SUCCEEDED, ChargeStatus.FAILED)
+        unknown += row.dead_outcome == DeadOutcome.UNKNOWN
+        unrecorded += max(0, sent[row.idempotency_key] - calls.get(row.id, 0))
+    return {
+        "phantom": phantom,
+        "ledger_mismatch": mismatch,
+        "unknown_dead": unknown,
+        "unrecorded_calls": unrecorded,
+    }

@@ -14,9 +14,11 @@ class ChaosPlan:
 
     The producer spreads ``charges`` over ``enqueue_s``; the outage starts at a quarter
     of that, Redis restarts at 65 % and PostgreSQL at 85 %; SIGKILLs come every
-    ``kill_every_s`` (jittered) until 5 s after the last charge was enqueued. The
-    fleet (``groups`` x ``processes`` x ``threads``) has more threads than
-    ``max_concurrency`` so that the fleet-wide limit, not the thread count, holds it.
+    ``kill_every_s`` (jittered) until 5 s after the last charge was enqueued. After
+    the outage, ``stalls`` times one worker group is frozen (SIGSTOP) for ``stall_s``,
+    past its lease, with its calls in flight, then thawed (SIGCONT). The fleet
+    (``groups`` x ``processes`` x ``threads``) has more threads than ``max_concurrency``
+    so that the fleet-wide limit, not the thread count, holds it.
     """
 
     charges: int = 3000
@@ -28,6 +30,9 @@ class ChaosPlan:
     threads: int = 3
     max_concurrency: int = 8
     db_pool: int = 4
+    stalls: int = 3
+    lease_s: int = 9
+    retry_max_attempts: int = 3  # small: charges can run out of attempts during a stall
     deadline_s: float = 300.0  # from the first charge to every charge final
     seed: int | None = None
 
@@ -59,6 +64,15 @@ class ChaosPlan:
         return 0.85 * self.enqueue_s
 
     @property
+    def stall_s(self) -> float:
+        """How long a group stays frozen: past its lease, so its charges are taken over."""
+        return self.lease_s + 3.0
+
+    def stall_at_s(self, index: int) -> float:
+        """When stall ``index`` (from 0) begins: after the outage, one after the other."""
+        return self.outage_end_s + 2.0 + index * (self.stall_s + 1.0)
+
+    @property
     def kills_until_s(self) -> float:
         return self.enqueue_s + 5.0
 
@@ -71,7 +85,9 @@ def child_environment(plan: ChaosPlan, database_url: str, redis_url: str) -> dic
     """Every setting the run depends on, so that the caller's environment cannot move it.
 
     One attempt's worst case is 1.5 + 2 x (1.5 + 2) = 8.5 s, so a 9 s lease; short
-    backoffs and relay passes keep the tail of the run short.
+    backoffs and relay passes keep the tail of the run short. A third of the provider's
+    lookups by key fail (``simulator_args``), so that some charges go dead of unknown
+    outcome; the relay's sweep looks them up again every 2 s until they settle.
 
     The breaker is tuned for this provider, as its operator would tune it: about 29 %
     of its healthy calls fail (5xx, 429, late answers), so the default decision on 20
@@ -90,13 +106,15 @@ def child_environment(plan: ChaosPlan, database_url: str, redis_url: str) -> dic
         "DATABASE_POOL_MAX_CONNECTIONS": str(plan.db_pool),
         "DB_TIMEOUT_MS": "1500",
         "DB_STATEMENT_TIMEOUT_MS": "2000",
-        "CHARGE_LEASE_S": "9",
-        "RETRY_MAX_ATTEMPTS": "8",
+        "CHARGE_LEASE_S": str(plan.lease_s),
+        "RETRY_MAX_ATTEMPTS": str(plan.retry_max_attempts),
         "RETRY_BACKOFF_MIN_S": "0.5",
         "RETRY_BACKOFF_MAX_S": "5",
         "RELAY_INTERVAL_S": "0.5",
         "RELAY_STALE_AFTER_S": "3",
         "RELAY_DEAD_WORKER_S": "5",
+        "SWEEP_EVERY_S": "2",
+        "SWEEP_LOOKUPS_PER_S": "50",
         "BREAKER_WINDOW_S": "5",
         "BREAKER_MIN_CALLS": "50",
         "METRICS_PORT": "0",  # three groups cannot share one port, nor take a demo's
@@ -106,7 +124,8 @@ def child_environment(plan: ChaosPlan, database_url: str, redis_url: str) -> dic
 
 
 def simulator_args(plan: ChaosPlan) -> list[str]:
-    """The provider's faults: 20 % 5xx, 5 % charged-then-late, 5 % 429 (Retry-After 2 s).
+    """The provider's faults: 20 % 5xx, 5 % charged-then-late, 5 % 429 (Retry-After 2 s),
+    a third of the lookups by key answered 503.
 
     The late answers come after 3 s, past the 1.5 s ``PAYMENT_TIMEOUT_MS``.
     """
@@ -117,5 +136,6 @@ def simulator_args(plan: ChaosPlan) -> list[str]:
         "--timeout-rate", "0.05", "--timeout-delay-s", "3",
         "--rate-limit-rate", "0.05", "--retry-after-s", "2",
         "--decline-rate", "0.03",
+        "--lookup-error-rate", "0.3",
         "--seed", str(seed),
     ]  # fmt: skip

@@ -1,14 +1,16 @@
 """`run_chaos`: set up the servers and the system, drive the schedule of faults, judge.
 
 One tick every 200 ms restarts what died (the supervisor's ``check()``), applies the
-faults that are due (outage, Redis wipe, PostgreSQL restart), SIGKILLs a worker
-process when one is due, and every 5 s prints a progress line. The run ends when the
-producer is done, every fault was applied, every killed group serves again and every
-charge is final, or at the plan's deadline.
+faults that are due (outage, Redis wipe, PostgreSQL restart), freezes or thaws a worker
+group when a stall is due, SIGKILLs a worker process when one is due, and every 5 s
+prints a progress line. The run ends when the producer is done, every fault was
+applied, every killed or frozen group serves again, every charge is final and no dead
+charge is of unknown outcome (the relay's sweep looked them up), or at the deadline.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -27,7 +29,7 @@ from typing import Any
 from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import SQLAlchemyError
 
-from payq.constants import FINAL_STATUSES, ChargeStatus
+from payq.constants import FINAL_STATUSES, ChargeStatus, DeadOutcome
 from payq.db import make_engine
 from payq.devservices import ThrowawayPostgres, ThrowawayRedis
 from payq.models import charges
@@ -37,6 +39,7 @@ from payq.ops.chaos.measure import (
     Kill,
     claimed_before,
     killed_in_flight,
+    ledger,
     outage_calls,
     relay_republished,
     retry_after,
@@ -151,6 +154,8 @@ class _Events:
     pg_restarted_at: float | None = None
     kills: list[Kill] = field(default_factory=list)
     back_s: list[float] = field(default_factory=list)  # kill -> the new group all ready
+    stalls: int = 0
+    frozen: tuple[str, int, float] | None = None  # (group, master pid, thaw at)
 
 
 class _Run:
@@ -189,6 +194,7 @@ class _Run:
                 self._watch_groups()
                 now = time.time()
                 self._faults_due(now - t0)
+                self._stalls_due(now - t0)
                 if now >= next_kill:
                     if now - t0 < plan.kills_until_s and self._may_kill(now - t0):
                         self._kill()
@@ -203,15 +209,17 @@ class _Run:
             if producer.poll() is None:
                 producer.kill()
             producer.wait()
+            self._thaw()  # never leave a group frozen
             self.sampler.stop.set()
             self.sampler.join()
         elapsed_s = time.time() - t0
         self.system.stop_workers()
         stats = self.system.stats()
         log = self.system.request_log()
+        books = self.system.books()
         # Kept with the other logs when a check fails: every call, to see what happened.
         (self.workdir / "provider-requests.json").write_text(json.dumps(log))
-        figures = self._figures(stats, log, elapsed_s)
+        figures = self._figures(stats, log, books, elapsed_s)
         failed = checks(figures, plan, producer.returncode)
         line = figure_line(figures)
         self.say(line)
@@ -247,6 +255,40 @@ class _Run:
             events.pg_restarted_at = time.time()
             self.say("· PostgreSQL restarted")
 
+    def _stalls_due(self, t: float) -> None:
+        """Freeze one group when a stall is due (its calls in flight), thaw it after."""
+        events, plan = self.events, self.plan
+        if events.frozen is not None:
+            if time.time() >= events.frozen[2]:
+                self._thaw()
+            return
+        if events.stalls >= plan.stalls or t < plan.stall_at_s(events.stalls):
+            return
+        ready = [
+            name
+            for name, group in self.groups.items()
+            if group.ready and group.killed_at is None and group.pid is not None
+        ]
+        if not ready:
+            return
+        name = self.rng.choice(ready)
+        pid = self.groups[name].pid
+        assert pid is not None
+        os.killpg(pid, signal.SIGSTOP)  # the master and its processes, calls in flight
+        events.stalls += 1
+        events.frozen = (name, pid, time.time() + plan.stall_s)
+        self.say(f"· SIGSTOP worker group {name} for {plan.stall_s:g} s (past its lease)")
+
+    def _thaw(self) -> None:
+        frozen = self.events.frozen
+        if frozen is None:
+            return
+        name, pid, _ = frozen
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGCONT)
+        self.events.frozen = None
+        self.say(f"· SIGCONT worker group {name}")
+
     def _kill_gap(self) -> float:
         return self.plan.kill_every_s * self.rng.uniform(0.6, 1.4)
 
@@ -267,7 +309,10 @@ class _Run:
         ``worker_fork_timeout`` for the dead process before stopping the group.
         """
         eligible = []
+        frozen = self.events.frozen[0] if self.events.frozen else None
         for name, group in self.groups.items():
+            if name == frozen:
+                continue
             if group.ready and group.killed_at is None and group.pid is not None:
                 kids = _children(group.pid)
                 if len(kids) == self.plan.processes:
@@ -309,7 +354,10 @@ class _Run:
     # --- progress -----------------------------------------------------------------
     def _done(self, producer: subprocess.Popen[bytes]) -> bool:
         """Everything enqueued and final, every fault applied, every group serving again."""
-        if producer.poll() is None or not self.events.pg_restarts:
+        events = self.events
+        if producer.poll() is None or not events.pg_restarts:
+            return False
+        if events.stalls < self.plan.stalls or events.frozen is not None:
             return False
         if not all(g.ready and g.killed_at is None for g in self.groups.values()):
             return False
@@ -317,7 +365,16 @@ class _Run:
             counts = self._counts()
         except SQLAlchemyError:
             return False
-        return sum(counts.get(s, 0) for s in FINAL_STATUSES) >= self.plan.charges
+        if sum(counts.get(s, 0) for s in FINAL_STATUSES) < self.plan.charges:
+            return False
+        try:  # and the sweep has looked up every charge of unknown outcome
+            with self.engine.connect() as conn:
+                unknown = conn.execute(
+                    select(func.count()).where(charges.c.dead_outcome == DeadOutcome.UNKNOWN)
+                ).scalar_one()
+        except SQLAlchemyError:
+            return False
+        return unknown == 0
 
     def _counts(self) -> dict[str, int]:
         with self.engine.connect() as conn:
@@ -347,7 +404,11 @@ class _Run:
 
     # --- figures ------------------------------------------------------------------
     def _figures(
-        self, stats: Mapping[str, Any], log: list[dict[str, Any]], elapsed_s: float
+        self,
+        stats: Mapping[str, Any],
+        log: list[dict[str, Any]],
+        books: list[dict[str, Any]],
+        elapsed_s: float,
     ) -> dict[str, Figure]:
         plan, pool, events = self.plan, self.settings.database_pool_max_connections, self.events
         counts = self._counts()
@@ -358,6 +419,8 @@ class _Run:
         recovery = [r.final_s for r in lost if r.final_s is not None]
         relay_lost, relay_leases = relay_republished(self.system.logs["relay"])
         return {
+            **ledger(self.engine, books, log),
+            "stalls": events.stalls,
             "charges": plan.charges,
             "final": sum(counts.get(s, 0) for s in FINAL_STATUSES),
             "succeeded": counts.get(ChargeStatus.SUCCEEDED, 0),

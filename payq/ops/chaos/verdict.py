@@ -51,6 +51,11 @@ def checks(f: Mapping[str, Figure], plan: ChaosPlan, producer_exit: int) -> list
         (producer_exit == 0, f"producer: exited {producer_exit}, not every charge enqueued"),
         (f["final"] == plan.charges, f"every_charge_final: {f['final']}/{plan.charges}"),
         (f["duplicate_charges"] == 0, f"duplicate_charges: {f['duplicate_charges']}"),
+        (f["phantom"] == 0, f"phantom: {f['phantom']} charged at the provider, not succeeded"),
+        (f["ledger_mismatch"] == 0, f"ledger_mismatch: {f['ledger_mismatch']}"),
+        (f["unknown_dead"] == 0, f"unknown_dead: {f['unknown_dead']} after the sweep"),
+        (f["unrecorded_calls"] == 0, f"unrecorded_calls: {f['unrecorded_calls']}"),
+        (f["stalls"] == plan.stalls, f"stalls: {f['stalls']} of {plan.stalls} applied"),
         (
             0 <= int(f["max_in_flight"]) <= plan.max_concurrency,
             f"max_in_flight: {f['max_in_flight']} > PAYMENT_MAX_CONCURRENCY {plan.max_concurrency}",
@@ -91,10 +96,13 @@ def figure_line(f: Mapping[str, Figure]) -> str:
     return (
         f"chaos: charges={f['charges']} final={f['final']} succeeded={f['succeeded']} "
         f"failed={f['failed']} dead={f['dead']} duplicate_charges={f['duplicate_charges']} "
+        f"phantom={f['phantom']} unknown_dead={f['unknown_dead']} "
+        f"unrecorded_calls={f['unrecorded_calls']} ledger_mismatch={f['ledger_mismatch']} "
         f"max_in_flight={f['max_in_flight']}/{f['max_concurrency']} "
         f"max_app_connections={f['max_app_connections']}/{f['app_connection_bound']} "
         f"connection_samples={f['connection_samples']} kills={f['kills']} "
-        f"group_restarts={f['group_restarts']} redis_restarts={f['redis_restarts']} "
+        f"group_restarts={f['group_restarts']} stalls={f['stalls']} "
+        f"redis_restarts={f['redis_restarts']} "
         f"pg_restarts={f['pg_restarts']} rate_limited={f['rate_limited']} "
         f"retry_after_violations={f['retry_after_violations']} "
         f"(min slack {f['retry_after_min_slack_ms']} ms) "
