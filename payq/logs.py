@@ -1,8 +1,9 @@
 """Logging an ops team can search: one JSON object per line, or a readable console line.
 
 Context travels as ``extra=`` fields (charge_id, attempt, outcome, latency_ms,
-error_class). Every line is scrubbed of the provider API key, the Sentry DSN and
-passwords in URLs, in case one ever reaches a message or a traceback.
+error_class). Every line is scrubbed of the provider API key, the Sentry DSN,
+passwords in URLs and card numbers (``payq.cardnumbers``), in case one ever reaches a
+message or a traceback.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 
 from pythonjsonlogger.json import JsonFormatter
 
+from payq.cardnumbers import mask_card_numbers
 from payq.settings import Settings
 
 __all__ = ["configure_logging"]
@@ -34,7 +36,7 @@ class _Redacting(logging.Formatter):
         line = _DSN_PASSWORD.sub(r"\1***@", self.inner.format(record))
         for secret in self.secrets:
             line = line.replace(secret, "***")
-        return line
+        return mask_card_numbers(line)
 
 
 class _ConsoleFormatter(logging.Formatter):

@@ -33,8 +33,8 @@ from sentry_sdk.integrations.dramatiq import DramatiqIntegration
 from sentry_sdk.types import Event, Hint
 
 from payq import __version__
+from payq.cardnumbers import looks_like_card_number
 from payq.settings import Settings
-from payq.validation import looks_like_card_number
 
 __all__ = ["FILTERED", "capture_alert", "init_sentry", "scrub", "tag_charge"]
 

@@ -1,7 +1,9 @@
 """Checks on a charge request at the door, before anything is written.
 
-Raw card numbers are refused wherever they appear (source, description,
-metadata): payq only ever handles the provider's payment tokens.
+Raw card numbers are refused wherever they appear (source, description, metadata keys
+and values, the idempotency key when the key itself is one), however they were pasted
+(``payq.cardnumbers``): payq only ever handles the provider's payment tokens. No error
+repeats the value it refuses: it may be the very number that must not get out.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import json
 import re
 from dataclasses import dataclass, field
 
+from payq.cardnumbers import is_whole_card_number, looks_like_card_number
 from payq.errors import ChargeInputError, RawCardNumberError
 
 __all__ = ["ChargeRequest", "looks_like_card_number", "validate_charge"]
@@ -35,38 +38,6 @@ METADATA_MAX_BYTES = 8192
 DESCRIPTION_MAX_CHARS = 1000
 _TOKEN = re.compile(r"[A-Za-z0-9_\-.:]{3,255}")
 _KEY = re.compile(r"[\x20-\x7e]{1,255}")
-# Runs of digit groups joined by single spaces or dashes ("4242 4242 4242 4242 123").
-_DIGIT_RUN = re.compile(r"\d+(?:[ -]\d+)*")
-
-
-def _luhn_ok(digits: str) -> bool:
-    total = 0
-    for i, ch in enumerate(reversed(digits)):
-        d = int(ch)
-        if i % 2 == 1:
-            d = d * 2 - 9 if d > 4 else d * 2
-        total += d
-    return total % 10 == 0
-
-
-def looks_like_card_number(value: str) -> bool:
-    """True when ``value`` contains 13-19 digits (spaces/dashes allowed) passing Luhn.
-
-    Within a run of digit groups, every stretch of whole groups holding 13-19 digits is
-    checked, so a number followed by a CVV or an expiry ("4242 4242 4242 4242 123") is
-    still found; one unbroken run of more than 19 digits (an order number) is not a card.
-    """
-    for run in _DIGIT_RUN.finditer(value):
-        groups = re.split(r"[ -]", run.group())
-        for start in range(len(groups)):
-            digits = ""
-            for group in groups[start:]:
-                digits += group
-                if len(digits) > 19:
-                    break
-                if len(digits) >= 13 and _luhn_ok(digits):
-                    return True
-    return False
 
 
 def _refuse_unstorable(field_name: str, value: str) -> None:
@@ -76,8 +47,8 @@ def _refuse_unstorable(field_name: str, value: str) -> None:
         )
 
 
-def _refuse_card(field_name: str, value: str) -> None:
-    if looks_like_card_number(value):
+def _refuse_card(field_name: str, value: str, *, whole: bool = False) -> None:
+    if (is_whole_card_number if whole else looks_like_card_number)(value):
         raise RawCardNumberError(
             field_name,
             "looks like a raw card number; payq never accepts card numbers. Tokenize the "
@@ -115,12 +86,14 @@ def validate_charge(
         )
     if not 1 <= amount <= max_amount:
         raise ChargeInputError(
-            "amount", f"must be between 1 and {max_amount} minor units, got {amount}"
+            "amount",
+            f"must be between 1 and {max_amount} minor units, got "
+            + ("less" if amount < 1 else "more"),
         )
 
     if not isinstance(currency, str) or currency.lower() not in ISO_4217:
         raise ChargeInputError(
-            "currency", f"must be a three-letter ISO 4217 code such as 'usd', got {currency!r}"
+            "currency", "must be a three-letter ISO 4217 code such as 'usd' or 'eur'"
         )
 
     if not isinstance(source, str):
@@ -133,11 +106,18 @@ def validate_charge(
             "'.', ':')",
         )
 
+    if isinstance(idempotency_key, str):
+        _refuse_card("idempotency_key", idempotency_key, whole=True)
     if not isinstance(idempotency_key, str) or not _KEY.fullmatch(idempotency_key):
         raise ChargeInputError(
             "idempotency_key", "must be 1-255 printable ASCII characters (no control characters)"
         )
-    _refuse_card("idempotency_key", idempotency_key)
+    if idempotency_key != idempotency_key.strip():
+        raise ChargeInputError(
+            "idempotency_key",
+            "starts or ends with a space; send the key without it (HTTP would drop it, and "
+            "the provider would then see another key)",
+        )
 
     if description is not None:
         if not isinstance(description, str) or len(description) > DESCRIPTION_MAX_CHARS:

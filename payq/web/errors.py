@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections.abc import Mapping, Sequence
 from enum import StrEnum
 from typing import Any, Literal
@@ -28,6 +27,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException
 
+from payq.cardnumbers import mask_card_numbers
 from payq.errors import (
     ChargeInputError,
     ChargeNotFound,
@@ -57,9 +57,6 @@ log = logging.getLogger("payq.web")
 #: Seconds a client is told to wait after a 503 before sending the same request again.
 RETRY_AFTER_UNAVAILABLE_S = 1
 _MESSAGE_MAX_CHARS = 300
-# 13 or more digits, single spaces or dashes allowed between them: anything that could be
-# a card number (or part of one) in an error message is hidden, Luhn or not.
-_LONG_DIGITS = re.compile(r"\d(?:[ -]?\d){12,}")
 
 
 class ErrorCode(StrEnum):
@@ -138,8 +135,8 @@ class ApiError(Exception):
 
 
 def scrub(text: str, limit: int = _MESSAGE_MAX_CHARS) -> str:
-    """``text`` safe to send back: no long digit runs, valid UTF-8, bounded length."""
-    text = _LONG_DIGITS.sub("[redacted]", text)
+    """``text`` safe to send back: no card number, valid UTF-8, bounded length."""
+    text = mask_card_numbers(text, "[redacted]")
     text = text.encode("utf-8", "replace").decode("utf-8")
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
