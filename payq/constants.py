@@ -53,6 +53,7 @@ class AttemptOutcome(StrEnum):
 
     IN_FLIGHT = "in_flight"  # written before the call; the worker has not recorded it (yet)
     ABANDONED = "abandoned"  # still in flight when the charge was claimed again: unknown
+    NOT_SENT = "not_sent"  # claimed, but its worker stalled past the lease before sending
     SUCCEEDED = "succeeded"  # 200 charge object: charged
     DECLINED = "declined"  # 402: a decline, stored by the provider
     REJECTED = "rejected"  # 400, 401, 409 reused: refused before charging

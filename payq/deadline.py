@@ -20,20 +20,31 @@ from collections.abc import Iterator
 import httpcore
 import httpx
 
-__all__ = ["DeadlineTransport", "deadline"]
+__all__ = ["DeadlineTransport", "SendWindowClosed", "deadline"]
 
 _deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
     "payq_http_deadline", default=None
 )
+_send_by: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "payq_http_send_by", default=None
+)
+
+
+class SendWindowClosed(Exception):
+    """The request was not (completely) sent: its send-by time had passed."""
 
 
 @contextlib.contextmanager
-def deadline(seconds: float) -> Iterator[None]:
-    """Every socket operation inside this block ends by ``seconds`` from now."""
+def deadline(seconds: float, *, send_by: float | None = None) -> Iterator[None]:
+    """Every socket operation inside this block ends by ``seconds`` from now; with
+    ``send_by`` (a ``time.monotonic()`` moment), no byte of a request is written after it:
+    a process frozen on its way to the provider sends nothing once it thaws too late."""
     token = _deadline.set(time.monotonic() + seconds)
+    send_token = _send_by.set(send_by)
     try:
         yield
     finally:
+        _send_by.reset(send_token)
         _deadline.reset(token)
 
 
@@ -55,6 +66,10 @@ class _DeadlineStream(httpcore.NetworkStream):
         return self._inner.read(max_bytes, _capped(timeout, httpcore.ReadTimeout))
 
     def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        send_by = _send_by.get()
+        if send_by is not None and time.monotonic() > send_by:
+            self._inner.close()  # a request cut short is never processed: no half of it goes
+            raise SendWindowClosed("the request's send-by time passed before it was sent")
         self._inner.write(buffer, _capped(timeout, httpcore.WriteTimeout))
 
     def close(self) -> None:

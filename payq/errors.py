@@ -7,6 +7,7 @@
     ├── IdempotencyConflict         same key, different parameters
     ├── ChargeNotFound
     ├── ServiceUnavailable          PostgreSQL or Redis did not answer
+    ├── RequestNotSent              a request too late to be sent was not sent (stalled)
     └── ProviderError               an outcome of one provider call
         ├── RetryableProviderError  worth another attempt with the same key
         │   ├── ProviderTimeout         no answer in time: the charge may have happened
@@ -45,6 +46,7 @@ __all__ = [
     "ProviderTimeout",
     "ProviderUnavailable",
     "RawCardNumberError",
+    "RequestNotSent",
     "RetryableProviderError",
     "ServiceUnavailable",
 ]
@@ -90,6 +92,12 @@ class ChargeNotFound(PayqError, LookupError):
 
 class ServiceUnavailable(PayqError):
     """PostgreSQL or Redis did not answer; says which, and what to check."""
+
+
+class RequestNotSent(PayqError):
+    """A charge request was not sent: the process stalled past the time by which it had
+    to reach the provider (within the claim's lease). No byte of it left, or too few for
+    the provider to act on."""
 
 
 class ProviderError(PayqError):

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, insert, select, update
+from sqlalchemy import Connection, func, insert, select, update
 
 from payq.constants import (
     SETTLED_STATUSES,
@@ -49,6 +49,7 @@ __all__ = [
     "audit",
     "definite",
     "look_up",
+    "pending_calls_s",
     "record_lookup",
     "settle",
 ]
@@ -149,6 +150,33 @@ def look_up(provider: ProviderClient, key: str) -> Lookup:
 
 def _ms_since(t0: float) -> int:
     return int((time.monotonic() - t0) * 1000)
+
+
+def pending_calls_s(
+    conn: Connection, charge_id: uuid.UUID, lease_s: float, but: uuid.UUID | None = None
+) -> float:
+    """Seconds until no earlier call of this charge can still reach the provider (0: none).
+
+    A call whose worker never recorded it (in flight, or abandoned when the charge was
+    claimed again) may be on its way still: a worker frozen between its claim and its
+    request. A worker sends only within its lease less the call's timeout after the
+    claim, so such a request arrives by its claim (the row's ``started_at``) plus the
+    lease. Until then a lookup that finds no charge proves nothing.
+    """
+    query = select(
+        func.extract(
+            "epoch",
+            func.max(charge_attempts.c.started_at) + dt.timedelta(seconds=lease_s) - func.now(),
+        )
+    ).where(
+        charge_attempts.c.charge_id == charge_id,
+        charge_attempts.c.kind == AttemptKind.CHARGE,
+        charge_attempts.c.outcome.in_([AttemptOutcome.IN_FLIGHT, AttemptOutcome.ABANDONED]),
+    )
+    if but is not None:
+        query = query.where(charge_attempts.c.call_id != but)
+    left = conn.execute(query).scalar()
+    return max(0.0, float(left)) if left is not None else 0.0
 
 
 def record_lookup(conn: Connection, charge_id: uuid.UUID, number: int, lookup: Lookup) -> None:

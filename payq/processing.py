@@ -32,17 +32,22 @@ from typing import Any
 
 from sqlalchemy import (
     Connection,
+    Integer,
     Interval,
-    Update,
+    Select,
     and_,
     bindparam,
+    case,
     exists,
     func,
+    insert,
+    literal,
     literal_column,
     or_,
     select,
     update,
 )
+from sqlalchemy.dialects.postgresql import array as pg_array
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -59,22 +64,24 @@ from payq import ledger, metrics
 from payq.broker import new_message_id, publish_or_leave_to_relay, queued
 from payq.constants import (
     FINAL_STATUSES,
+    SYSTEM_ACTOR,
     UNCERTAIN_OUTCOMES,
     AttemptKind,
     AttemptOutcome,
     ChargeStatus,
     DeadOutcome,
 )
-from payq.db import Prepared, autocommit, get_engine, transaction
+from payq.db import Prepared, autocommit, get_engine
 from payq.errors import (
     CardDeclined,
     FinalProviderError,
     PayqError,
     ProviderError,
+    RequestNotSent,
     RetryableProviderError,
 )
 from payq.gate import ProviderGate, Wait, get_gate, jitter_ms
-from payq.models import charge_attempts, charges
+from payq.models import charge_attempts, charges, operator_actions
 from payq.provider import ProviderCharge, ProviderClient, charge_body, clean_text, get_provider
 from payq.retry_policy import RetryPolicy
 from payq.sentry import tag_charge
@@ -107,6 +114,7 @@ class Result(StrEnum):
     SKIPPED = "skipped"  # already claimed, final, or not yet due
     DEFERRED = "deferred"  # must wait (early, breaker, fleet, database): sent again for later
     LEASE_LOST = "lease_lost"  # another worker took over while we called (answer still kept)
+    NOT_SENT = "not_sent"  # stalled past the lease between the claim and the call: not sent
     UNRECORDED = "unrecorded"  # the database did not answer; the lease brings it back
 
 
@@ -262,26 +270,78 @@ _ATTEMPT = _ATTEMPT_INSERT.on_conflict_do_update(
 )
 
 
-def _finish_statement(status: ChargeStatus, *columns: str, **expressions: Any) -> Update:
-    """Move a claimed charge to ``status``, only if this call still holds it.
+#: The charge as it is before a record moves it, locked for the move.
+_PREV = (
+    select(charges.c.id, charges.c.status, charges.c.call_id)
+    .where(charges.c.id == bindparam("charge_id"))
+    .with_for_update()
+    .cte("prev")
+)
+#: Whether the recording call still holds the claim (judged on the locked row).
+_OURS = and_(_PREV.c.status == S.PROCESSING, _PREV.c.call_id == bindparam("call_id"))
+_SETTLED = [S.SUCCEEDED, S.FAILED]
 
-    ``columns`` are set from bind parameters of the same name, ``expressions`` as given.
+
+def _move_statement(
+    status: ChargeStatus,
+    columns: tuple[str, ...],
+    expressions: dict[str, Any],
+    *,
+    attempt: bool,
+) -> Select[Any]:
+    """Record a call (``attempt``) and move its charge to ``status``, in one statement.
+
+    A move to ``succeeded`` or ``failed`` is the provider's own answer: it settles the
+    charge from any status but those two, whoever holds the claim, and when the call did
+    not hold it, the change is audited in ``operator_actions`` under ``payq`` in the same
+    statement. Any other move happens only while this call still holds the claim. The
+    statement returns ``(was, ours)`` when the charge moved, nothing when it did not.
+    ``columns`` are set from bind parameters of the same name, ``expressions`` as given;
+    on a move without a call, ``attempts`` (the claim's count undone) only if ours.
     """
-    return (
+    settles = status in _SETTLED
+    values: dict[str, Any] = {
+        "status": status,
+        "lease_expires_at": None,
+        "updated_at": func.now(),
+        **{column: bindparam(column) for column in columns},
+        **expressions,
+    }
+    if settles:
+        values.update(dead_reason=None, dead_outcome=None, next_lookup_at=None)
+    if not attempt:
+        values["attempts"] = case(
+            (_OURS, bindparam("attempts", type_=Integer)), else_=charges.c.attempts
+        )
+    # (No IN list: an expanding parameter cannot be prepared.)
+    guard = and_(*(charges.c.status != s for s in _SETTLED)) if settles else _OURS
+    moved = (
         update(charges)
-        .where(
-            charges.c.id == bindparam("charge_id"),
-            charges.c.status == S.PROCESSING,
-            charges.c.call_id == bindparam("call_id"),
-        )
-        .values(
-            status=status,
-            lease_expires_at=None,
-            updated_at=func.now(),
-            **{column: bindparam(column) for column in columns},
-            **expressions,
-        )
+        .where(charges.c.id == _PREV.c.id, guard)
+        .values(**values)
+        .returning(charges.c.id, _PREV.c.status.label("was"), _OURS.label("ours"))
+        .cte("moved")
     )
+    statement = select(moved.c.was, moved.c.ours)
+    if attempt:
+        statement = statement.add_cte(_ATTEMPT.cte("attempt"))
+    if settles:
+        why = "the provider's answer to a call that had lost its claim"
+        audit = insert(operator_actions).from_select(
+            ["actor", "action", "params", "charge_ids", "count"],
+            select(
+                literal(SYSTEM_ACTOR),
+                literal("settle"),
+                func.jsonb_build_object(
+                    *("from", moved.c.was, "to", status.value, "why", why),
+                    *("attempt", bindparam("attempt", type_=Integer)),
+                ),
+                pg_array([moved.c.id]),
+                literal(1),
+            ).where(~moved.c.ours),
+        )
+        statement = statement.add_cte(audit.cte("audit"))
+    return statement
 
 
 _ERRORS = ("last_error", "last_error_class")
@@ -307,18 +367,14 @@ _MOVES: dict[Result, tuple[ChargeStatus, tuple[str, ...], dict[str, Any]]] = {
 #: ``WITH`` to completion whether or not the guarded UPDATE matches: a call whose worker
 #: lost its claim is still recorded, as it was made.
 _RECORD: dict[Result, Prepared] = {
-    result: Prepared(
-        result.value,
-        _finish_statement(status, *columns, **expressions).add_cte(_ATTEMPT.cte("attempt")),
-    )
+    result: Prepared(result.value, _move_statement(status, columns, expressions, attempt=True))
     for result, (status, columns, expressions) in _MOVES.items()
 }
 #: A charge that ends without a call (its send window passed, its attempts ran out while
 #: unrecorded): the claim's count is undone, as no request was sent.
 _NO_CALL: dict[Result, Prepared] = {
     result: Prepared(
-        f"{result.value}_no_call",
-        _finish_statement(status, *columns, "attempts", **expressions),
+        f"{result.value}_no_call", _move_statement(status, columns, expressions, attempt=False)
     )
     for result, (status, columns, expressions) in _MOVES.items()
     if result is not Result.RETRYING
@@ -404,23 +460,28 @@ def process_charge(
                 return _defer(cid, message_id, "early_message", redo_in_ms, "retry came early")
             return result
 
+        claimed_at = time.monotonic()
         tag_charge(str(claim.id), claim.attempt)
         provider = provider or get_provider()
         started_at = dt.datetime.now(dt.UTC)
         if claim.sendable:
             t0 = time.monotonic()
             try:
-                outcome = provider.create_charge(claim.key, claim.body)
+                outcome = provider.create_charge(
+                    claim.key, claim.body, send_by=claimed_at + _send_window_s(settings)
+                )
             except ProviderError as exc:
                 outcome = exc
+            except RequestNotSent:
+                return _not_sent(claim, settings)
             elapsed_s = time.monotonic() - t0
         decision = _decide(claim, outcome, RetryPolicy.from_settings(settings), settings)
         if decision.result is Result.DEAD and _uncertain(claim, outcome):
-            if claim.past_retention:
+            if claim.past_retention or _stalled(claimed_at, settings):
                 decision = _after_lookup(decision, None)
             else:
                 lookup = ledger.look_up(provider, claim.key)  # the same slot as the call
-                decision = _after_lookup(decision, lookup)
+                decision = _after_lookup(decision, lookup, _pending_calls_s(claim))
     finally:
         gate.leave(entry, outcome, int(elapsed_s * 1000))
     if outcome is not None:
@@ -639,6 +700,7 @@ def _dead(reason: str, errors: dict[str, Any] | None = None) -> _Decision:
     values = {
         "dead_reason": reason,
         "dead_outcome": DeadOutcome.NOT_CHARGED,
+        "lookup_in": None,  # the sweep's next lookup: only for an unknown outcome
         **(errors or {"last_error": None, "last_error_class": None}),
     }
     return _Decision(Result.DEAD, values)
@@ -656,13 +718,39 @@ def _uncertain(claim: _Claim, outcome: Outcome | None) -> bool:
         return True  # cannot tell: look it up
 
 
-def _after_lookup(decision: _Decision, lookup: ledger.Lookup | None) -> _Decision:
-    """A dead decision, corrected by what the provider's books say (``lookup``: ``None``
-    when the key's retention passed and a lookup could prove nothing)."""
+def _pending_calls_s(claim: _Claim) -> float:
+    """Seconds until no earlier call of this charge can reach the provider any more."""
+    try:
+        with autocommit() as conn:
+            lease_s = get_settings().charge_lease_s
+            return ledger.pending_calls_s(conn, claim.id, lease_s, but=claim.call_id)
+    except (PoolTimeout, *DB_UNAVAILABLE):
+        return float(get_settings().charge_lease_s)  # cannot tell: a whole lease
+
+
+def _send_window_s(settings: Settings) -> float:
+    """How long after its claim a request may still leave: it must reach the provider
+    within the claim's lease, and may take the call's whole timeout to get there."""
+    return settings.charge_lease_s - settings.payment_timeout_s
+
+
+def _stalled(claimed_at: float, settings: Settings) -> bool:
+    """Whether this worker is past the point where it may still send (only a worker frozen
+    since its claim, by a VM pause or SIGSTOP, gets there)."""
+    return time.monotonic() - claimed_at >= _send_window_s(settings)
+
+
+def _after_lookup(
+    decision: _Decision, lookup: ledger.Lookup | None, pending_s: float = 0.0
+) -> _Decision:
+    """A dead decision, corrected by what the provider's books say. ``lookup``: ``None``
+    when no lookup could prove anything (past the key's retention, or this worker stalled
+    past its lease); ``pending_s``: how long an earlier call may still reach the provider,
+    during which "no charge found" proves nothing yet."""
     verdict = (
         lookup.verdict
         if lookup is not None
-        else ledger.Unknown("the provider's key retention passed: check it at the provider")
+        else ledger.Unknown("no lookup could prove it: the sweep looks it up")
     )
     if isinstance(verdict, ledger.Charged):
         return _Decision(Result.SUCCEEDED, {"provider_charge_id": verdict.provider_charge_id})
@@ -677,16 +765,32 @@ def _after_lookup(decision: _Decision, lookup: ledger.Lookup | None) -> _Decisio
             },
         )
     values = dict(decision.values)
+    if isinstance(verdict, ledger.NotCharged) and pending_s > 0:
+        verdict = ledger.Unknown(
+            f"not charged so far, but an earlier call may still reach the provider for "
+            f"{pending_s:.0f} s: looked up again then"
+        )
     if isinstance(verdict, ledger.NotCharged):
         values["dead_outcome"] = DeadOutcome.VERIFIED_NOT_CHARGED
         values["dead_reason"] += "; looked up by key: not charged at the provider"
     else:
         values["dead_outcome"] = DeadOutcome.UNKNOWN
+        values["lookup_in"] = dt.timedelta(seconds=pending_s)
         values["dead_reason"] += f"; outcome unknown: {verdict.reason}"
     return _Decision(Result.DEAD, values)
 
 
 # --- recording -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Moved:
+    """What a record did to the charge: nothing (``moved`` False), or a move from ``was``,
+    made by the call that held the claim (``ours``) or by its answer alone."""
+
+    moved: bool
+    ours: bool = False
+    was: str | None = None
 
 
 def _record(
@@ -715,10 +819,10 @@ def _record(
                     log.warning("database unavailable: recording the attempt again", extra=extra)
                 try:
                     row = None if outcome is None else _attempt_row(claim, outcome, latency_ms)
-                    done = _save(claim, row, started_at, lookup, decision)
-                except DBAPIError as exc:
-                    if isinstance(exc, DB_UNAVAILABLE):
-                        raise
+                    moved = _save(claim, row, started_at, lookup, decision)
+                except (PoolTimeout, *DB_UNAVAILABLE):
+                    raise
+                except Exception as exc:  # the database refused what it was given
                     return _unrecordable(claim, outcome, exc, started_at, latency_ms, way)
     except (PoolTimeout, *DB_UNAVAILABLE) as exc:
         # The provider has answered and the answer is lost with this attempt; its row,
@@ -736,8 +840,8 @@ def _record(
         return Result.UNRECORDED
     result = decision.result
     extra = _extra(claim, result.value, latency_ms=latency_ms, error=error)
-    if not done:
-        _fenced(claim, outcome, lookup, extra)
+    if not moved.ours:
+        _fenced(claim, decision, moved, extra)
         return Result.LEASE_LOST
     metrics.CHARGES.labels(result.value).inc()
     # A dead charge needs a person: ERROR (which Sentry, when on, reports as an event).
@@ -758,9 +862,9 @@ def _save(
     started_at: dt.datetime,
     lookup: ledger.Lookup | None,
     decision: _Decision,
-) -> bool:
+) -> _Moved:
     """Record the call's ``row`` (``None``: no call was made) and the lookup, and move the
-    charge on, in one statement after the lookup's; whether this call still held it."""
+    charge on, in one statement after the lookup's."""
     values = dict(decision.values)
     for field in ("last_error", "dead_reason"):
         if isinstance(values.get(field), str):
@@ -768,8 +872,8 @@ def _save(
     if decision.result is Result.RETRYING:
         values["retry_in"] = dt.timedelta(milliseconds=values.pop("delay_ms"))
     if decision.result is Result.DEAD:
-        unknown = values["dead_outcome"] is DeadOutcome.UNKNOWN
-        values["lookup_in"] = dt.timedelta(0) if unknown else None
+        values["lookup_in"] = values.pop("lookup_in", None)
+    values["attempt"] = claim.attempt
     with autocommit() as conn:
         if lookup is not None:
             ledger.record_lookup(conn, claim.id, claim.attempt, lookup)
@@ -778,9 +882,10 @@ def _save(
             values["attempts"] = claim.attempt - 1
         else:
             statement = _RECORD[decision.result]
-            values.update(row, attempt=claim.attempt, started_at=started_at)
-        done = statement.execute(conn, {"charge_id": claim.id, "call_id": claim.call_id, **values})
-    return done.rowcount == 1
+            values.update(row, started_at=started_at)
+        params = {"charge_id": claim.id, "call_id": claim.call_id, **values}
+        found = statement.execute(conn, params).first()
+    return _Moved(False) if found is None else _Moved(True, bool(found.ours), found.was)
 
 
 def _attempt_row(claim: _Claim, outcome: Outcome, latency_ms: int) -> dict[str, Any]:
@@ -801,7 +906,7 @@ def _attempt_row(claim: _Claim, outcome: Outcome, latency_ms: int) -> dict[str, 
 def _unrecordable(
     claim: _Claim,
     outcome: Outcome | None,
-    exc: DBAPIError,
+    exc: Exception,
     started_at: dt.datetime,
     latency_ms: int,
     way: tuple[ProviderClient, ProviderGate],
@@ -809,7 +914,8 @@ def _unrecordable(
     """The database refused the record itself (not for being down): the call's row says
     so in words the columns always take, and the charge goes dead after a lookup, never
     round again on an answer it cannot store."""
-    problem = f"{type(exc.orig).__name__} ({getattr(exc.orig, 'pgcode', None)})"
+    cause = exc.orig if isinstance(exc, DBAPIError) else exc
+    problem = f"{type(cause).__name__} ({getattr(cause, 'pgcode', None)})"
     log.error(
         "the provider's answer could not be recorded: the database refused it with %s; the "
         "charge goes dead after a lookup by key",
@@ -818,11 +924,7 @@ def _unrecordable(
     )
     decision = _dead(f"the provider's answer could not be recorded: {problem}")
     lookup = None if claim.past_retention else _look_up_again(claim, *way)
-    if lookup is not None or claim.past_retention:
-        decision = _after_lookup(decision, lookup)
-    else:
-        decision.values["dead_outcome"] = DeadOutcome.UNKNOWN
-        decision.values["dead_reason"] += "; outcome unknown: no fleet slot for a lookup yet"
+    decision = _after_lookup(decision, lookup, _pending_calls_s(claim))
     row = None
     if outcome is not None:  # what the columns always take
         row = {
@@ -834,8 +936,8 @@ def _unrecordable(
             "latency_ms": latency_ms,
         }
     try:
-        done = _save(claim, row, started_at, lookup, decision)
-    except DBAPIError as again:
+        moved = _save(claim, row, started_at, lookup, decision)
+    except Exception as again:
         log.error(
             "not even the plain record could be written (%s); the charge is taken up again "
             "when its lease runs out, and goes dead without a call once its attempts are used",
@@ -843,7 +945,39 @@ def _unrecordable(
             extra=_extra(claim, "unrecorded"),
         )
         return Result.UNRECORDED
-    return decision.result if done else Result.LEASE_LOST
+    return decision.result if moved.ours else Result.LEASE_LOST
+
+
+def _not_sent(claim: _Claim, settings: Settings) -> Result:
+    """Frozen between the claim and the call, past the point where a request could still
+    reach the provider within the lease: nothing is sent. The call's row says so; the
+    charge is left to whoever takes it over (the relay sends it again)."""
+    log.warning(
+        "claim too old to send (its worker stalled %g s or more since the claim): not "
+        "sent; the charge is taken up again after its lease",
+        settings.charge_lease_s - settings.payment_timeout_s,
+        extra=_extra(claim, "not_sent"),
+    )
+    try:
+        with autocommit() as conn:
+            conn.execute(
+                _ATTEMPT,
+                {
+                    "charge_id": claim.id,
+                    "call_id": claim.call_id,
+                    "attempt": claim.attempt,
+                    "started_at": dt.datetime.now(dt.UTC),
+                    "outcome": A.NOT_SENT,
+                    "http_status": None,
+                    "error_class": None,
+                    "error_message": "not sent: the worker stalled past its lease after the claim",
+                    "answer": None,
+                    "latency_ms": 0,
+                },
+            )
+    except (PoolTimeout, *DB_UNAVAILABLE):
+        pass  # its row stays in flight, marked abandoned when the charge is claimed again
+    return Result.NOT_SENT
 
 
 def _look_up_again(
@@ -861,39 +995,50 @@ def _look_up_again(
     return lookup
 
 
-def _fenced(
-    claim: _Claim, outcome: Outcome | None, lookup: ledger.Lookup | None, extra: dict[str, Any]
-) -> None:
+def _fenced(claim: _Claim, decision: _Decision, moved: _Moved, extra: dict[str, Any]) -> None:
     """This call lost its claim (taken over, or the claim lost in a crash). Its row is
-    written; what it learned of the provider's books still settles the charge."""
-    verdict = ledger.definite(outcome)
-    if (
-        verdict is None
-        and lookup is not None
-        and not isinstance(lookup.verdict, ledger.NotCharged | ledger.Unknown)
-    ):
-        verdict = lookup.verdict
-    if verdict is None:
+    written; a 200 or 402 it got (or its lookup found) settled the charge all the same,
+    in the record's own statement."""
+    if moved.moved:
+        log.warning(
+            "lease lost, but the provider's answer settled the charge: %s -> %s (audited)",
+            moved.was,
+            decision.result.value,
+            extra=extra,
+        )
+    elif decision.result in (Result.SUCCEEDED, Result.FAILED):
+        _check_agrees(claim, decision)
+    else:
         log.warning(
             "lease lost: another worker took this charge over, or a database crash lost "
             "the claim; the attempt is recorded, the charge is left as the row has it",
             extra=extra,
         )
-        return
-    why = f"the answer to attempt {claim.attempt}, which had lost its claim"
+
+
+def _check_agrees(claim: _Claim, decision: _Decision) -> None:
+    """The charge was settled already: say so if the provider's answer disagrees with it."""
     try:
-        with transaction() as conn:
-            was = ledger.settle(conn, claim.id, verdict, why=why)
-    except (PoolTimeout, *DB_UNAVAILABLE) as exc:
-        log.error(
-            "lease lost, and the provider's answer could not settle the charge (%s); the "
-            "attempt row holds it, and the charge's own next attempt gets it replayed",
-            _first_line(exc),
-            extra=extra,
-        )
+        with autocommit() as conn:
+            row = conn.execute(
+                select(charges.c.status, charges.c.provider_charge_id).where(
+                    charges.c.id == claim.id
+                )
+            ).first()
+    except (PoolTimeout, *DB_UNAVAILABLE):
         return
-    if was is None:
-        log.info("lease lost; the charge already agrees with this answer", extra=extra)
+    expected = S.SUCCEEDED if decision.result is Result.SUCCEEDED else S.FAILED
+    provider_id = decision.values.get("provider_charge_id")
+    if row is not None and (row.status != expected or row.provider_charge_id != provider_id):
+        log.error(
+            "the provider's answer disagrees with a settled charge: payq has it %s (%s), the "
+            "provider answered %s (%s); check it at the provider",
+            row.status,
+            row.provider_charge_id,
+            expected.value,
+            provider_id,
+            extra=_extra(claim, "disagrees"),
+        )
 
 
 def _attempt_outcome(outcome: Outcome) -> AttemptOutcome:

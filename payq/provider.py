@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 
-from payq.deadline import DeadlineTransport, deadline
+from payq.deadline import DeadlineTransport, SendWindowClosed, deadline
 from payq.errors import (
     AuthenticationFailed,
     CardDeclined,
@@ -31,6 +31,7 @@ from payq.errors import (
     ProviderRateLimited,
     ProviderTimeout,
     ProviderUnavailable,
+    RequestNotSent,
 )
 from payq.settings import Settings, get_settings
 
@@ -46,6 +47,10 @@ __all__ = [
 
 #: How much of an answer's body is kept with an attempt, logged, or put in a message.
 BODY_LOG_LIMIT = 1024
+#: The largest answer payq reads: a charge object is a few hundred bytes. A larger body
+#: (a misrouted page, a hostile peer) is read no further and classified as unclear, so a
+#: worker's memory never holds more than this per call.
+ANSWER_MAX_BYTES = 64 * 1024
 #: The longest charge id and decline code payq keeps (the columns they go to).
 CHARGE_ID_LIMIT = 255
 CODE_LIMIT = 64
@@ -97,7 +102,12 @@ class ProviderClient:
         )
         self._client = httpx.Client(
             base_url=settings.payment_provider_url,
-            headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+            headers={
+                "Authorization": f"Bearer {key}",
+                "Content-Type": "application/json",
+                # An answer is a few hundred bytes: uncompressed, it is read bounded.
+                "Accept-Encoding": "identity",
+            },
             timeout=httpx.Timeout(
                 self.timeout_s, connect=settings.payment_connect_timeout_ms / 1000
             ),
@@ -105,9 +115,17 @@ class ProviderClient:
             follow_redirects=False,
         )
 
-    def create_charge(self, idempotency_key: str, body: bytes) -> ProviderCharge:
-        """POST /v1/charges, ending by ``PAYMENT_TIMEOUT_MS`` whatever the provider does."""
-        response = self._call("POST", "/v1/charges", content=body, key=idempotency_key)
+    def create_charge(
+        self, idempotency_key: str, body: bytes, *, send_by: float | None = None
+    ) -> ProviderCharge:
+        """POST /v1/charges, ending by ``PAYMENT_TIMEOUT_MS`` whatever the provider does.
+
+        ``send_by`` (a ``time.monotonic()`` moment): if the request has not been written
+        by then (the process was frozen), it is not sent at all: ``RequestNotSent``.
+        """
+        response = self._call(
+            "POST", "/v1/charges", content=body, key=idempotency_key, send_by=send_by
+        )
         return classify(response)
 
     def find_charge(self, idempotency_key: str) -> ProviderCharge | CardDeclined | None:
@@ -140,15 +158,23 @@ class ProviderClient:
         key: str | None,
         content: bytes | None = None,
         params: dict[str, str] | None = None,
+        send_by: float | None = None,
     ) -> httpx.Response:
         headers = {"Idempotency-Key": key} if key is not None else {}
         with self._in_flight_lock:
             self._in_flight += 1
         try:
-            with deadline(self.timeout_s):
-                return self._client.request(
+            with (
+                deadline(self.timeout_s, send_by=send_by),
+                self._client.stream(
                     method, path, content=content, params=params, headers=headers
-                )
+                ) as response,
+            ):
+                return _read_bounded(response)
+        except SendWindowClosed:
+            raise RequestNotSent(
+                "not sent: the process stalled past the time the request had to leave by"
+            ) from None
         except httpx.TimeoutException as exc:
             raise ProviderTimeout(
                 f"no answer within {self.timeout_s * 1000:.0f} ms ({type(exc).__name__}); the "
@@ -170,6 +196,28 @@ class ProviderClient:
                 self._in_flight -= 1
 
 
+def _read_bounded(response: httpx.Response) -> httpx.Response:
+    """The answer with its body read, but never more than ``ANSWER_MAX_BYTES`` of it."""
+    body = bytearray()
+    for chunk in response.iter_bytes():
+        body += chunk
+        if len(body) > ANSWER_MAX_BYTES:
+            raise ProviderUnavailable(
+                f"answer larger than {ANSWER_MAX_BYTES // 1024} KiB, status "
+                f"{response.status_code}: read no further",
+                status=response.status_code,
+                answer=clean_text(bytes(body[:BODY_LOG_LIMIT]).decode("utf-8", "replace")),
+            )
+    headers = [
+        (name, value)
+        for name, value in response.headers.items()
+        if name.lower() not in ("content-encoding", "content-length", "transfer-encoding")
+    ]
+    return httpx.Response(
+        response.status_code, headers=headers, content=bytes(body), request=response.request
+    )
+
+
 def _json(response: httpx.Response) -> Any:
     try:
         return response.json()
@@ -183,8 +231,10 @@ def _cut(response: httpx.Response) -> str:
 
 
 def clean_text(text: str, limit: int = BODY_LOG_LIMIT) -> str:
-    """``text`` cut to ``limit`` characters, without NUL (PostgreSQL's text refuses it)."""
-    return text.replace("\x00", "\\0")[:limit]
+    """``text`` cut to ``limit`` characters, as any column and log line takes it: no NUL
+    (PostgreSQL's text refuses it), no lone surrogate (UTF-8 cannot encode it)."""
+    text = text[:limit].replace("\x00", "\\0")
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")[:limit]
 
 
 def _bounded(value: Any, limit: int) -> str | None:
@@ -211,7 +261,23 @@ def _charge_object(data: Any) -> ProviderCharge | None:
 
 
 def lookup_answer(response: httpx.Response) -> ProviderCharge | CardDeclined | None:
-    """A lookup by key's answer: the charge, its decline, ``None`` (404), or an error raised."""
+    """A lookup by key's answer: the charge, its decline, ``None`` (404), or an error raised.
+
+    Whatever the provider sends, only payq's provider errors come out of here.
+    """
+    try:
+        return _lookup_answer(response)
+    except ProviderError:
+        raise
+    except Exception as exc:  # a malformed answer is provider trouble, never a crash
+        raise ProviderUnavailable(
+            f"unreadable lookup answer, status {response.status_code} ({type(exc).__name__})",
+            status=response.status_code,
+            answer=_cut(response),
+        ) from None
+
+
+def _lookup_answer(response: httpx.Response) -> ProviderCharge | CardDeclined | None:
     if response.status_code == 404:
         return None
     if response.status_code == 200:
@@ -289,7 +355,9 @@ def _classify(response: httpx.Response) -> ProviderCharge:
         raise ProviderUnavailable(
             f"200 whose body is not a succeeded charge object: {_cut(response)}", status=status
         )
-    if status == 402:
+    # A 402 without a card error in it (a middlebox's "Payment Required" page) is not the
+    # provider's stored decline: it says nothing about the charge.
+    if status == 402 and error.get("type") == "card_error":
         decline_code = _bounded(code, CODE_LIMIT) or "card_declined"
         raise CardDeclined(
             message or f"card declined ({decline_code})",

@@ -20,7 +20,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Engine, Select, func, select, update
+from sqlalchemy import DateTime, Engine, Select, func, literal, select, update
+from sqlalchemy.sql.elements import ColumnElement
 
 from payq import ledger, metrics
 from payq.constants import ChargeStatus, DeadOutcome
@@ -74,6 +75,11 @@ def unknown_outcomes(settings: Settings, *, within_retention: bool = True) -> Se
     )
 
 
+def _next_lookup() -> ColumnElement[dt.datetime]:
+    """When a charge is due for a lookup; at once if no time was ever set."""
+    return func.coalesce(charges.c.next_lookup_at, literal("-infinity", DateTime(timezone=True)))
+
+
 def backlog(settings: Settings | None = None, engine: Engine | None = None) -> dict[str, int]:
     """The sweep's work: ``unknown`` (it will look them up), ``overdue`` (of those, due
     for a lookup long ago: no sweep is running) and ``unknown_past_retention`` (a lookup
@@ -85,7 +91,7 @@ def backlog(settings: Settings | None = None, engine: Engine | None = None) -> d
             "unknown": int(conn.execute(unknown_outcomes(settings)).scalar_one()),
             "overdue": int(
                 conn.execute(
-                    unknown_outcomes(settings).where(charges.c.next_lookup_at < func.now() - late)
+                    unknown_outcomes(settings).where(_next_lookup() < func.now() - late)
                 ).scalar_one()
             ),
             "unknown_past_retention": int(
@@ -111,10 +117,10 @@ def sweep_once(
             .where(
                 charges.c.status == ChargeStatus.DEAD,
                 charges.c.dead_outcome == DeadOutcome.UNKNOWN,
-                charges.c.next_lookup_at <= func.now(),
+                _next_lookup() <= func.now(),
                 charges.c.created_at >= func.now() - retention,
             )
-            .order_by(charges.c.next_lookup_at)
+            .order_by(_next_lookup())
             .limit(budget)
             .with_for_update(skip_locked=True)
         )
@@ -128,7 +134,15 @@ def sweep_once(
     results: dict[uuid.UUID, Resolution] = {}
     waited = None
     for row in rows:
-        resolution = resolve(row.id, row.idempotency_key, row.attempts, provider, gate)
+        try:
+            resolution = resolve(row.id, row.idempotency_key, row.attempts, provider, gate)
+        except Exception:  # one odd charge must not stop the sweep, nor the relay
+            log.exception(
+                "dead charge not looked up: the lookup failed unexpectedly; asked again "
+                "in SWEEP_EVERY_S",
+                extra={"charge_id": str(row.id)},
+            )
+            resolution = Resolution("unknown", "the lookup failed unexpectedly")
         if resolution is None:
             waited = "the gate said wait (breaker open or fleet full)"
             _due_now([r.id for r in rows if r.id not in results])
@@ -176,27 +190,43 @@ def resolve(
                 else Resolution("changed", "already settled")
             )
         elif isinstance(verdict, ledger.NotCharged):
-            done = conn.execute(
-                update(charges)
-                .where(
-                    charges.c.id == charge_id,
-                    charges.c.status == ChargeStatus.DEAD,
-                    charges.c.attempts == attempts,  # not replayed meanwhile
+            settings = get_settings()
+            pending_s = ledger.pending_calls_s(conn, charge_id, settings.charge_lease_s)
+            retention = dt.timedelta(seconds=settings.provider_idempotency_ttl_s)
+            done = 0
+            if not pending_s:  # no earlier call can still reach the provider
+                done = conn.execute(
+                    update(charges)
+                    .where(
+                        charges.c.id == charge_id,
+                        charges.c.status == ChargeStatus.DEAD,
+                        charges.c.attempts == attempts,  # not replayed meanwhile
+                        # A "not found" proves something only while the key is kept.
+                        charges.c.created_at >= func.now() - retention,
+                    )
+                    .values(
+                        dead_outcome=DeadOutcome.VERIFIED_NOT_CHARGED,
+                        reconciled_at=func.now(),
+                        next_lookup_at=None,
+                        dead_reason=func.concat(
+                            charges.c.dead_reason,
+                            "; looked up by key: not charged at the provider",
+                        ),
+                    )
+                ).rowcount
+            if done:
+                resolution = Resolution("verified", "not charged at the provider")
+            elif pending_s:
+                conn.execute(
+                    update(charges)
+                    .where(charges.c.id == charge_id)
+                    .values(next_lookup_at=func.now() + dt.timedelta(seconds=pending_s))
                 )
-                .values(
-                    dead_outcome=DeadOutcome.VERIFIED_NOT_CHARGED,
-                    reconciled_at=func.now(),
-                    next_lookup_at=None,
-                    dead_reason=func.concat(
-                        charges.c.dead_reason, "; looked up by key: not charged at the provider"
-                    ),
+                resolution = Resolution(
+                    "unknown", f"an earlier call may still reach the provider for {pending_s:.0f} s"
                 )
-            ).rowcount
-            resolution = (
-                Resolution("verified", "not charged at the provider")
-                if done
-                else Resolution("changed", "changed while it was looked up (replayed?)")
-            )
+            else:
+                resolution = Resolution("changed", "changed while it was looked up (replayed?)")
         else:
             resolution = Resolution("unknown", verdict.reason)
     metrics.LOOKUPS.labels(resolution.result).inc()

@@ -202,6 +202,14 @@ def _sweeping(settings: Settings) -> bool:
     return True
 
 
+def _sweep(settings: Settings, budget: int) -> None:
+    """The sweep's pass: whatever goes wrong in it, the relay relays on."""
+    try:
+        sweep_once(settings, budget=budget)
+    except Exception:
+        log.exception("sweep pass failed; the relay goes on, the sweep tries again next pass")
+
+
 def run_relay(stop: threading.Event | None = None, settings: Settings | None = None) -> None:
     """Relay until ``stop`` is set, one pass every ``RELAY_INTERVAL_S``, each followed by
     the sweep."""
@@ -222,7 +230,7 @@ def run_relay(stop: threading.Event | None = None, settings: Settings | None = N
             result = relay_once(settings)
             busy = result.checked >= settings.relay_batch_size
             if pace is not None and (budget := pace.take()):
-                sweep_once(settings, budget=budget)
+                _sweep(settings, budget)
         except (ServiceUnavailable, redis.RedisError, OperationalError, PoolTimeout) as exc:
             log.warning(
                 "relay pass failed (%s: %s); check that PostgreSQL (DATABASE_URL) and Redis "

@@ -308,11 +308,12 @@ def test_the_sweep_waits_for_a_fleet_slot_like_any_provider_call(rig: Rig) -> No
 
 class OddProvider:
     """A provider that answers every charge request with one fixed, odd answer, and
-    lookups with 404: a real HTTP server on loopback."""
+    lookups with ``lookup`` (404 unless changed): a real HTTP server on loopback."""
 
     def __init__(self, status: int, body: bytes, content_type: str = "application/json") -> None:
         answer = (status, body, content_type)
         self.requests = 0
+        self.lookup = (404, b'{"error": {"type": "invalid_request_error"}}', "application/json")
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -322,9 +323,7 @@ class OddProvider:
                 self._answer(*answer)
 
             def do_GET(self) -> None:
-                self._answer(
-                    404, b'{"error": {"type": "invalid_request_error"}}', "application/json"
-                )
+                self._answer(*outer.lookup)
 
             def _answer(self, status: int, body: bytes, content_type: str) -> None:
                 self.send_response(status)
@@ -379,6 +378,9 @@ def test_a_decline_code_longer_than_its_column_is_recorded_not_looped() -> None:
         (200, b'{"object": "charge", "id": "ch_' + b"9" * 400 + b'", "status": "succeeded"}',
          "application/json", "succeeded"),
         (502, b"\x00\xffbinary junk", "application/octet-stream", "unclear"),
+        (200, b'{"object": "charge", "id": "ch_\\ud800x", "status": "succeeded"}',
+         "application/json", "succeeded"),  # a lone surrogate: UTF-8 cannot hold it
+        (503, b"y" * (2 * 1024 * 1024), "text/plain", "unclear"),  # read no further than 64 KiB
     ],
 )  # fmt: skip
 def test_odd_answers_are_recorded_and_classified(
@@ -397,6 +399,23 @@ def test_odd_answers_are_recorded_and_classified(
         # lookup answered 404: dead, verified not charged, the raw answer kept.
         assert result is Result.DEAD and c.dead_outcome == "verified_not_charged"
         assert call["answer"] and len(call["answer"]) <= 1024 and "\x00" not in call["answer"]
+
+
+@pytest.mark.parametrize(
+    "lookup_body", [b"[" * 100_000 + b"]" * 100_000, b'{"object": "charge", "id": "\\ud800"}']
+)
+def test_an_odd_lookup_answer_leaves_the_charge_unknown_and_the_sweep_going(
+    lookup_body: bytes,
+) -> None:
+    """Deeply nested JSON, an id UTF-8 cannot hold: the sweep goes on to the next one."""
+    with OddProvider(503, b"down", "text/plain") as odd:
+        odd.lookup = (200, lookup_body, "application/json")
+        cid, result = run_against(odd)
+        assert result is Result.DEAD and charge(cid).dead_outcome == "unknown"
+        settings = load_settings(payment_provider_url=odd.url)
+        with ProviderClient(settings) as provider:
+            swept = sweep_once(settings, budget=5, provider=provider)
+    assert swept.unknown == 1 and charge(cid).dead_outcome == "unknown"
 
 
 def test_a_record_the_database_refuses_ends_the_charge_dead_not_in_a_loop(rig: Rig) -> None:
@@ -446,6 +465,93 @@ def test_a_charge_whose_calls_were_never_recorded_goes_dead_without_another(rig:
     assert len(rig.requests(cid)) == sent  # no call: the attempts were used
     [book] = rig.books(cid)
     assert charge(cid).provider_charge_id == book["id"]
+
+
+class FrozenBeforeSending:
+    """A worker frozen (a VM pause) after its claim, before its request leaves."""
+
+    def __init__(self, inner: ProviderClient, frozen_s: float) -> None:
+        self.inner = inner
+        self.frozen_s = frozen_s
+
+    def create_charge(self, key: str, body: bytes, **send: Any) -> Any:
+        time.sleep(self.frozen_s)  # the whole process stands still
+        return self.inner.create_charge(key, body, **send)
+
+    def find_charge(self, key: str) -> Any:
+        return self.inner.find_charge(key)
+
+
+def test_a_request_not_sent_by_its_send_by_time_is_not_sent_at_all(rig: Rig) -> None:
+    from payq.errors import RequestNotSent
+
+    with pytest.raises(RequestNotSent):
+        rig.provider().create_charge("k-late", b"{}", send_by=time.monotonic() - 0.1)
+    assert rig.sim.stats()["requests"] == 0  # not a byte reached the provider
+
+
+def test_a_worker_frozen_between_claim_and_call_past_its_lease_sends_nothing(rig: Rig) -> None:
+    """Its lease ran out while frozen: another worker may hold the charge, and the key's
+    retention margin counted on the request leaving within the lease."""
+    settings = rig.settings(3)
+    cid = rig.enqueue()
+    frozen_s = settings.charge_lease_s - settings.payment_timeout_s + 0.2
+    late = FrozenBeforeSending(rig.provider(), frozen_s)
+    result = process_charge(str(cid), settings=settings, provider=late)  # type: ignore[arg-type]
+    assert result is Result.NOT_SENT
+    assert rig.sim.stats()["requests"] == 0 and rig.books(cid) == []
+    [call] = attempts(cid)
+    assert call["outcome"] == "not_sent"
+    assert charge(cid).status == "processing"  # left to the relay, after its lease
+    with transaction() as conn:
+        conn.execute(text("UPDATE charges SET lease_expires_at = now() - interval '1 s'"))
+    assert rig.run(cid, attempts=3) is Result.SUCCEEDED  # taken up again: sent once
+    assert len(rig.requests(cid)) == 1
+
+
+def test_a_lookup_proves_nothing_while_an_earlier_call_may_still_arrive(rig: Rig) -> None:
+    """A (frozen) may still send within its lease; B's reset and 404 prove nothing yet."""
+    rig.sim.faults(script=["reset"])
+    cid = rig.enqueue()
+    with transaction() as conn:  # A's claim: attempt 1, its call in flight, lease expired
+        conn.execute(
+            text(
+                "UPDATE charges SET status = 'processing', attempts = 1, "
+                "call_id = gen_random_uuid(), lease_expires_at = now() - interval '1 s' "
+                "WHERE id = :id; INSERT INTO charge_attempts (charge_id, number, call_id, "
+                "started_at, outcome) SELECT id, 1, call_id, now(), 'in_flight' FROM charges "
+                "WHERE id = :id"
+            ),
+            {"id": cid},
+        )
+    assert rig.run(cid, attempts=2) is Result.DEAD  # B: reset on the last attempt
+    c = charge(cid)
+    assert c.dead_outcome == "unknown" and "may still reach the provider" in (c.dead_reason or "")
+    assert c.next_lookup_at is not None  # when A's lease has run out
+    settings = rig.settings()
+    assert sweep_once(settings, budget=5, provider=rig.provider()).looked_up == 0  # not yet
+    with transaction() as conn:  # A's lease is long over: its call can no longer arrive
+        conn.execute(
+            text(
+                "UPDATE charge_attempts SET started_at = now() - interval '1 hour'; "
+                "UPDATE charges SET next_lookup_at = now()"
+            )
+        )
+    assert sweep_once(settings, budget=5, provider=rig.provider()).verified == 1
+    assert charge(cid).dead_outcome == "verified_not_charged"
+
+
+def test_unknown_outcomes_left_without_a_lookup_time_are_swept(rig: Rig) -> None:
+    """Charges made dead of unknown outcome by the migration have no lookup time yet."""
+    rig.sim.faults(script=["reset"], lookup_error_rate=1.0)
+    cid = rig.enqueue()
+    assert rig.run(cid) is Result.DEAD
+    with transaction() as conn:
+        conn.execute(text("UPDATE charges SET next_lookup_at = NULL"))
+    rig.sim.faults(lookup_error_rate=0.0)
+    settings = rig.settings()
+    assert backlog(settings)["overdue"] == 1  # no time at all counts as overdue
+    assert sweep_once(settings, budget=5, provider=rig.provider()).verified == 1
 
 
 # --- 4. key retention with a margin ----------------------------------------------------

@@ -32,7 +32,7 @@ class TakenOverDuringTheCall:
     def __init__(self, outcome: ProviderCharge | ProviderError) -> None:
         self.outcome = outcome
 
-    def create_charge(self, key: str, body: bytes) -> ProviderCharge:
+    def create_charge(self, key: str, body: bytes, **_: object) -> ProviderCharge:
         with transaction() as conn:
             conn.execute(
                 text(
@@ -105,7 +105,7 @@ def test_the_call_row_written_before_the_call_is_completed_not_copied(
     seen: list[list[dict[str, object]]] = []
 
     class LooksAtItsRow:
-        def create_charge(self, key: str, body: bytes) -> ProviderCharge:
+        def create_charge(self, key: str, body: bytes, **_: object) -> ProviderCharge:
             seen.append(attempts(cid))  # during the call
             return ProviderCharge("ch_2", "succeeded", 1999, "usd")
 

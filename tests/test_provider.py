@@ -197,12 +197,16 @@ def test_odd_but_whole_answers_are_normalized_to_what_payq_keeps() -> None:
         classify(
             httpx.Response(
                 402,
-                json={"error": {"code": "do_not_honor_" + "z" * 100, "charge": {"id": 1},
+                json={"error": {"type": "card_error", "code": "do_not_honor_" + "z" * 100,
+                                "charge": {"id": 1},
                                 "message": "no\x00pe"}},
             )
         )  # fmt: skip
     assert len(declined.value.code) == CODE_LIMIT and declined.value.provider_charge_id is None
     assert "\x00" not in str(declined.value)
+    # A 402 that is no card error (a middlebox's page) is not a decline: it says nothing.
+    with pytest.raises(errors.ProviderUnavailable):
+        classify(httpx.Response(402, content=b"<html>Payment Required</html>"))
     with pytest.raises(errors.ProviderUnavailable) as html:
         classify(httpx.Response(503, content=b"<html>\x00 down </html>" + b"y" * 5000))
     assert html.value.answer is not None and len(html.value.answer) <= 1024

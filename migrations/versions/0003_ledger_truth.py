@@ -80,6 +80,8 @@ def upgrade() -> None:
         WHERE c.status = 'dead'
         """
     )
+    # Those of unknown outcome are the sweep's to look up, from now.
+    op.execute("UPDATE charges SET next_lookup_at = now() WHERE dead_outcome = 'unknown'")
 
 
 def downgrade() -> None:
