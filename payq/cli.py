@@ -1,7 +1,9 @@
 """The ``payq`` command: thin entry points around the core.
 
-Exit codes: 0 done, 1 failed, 2 bad setting or bad usage, 3 a service (PostgreSQL,
-Redis) did not answer.
+Exit codes, the same for every command: 0 done; 1 done in part, or not as asked (some
+charges skipped, a check degraded); 2 bad usage or input (a setting, an argument, a
+charge refused, a schema to migrate); 3 a service (PostgreSQL, Redis) did not answer,
+or a check found one down.
 """
 
 from __future__ import annotations
@@ -92,6 +94,7 @@ def _shutdown_timeout(settings: Settings, dramatiq_args: Sequence[str]) -> list[
 
 def cmd_worker(args: argparse.Namespace) -> int:
     settings = _settings()
+    settings.require_provider_key("workers")
     processes = args.processes or settings.worker_processes
     threads = args.threads or settings.worker_threads
     settings.check_worker_pools(threads)
@@ -318,16 +321,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _unavailable_service(exc: BaseException) -> str | None:
-    """'PostgreSQL' or 'Redis' when ``exc`` means that service did not answer."""
+def _unavailable_service(exc: BaseException) -> tuple[int, str] | None:
+    """The exit code and one line for an error that is about PostgreSQL or Redis."""
     import redis
-    from sqlalchemy.exc import OperationalError
-    from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-    if isinstance(exc, OperationalError | PoolTimeout):
-        return "PostgreSQL"
+    from payq.db import database_problem
+
+    if (problem := database_problem(exc)) is not None:
+        return problem
     if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
-        return "Redis"
+        return 3, f"Redis did not answer ({type(exc).__name__}); check Redis and REDIS_URL"
     return None
 
 
@@ -336,27 +339,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     command: Command = args.func
     try:
         return command(args)
-    except ConfigError as exc:
+    except (ConfigError, ChargeInputError, IdempotencyConflict, ChargeNotFound) as exc:
         print(f"payq: {exc}", file=sys.stderr)
         return 2
-    except (ChargeInputError, IdempotencyConflict, ChargeNotFound) as exc:
-        print(f"payq: {exc}", file=sys.stderr)
-        return 1
     except ServiceUnavailable as exc:
         print(f"payq: {exc}", file=sys.stderr)
         return 3
-    except Exception as exc:
-        service = _unavailable_service(exc)
-        if service is None:
-            raise
-        print(
-            f"payq: {service} did not answer ({type(exc).__name__}); check {service} and "
-            f"{'DATABASE_URL' if service == 'PostgreSQL' else 'REDIS_URL'}",
-            file=sys.stderr,
-        )
-        return 3
+    except BrokenPipeError:
+        # The reader went away (`payq dlq export | head`): what it wanted, it has.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        problem = _unavailable_service(exc)
+        if problem is None:
+            raise
+        print(f"payq: {problem[1]}", file=sys.stderr)
+        return problem[0]
 
 
 if __name__ == "__main__":

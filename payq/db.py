@@ -29,7 +29,7 @@ from typing import Any
 from sqlalchemy import Connection, CursorResult, Engine, create_engine, event
 from sqlalchemy.dialects.postgresql import psycopg2 as pg_psycopg2
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError, DisconnectionError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.expression import ClauseElement
@@ -41,6 +41,7 @@ __all__ = [
     "Prepared",
     "application_name",
     "autocommit",
+    "database_problem",
     "get_engine",
     "make_engine",
     "reset_engine",
@@ -74,6 +75,9 @@ def make_engine(settings: Settings, role: str = "payq") -> Engine:
         max_overflow=0,
         pool_timeout=settings.db_timeout_ms / 1000,
         connect_args=connect_args,
+        # An error's text never carries the statement's values (payment tokens, keys):
+        # not in a traceback, a log line or a Sentry event.
+        hide_parameters=True,
     )
     _ping_after_idle(engine)
     return engine
@@ -246,6 +250,43 @@ class Prepared:
 
 
 _NOT_DURABLE = "SET LOCAL synchronous_commit = off; "
+
+
+def database_problem(exc: BaseException) -> tuple[int, str] | None:
+    """What a database error means for whoever runs payq: an exit code (2: fix the
+    setup, 3: PostgreSQL did not answer) and one line saying what to do; ``None`` if it
+    is not about the database at all. Never the statement, its values or the URL."""
+    from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+    if isinstance(exc, PoolTimeout):
+        return 3, "no database connection within DB_TIMEOUT_MS: PostgreSQL is slow or full"
+    if not isinstance(exc, DBAPIError):
+        return None
+    code = _sqlstate(exc)
+    text = str(exc.orig).strip().splitlines()[0] if str(exc.orig).strip() else ""
+    if code in ("42P01", "42703"):  # undefined_table, undefined_column
+        return 2, (
+            f"the database has no payq schema, or an older one ({text}): run `payq migrate`"
+        )
+    lowered = text.lower()
+    if "database" in lowered and "does not exist" in lowered:
+        return 2, (
+            "PostgreSQL answered, but the database DATABASE_URL names does not exist: "
+            "run `payq migrate` (it creates it) or fix DATABASE_URL"
+        )
+    if "role" in lowered and "does not exist" in lowered:
+        return 2, (
+            "PostgreSQL answered, but the user DATABASE_URL names does not exist: create "
+            "the role or fix DATABASE_URL"
+        )
+    if "password authentication failed" in lowered or "pg_hba.conf" in lowered:
+        return 2, "PostgreSQL refused the credentials in DATABASE_URL: fix them"
+    if isinstance(exc, OperationalError | InterfaceError):
+        return 3, (
+            f"PostgreSQL did not answer ({type(exc.orig).__name__}); check that it runs "
+            "and DATABASE_URL"
+        )
+    return 1, f"the database refused a statement ({type(exc.orig).__name__}, SQLSTATE {code})"
 
 
 def _sqlstate(exc: DBAPIError) -> str | None:

@@ -22,7 +22,6 @@ from payq.deadline import DeadlineTransport, SendWindowClosed, deadline
 from payq.errors import (
     AuthenticationFailed,
     CardDeclined,
-    ConfigError,
     IdempotencyKeyInUse,
     IdempotencyKeyReused,
     InvalidRequest,
@@ -87,12 +86,9 @@ def charge_body(
 
 class ProviderClient:
     def __init__(self, settings: Settings) -> None:
-        if settings.payment_provider_api_key is None or not (
-            key := settings.payment_provider_api_key.get_secret_value()
-        ):
-            raise ConfigError(
-                "PAYMENT_PROVIDER_API_KEY: is not set; workers need the provider's API key"
-            )
+        settings.require_provider_key("payq's provider calls")
+        assert settings.payment_provider_api_key is not None
+        key = settings.payment_provider_api_key.get_secret_value()
         self.timeout_s = settings.payment_timeout_s
         self.pool_size = settings.payment_pool_max_connections
         self._in_flight = 0

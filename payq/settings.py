@@ -206,6 +206,15 @@ class Settings(BaseSettings):
     def payment_timeout_s(self) -> float:
         return self.payment_timeout_ms / 1000
 
+    def require_provider_key(self, who: str) -> None:
+        """Refuse to start a process that calls the provider without its API key."""
+        key = self.payment_provider_api_key
+        if key is None or not key.get_secret_value():
+            raise ConfigError(
+                f"PAYMENT_PROVIDER_API_KEY: is not set; {who} need the provider's API key "
+                "to call it (set it in the environment or .env)"
+            )
+
     def check_worker_pools(self, threads: int) -> None:
         """Refuse a worker whose threads could need more connections than its pools hold."""
         exceeded = [

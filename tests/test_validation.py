@@ -217,3 +217,25 @@ def test_raw_card_number_as_metadata_key_is_refused() -> None:
         charge(metadata={"4242 4242 4242 4242": "x"})
     assert info.value.field == "metadata"
     assert "4242" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"currency": "4242 4242 4242 4242"}, "currency"),
+        ({"currency": "not-a-currency-but-a-secret"}, "currency"),
+        ({"amount": 4242424242424242}, "amount"),
+    ],
+)
+def test_no_refusal_repeats_the_value_it_refuses(changes: dict[str, Any], field: str) -> None:
+    with pytest.raises(ChargeInputError) as info:
+        charge(**changes)
+    value = str(next(iter(changes.values())))
+    assert info.value.field == field and value not in str(info.value)
+
+
+@pytest.mark.parametrize("key", [" order-42", "order-42 ", "\u00a0order-42"])
+def test_a_key_with_spaces_at_its_ends_is_refused_at_the_door(key: str) -> None:
+    with pytest.raises(ChargeInputError) as info:
+        charge(idempotency_key=key)
+    assert info.value.field == "idempotency_key"

@@ -30,6 +30,7 @@ from payq.ops.dlq import (
     show,
     totals,
 )
+from payq.ops.output import spreadsheet_safe, terminal_safe
 from payq.ops.reconcile import reconcile
 
 __all__ = ["format_amount"]
@@ -42,6 +43,8 @@ _EXPONENT = {
     **dict.fromkeys(_THREE_DECIMALS.split(), 3),
 }
 MESSAGE_WIDTH = 120
+#: ``payq health``'s exit code by the worst check: payq's own table (3: a service down).
+HEALTH_EXIT = {0: 0, 1: 1, 2: 3}
 
 
 def format_amount(amount: int, currency: str) -> str:
@@ -91,6 +94,7 @@ def _report(fields: dict[str, Any]) -> dict[str, Any]:
 
 
 def _table(rows: list[list[str]], headers: list[str]) -> None:
+    rows = [[terminal_safe(cell) for cell in row] for row in rows]
     widths = [
         max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
     ]
@@ -167,16 +171,19 @@ def cmd_show(args: argparse.Namespace) -> int:
     c = dead.charge
     outcome = f", {_outcome(dead)}" if c.dead_outcome else ""
     print(f"charge     {c.id}  ({c.status.value}{outcome})")
-    print(f"key        {c.idempotency_key}")
-    print(f"amount     {format_amount(c.amount, c.currency)}   {c.description or ''}")
+    print(f"key        {terminal_safe(c.idempotency_key)}")
+    description = terminal_safe(c.description or "")
+    print(f"amount     {format_amount(c.amount, c.currency)}   {description}")
     stamp = "%Y-%m-%d %H:%M:%S UTC"
     print(f"created    {c.created_at.strftime(stamp)}, last change {c.updated_at.strftime(stamp)}")
     if c.dead_reason:
-        print(f"reason     {c.dead_reason}")
+        print(f"reason     {terminal_safe(c.dead_reason)}")
     if c.provider_charge_id:
-        print(f"provider   {c.provider_charge_id}")
+        print(f"provider   {terminal_safe(c.provider_charge_id)}")
     if c.purged_at:
-        print(f"purged     {c.purged_at:%Y-%m-%d %H:%M:%S} UTC by {c.purged_by}")
+        print(
+            f"purged     {c.purged_at:%Y-%m-%d %H:%M:%S} UTC by {terminal_safe(c.purged_by or '')}"
+        )
     if c.dead_outcome is DeadOutcome.UNKNOWN and c.next_lookup_at:
         print(f"lookup     the sweep asks the provider again at {c.next_lookup_at:%H:%M:%S} UTC")
     print()
@@ -263,8 +270,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     ]  # fmt: skip
     writer = csv.DictWriter(sys.stdout, fieldnames=fields, extrasaction="ignore")
     writer.writeheader()
-    for row in rows:
-        writer.writerow(row)
+    for row in rows:  # no cell a spreadsheet would run, no escape a terminal would obey
+        writer.writerow(
+            {k: spreadsheet_safe(terminal_safe(v) if isinstance(v, str) else v)
+             for k, v in row.items()}
+        )  # fmt: skip
     return 0
 
 
@@ -348,6 +358,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_health(args: argparse.Namespace) -> int:
+    """Exit 0 ok, 1 degraded, 3 down (payq's exit codes: 3 is a service down)."""
     from payq.ops.health import run_checks, worst
     from payq.settings import get_settings
 
@@ -359,4 +370,4 @@ def cmd_health(args: argparse.Namespace) -> int:
         for check in checks:
             print(f"{check.level.name.lower():<9} {check.name:<13} {check.detail}")
         print(f"{overall.name.lower()}")
-    return int(overall)
+    return HEALTH_EXIT[overall]

@@ -132,9 +132,9 @@ def test_health_is_ok_then_names_what_is_wrong(sim: Sim) -> None:
         "redis", "postgres", "provider", "breaker", "error_rate", "dead_letters", "pools"
     }  # fmt: skip
     bad_key = cli("health", PAYMENT_PROVIDER_URL=sim.url, PAYMENT_PROVIDER_API_KEY="sk_wrong")
-    assert bad_key.returncode == 2 and "refused PAYMENT_PROVIDER_API_KEY" in bad_key.stdout
+    assert bad_key.returncode == 3 and "refused PAYMENT_PROVIDER_API_KEY" in bad_key.stdout
     no_redis = cli("health", "--no-provider", REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")
-    assert no_redis.returncode == 2
+    assert no_redis.returncode == 3  # payq's table: 3, a service down
     assert any(line.startswith("down") and "redis" in line for line in no_redis.stdout.splitlines())
 
 
