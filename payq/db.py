@@ -265,9 +265,7 @@ def database_problem(exc: BaseException) -> tuple[int, str] | None:
     code = _sqlstate(exc)
     text = str(exc.orig).strip().splitlines()[0] if str(exc.orig).strip() else ""
     if code in ("42P01", "42703"):  # undefined_table, undefined_column
-        return 2, (
-            f"the database has no payq schema, or an older one ({text}): run `payq migrate`"
-        )
+        return 2, (f"the database has no payq schema, or an older one ({text}): run `payq migrate`")
     lowered = text.lower()
     if "database" in lowered and "does not exist" in lowered:
         return 2, (

@@ -29,7 +29,14 @@ from sqlalchemy.engine import RowMapping
 
 from payq.constants import ChargeStatus, DeadOutcome
 
-__all__ = ["Charge", "charge_attempts", "charges", "metadata", "operator_actions"]
+__all__ = [
+    "Charge",
+    "charge_attempts",
+    "charges",
+    "dashboard_actions",
+    "metadata",
+    "operator_actions",
+]
 
 metadata = MetaData(
     naming_convention={
@@ -147,6 +154,20 @@ operator_actions = Table(
     Column("params", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
     Column("charge_ids", ARRAY(UUID(as_uuid=True)), nullable=False),
     Column("count", Integer, nullable=False),
+)
+
+
+#: The dashboard's confirmed actions, one row per confirmation page: its token works once,
+#: so reloading or resubmitting a result cannot replay or purge twice.
+dashboard_actions = Table(
+    "dashboard_actions",
+    metadata,
+    Column("token", String(64), primary_key=True),
+    Column("actor", String(255), nullable=False),
+    Column("action", String(32), nullable=False),
+    Column("started_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("finished_at", DateTime(timezone=True)),
+    Column("result", JSONB),
 )
 
 

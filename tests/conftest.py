@@ -124,7 +124,7 @@ def clean(database: str) -> Iterator[None]:
     from payq.db import transaction
 
     with transaction() as conn:
-        conn.execute(text("TRUNCATE charge_attempts, charges, operator_actions"))
+        conn.execute(text("TRUNCATE charge_attempts, charges, operator_actions, dashboard_actions"))
     _clear_namespace()
     yield
     _clear_namespace()

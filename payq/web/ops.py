@@ -49,7 +49,7 @@ from payq.ops.reconcile import reconcile
 from payq.ops.status import attempt_series, breaker_figures, snapshot
 from payq.provider import ProviderClient
 from payq.settings import Settings
-from payq.web import signin
+from payq.web import actions, signin
 from payq.web.auth import OpsSessions, Principal, Tokens
 from payq.web.blocking import Blocking
 from payq.web.pages import STATIC_DIR, chart, page
@@ -347,12 +347,27 @@ async def confirm(request: Request, action: str) -> Response:
         "shown": CONFIRM_SHOWN,
         "rate": REPLAY_RATE_PER_S,
         "back": f"/ops/charges/{flt.ids[0]}" if len(flt.ids) == 1 else f"/ops/dead?{given.query()}",
+        "action_token": actions.new_token(),
     }
     return page(request, "confirm.html", context)
 
 
 def _act(action: str, flt: DeadFilter, actor: str, settings: Settings) -> dict[str, Any]:
-    """Run the action for real, as the CLI does, and what it did, for the result page."""
+    """Run the action for real, as the CLI does, and what it did, for the result page
+    (plain JSON: it is kept with the action's token)."""
+    return _as_json(_run_action(action, flt, actor, settings))
+
+
+def _as_json(result: dict[str, Any]) -> dict[str, Any]:
+    return {
+        name: {str(k): v for k, v in value.items()}
+        if isinstance(value, dict)
+        else [str(v) for v in value]
+        for name, value in result.items()
+    }
+
+
+def _run_action(action: str, flt: DeadFilter, actor: str, settings: Settings) -> dict[str, Any]:
     if action == "replay":
         report = replay(flt, actor=actor, rate_per_s=REPLAY_RATE_PER_S, settings=settings)
         done, left = report.replayed, dict(report.skipped)
@@ -388,14 +403,20 @@ async def act(request: Request, action: str) -> Response:
     if refused is not None:
         return refused
     given = FilterInput(form)
-    if given.errors or given.filter.is_empty():
+    token = str(form.get("action_token") or "")
+    if given.errors or given.filter.is_empty() or not _TOKEN.fullmatch(token):
         return _error(request, "Bad request", "Start from a confirmation page.", 400)
     principal: Principal = request.state.principal
     assert principal.session is not None
     actor = principal.session.name
+    results = RedirectResponse(f"/ops/results/{token}", 303)
+    if not await _core(request, lambda: actions.claim(token, actor=actor, action=action)):
+        return results  # submitted before (a reload, a second tab): shown, not redone
     settings = _settings(request)
     flt = given.filter
     result = await _core(request, lambda: _act(action, flt, actor, settings))
+    result["back"] = f"/ops/charges/{flt.ids[0]}" if len(flt.ids) == 1 else "/ops/dead"
+    await _core(request, lambda: actions.finish(token, result))
     log.info(
         "dashboard %s by %r (token %s): %d done, %d left",
         action,
@@ -404,10 +425,28 @@ async def act(request: Request, action: str) -> Response:
         len(result["done"]),
         len(result["left"]),
     )
-    back = f"/ops/charges/{flt.ids[0]}" if len(flt.ids) == 1 else "/ops/dead"
+    return results
+
+
+_TOKEN = re.compile(r"[A-Za-z0-9_-]{16,64}")
+
+
+@router.get("/results/{token}")
+@_html_errors
+async def result_page(request: Request, token: str) -> Response:
+    """What a confirmed action did: a page of its own, safe to reload."""
+    found = await _core(request, lambda: actions.stored(token)) if _TOKEN.fullmatch(token) else None
+    if found is None:
+        return _error(request, "Not found", "No such action.", 404)
+    if found["result"] is None:
+        return page(request, "working.html", {"action": found["action"]})
+    result = found["result"]
     return page(
-        request, "result.html", {"action": action, "result": result, "back": back, "actor": actor}
-    )
+        request,
+        "result.html",
+        {"action": found["action"], "result": result, "back": result["back"],
+         "actor": found["actor"]},
+    )  # fmt: skip
 
 
 def install(app: FastAPI, *, tokens: Tokens, sessions: OpsSessions) -> None:

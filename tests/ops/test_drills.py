@@ -125,3 +125,15 @@ def test_simulate_command_parses() -> None:
         with pytest.raises(SystemExit) as exc:
             parser.parse_args(bad)
         assert exc.value.code == 2
+
+
+def test_a_drill_refuses_while_workers_it_does_not_own_consume_its_queues() -> None:
+    """Reproduced: a drill beside live workers charged 19 of its 20 test charges through
+    the live fleet's provider."""
+    from tests.helpers import wait_until
+    from tests.processes import PayqProcess
+
+    with PayqProcess("worker", "--processes", "1", "--threads", "1") as live:
+        wait_until(lambda: "ready for action" in live.output(), 30, "the live worker to start")
+        with pytest.raises(DrillRefused, match=r"^1 worker process is consuming"):
+            run_drill("payment_timeout", charges=1, out=lambda line: None, env=QUICK)

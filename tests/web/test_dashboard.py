@@ -117,9 +117,10 @@ def hidden_fields(page: httpx.Response) -> list[tuple[str, str]]:
 async def submit(
     client: httpx.AsyncClient, path: str, fields: list[tuple[str, str]], **headers: str
 ) -> httpx.Response:
-    """A form POST as a browser sends it (repeated fields and all)."""
+    """A form POST as a browser sends it (repeated fields and all), following its
+    redirect to the result's page as a browser does."""
     form = {"Content-Type": "application/x-www-form-urlencoded", **headers}
-    return await client.post(path, content=urlencode(fields), headers=form)
+    return await client.post(path, content=urlencode(fields), headers=form, follow_redirects=True)
 
 
 def audit_rows() -> list[dict[str, Any]]:
@@ -352,6 +353,35 @@ async def test_replay_asks_first_then_replays_and_is_audited_with_the_name(
         [cid],
         1,
     )
+
+
+async def test_a_result_page_reloaded_or_resubmitted_does_nothing_twice(
+    browser: Browser, dead: Dead
+) -> None:
+    """Reproduced: reloading a result page replayed again (two audit rows, a 5th attempt)."""
+    cid = dead.make("error")
+    client = browser()
+    await sign_in(client, name="dana")
+    confirm = await client.get(f"/ops/confirm/replay?id={cid}")
+    fields = hidden_fields(confirm)
+    first = await client.post(
+        "/ops/actions/replay",
+        content=urlencode(fields),
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert first.status_code == 303  # POST, then redirect, then GET
+    result_url = first.headers["location"]
+    assert result_url.startswith("/ops/results/")
+    shown = await client.get(result_url)
+    assert shown.status_code == 200 and 'data-done="1"' in shown.text
+    with transaction() as conn:  # it dies again meanwhile: a replay would now find it
+        conn.execute(text("UPDATE charges SET status = 'dead' WHERE id = :id"), {"id": cid})
+    again = await submit(client, "/ops/actions/replay", fields)  # the browser's resend
+    reloaded = await client.get(result_url)
+    assert again.status_code == reloaded.status_code == 200
+    assert 'data-done="1"' in again.text and 'data-done="1"' in reloaded.text
+    assert [row["action"] for row in audit_rows()] == ["replay"]  # one replay, not two
+    assert charge(cid).status == "dead"  # not replayed a second time
 
 
 async def test_a_filtered_purge_touches_only_what_was_confirmed(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -105,6 +106,7 @@ def run_drill(
     try:
         migrate(engine)
         _refuse_foreign_work(drill)
+        _refuse_live_workers(base)
         _DRILL_FUNCTIONS[name](drill)
         ok = not drill.problems
     except BaseException:
@@ -131,6 +133,28 @@ def _require_services(settings: Settings) -> None:
     if not redis_answers(settings.redis_url):
         raise ServiceUnavailable(
             "Redis does not answer at REDIS_URL: start it, then run the drill again"
+        )
+
+
+def _refuse_live_workers(settings: Settings) -> None:
+    """A drill's charges must reach its own workers and its own simulator: workers it does
+    not own, consuming the same queues, would charge them through the live provider."""
+    import redis
+
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
+    try:
+        # Dramatiq's broker stamps every worker's heartbeat here at each Redis command.
+        cutoff_ms = (time.time() - settings.relay_dead_worker_s) * 1000
+        live = client.zcount(f"{settings.payq_namespace}:__heartbeats__", cutoff_ms, "+inf")
+    finally:
+        client.close()
+    if live:
+        which = "worker process is" if live == 1 else "worker processes are"
+        raise DrillRefused(
+            f"{live} {which} consuming this namespace's queues (PAYQ_NAMESPACE="
+            f"{settings.payq_namespace}): they would take the drill's charges and charge them "
+            "through the live provider. Stop them, or run the drill against a scratch "
+            "database and namespace (DATABASE_URL, PAYQ_NAMESPACE)"
         )
 
 
