@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 import uuid
 import weakref
 from collections.abc import Iterator
@@ -85,6 +86,21 @@ return {restored, lost}
 """
 )
 
+# KEYS: slots. ARGV: lease_ms, token. Extends the slot if its lease has not run out
+# (1); else removes it (0): once expired, its room may be someone else's already.
+_CONFIRM = (
+    LUA_NOW
+    + """
+local score = redis.call('ZSCORE', KEYS[1], ARGV[2])
+if score and tonumber(score) > now then
+    redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[2])
+    return 1
+end
+redis.call('ZREM', KEYS[1], ARGV[2])
+return 0
+"""
+)
+
 # KEYS: slots. Returns the slots whose lease has not run out.
 _IN_USE = (
     LUA_NOW
@@ -118,7 +134,11 @@ class FleetLimit:
         self._acquire = client.register_script(_ACQUIRE)
         self._renew = client.register_script(_RENEW)
         self._in_use = client.register_script(_IN_USE)
+        self._confirm = client.register_script(_CONFIRM)
         self._held: set[str] = set()
+        # token -> time.monotonic() before which its lease surely still runs: taken just
+        # before the request that set the lease, so it errs on the early side.
+        self._valid_until: dict[str, float] = {}
         self._lock = threading.Lock()
         self._renewer: threading.Thread | None = None
         self._stop = threading.Event()
@@ -127,18 +147,20 @@ class FleetLimit:
     def after_fork(self) -> None:
         """In a forked child: it holds none of its parent's slots, so renews none."""
         self._held = set()
+        self._valid_until = {}
         self._lock = threading.Lock()
         self._renewer = None
 
     def try_acquire(self) -> str | SlotRefused:
         """A slot's token, or why not. Raises ``redis.RedisError`` if Redis does not answer."""
         token = self.register()
+        asked_at = time.monotonic()
         try:
             answer = self._acquire(keys=self.acquire_keys(), args=self.acquire_args(token))
         except BaseException:
             self.forget(token)
             raise
-        return self.settle(token, answer)
+        return self.settle(token, answer, asked_at)
 
     def register(self) -> str:
         """A new token, renewed from now on: registered before it is granted, so a renewal
@@ -154,14 +176,43 @@ class FleetLimit:
     def acquire_args(self, token: str) -> list[Any]:
         return [token, self.limit, self.lease_ms, self.grace_ms]
 
-    def settle(self, token: str, answer: list[Any]) -> str | SlotRefused:
-        """The acquire script's answer, ``{granted, wait_ms, in_use}``: the token or why not."""
+    def settle(self, token: str, answer: list[Any], asked_at: float) -> str | SlotRefused:
+        """The acquire script's answer, ``{granted, wait_ms, in_use}``: the token or why not.
+        ``asked_at``: ``time.monotonic()`` just before the script was sent."""
         granted, wait_ms, in_use = (int(a) for a in answer[:3])
         if not granted:
             self.forget(token)
             return SlotRefused(wait_ms, in_use, self.limit, starting=in_use < self.limit)
+        with self._lock:
+            self._valid_until[token] = asked_at + self.lease_ms / 1000
         self.start_renewing()
         return token
+
+    def confirm(self, token: str) -> bool:
+        """Whether this process still holds the slot now, and will while its renewer
+        renews it: known locally while its lease surely runs for a renewal interval more;
+        else asked of Redis, which extends it, or drops it if it had expired (a process
+        frozen past its lease: its room may be someone else's already). Raises
+        ``redis.RedisError`` if Redis must be asked and does not answer."""
+        with self._lock:
+            if token not in self._held:
+                return False
+            if self._valid_until.get(token, 0.0) > time.monotonic() + self.renew_every_s:
+                return True
+        asked_at = time.monotonic()
+        if int(self._confirm(keys=[self.slots_key], args=[self.lease_ms, token])):
+            with self._lock:
+                if token in self._held:
+                    self._valid_until[token] = asked_at + self.lease_ms / 1000
+                    return True
+            return False
+        log.warning(
+            "fleet slot expired while held: this process stalled longer than "
+            "FLEET_SLOT_LEASE_S (%g s); the call waits for another slot",
+            self.lease_ms / 1000,
+        )
+        self.forget(token)
+        return False
 
     def release(self, token: str) -> None:
         """Give the slot back. If Redis does not answer, its lease runs out instead."""
@@ -210,6 +261,7 @@ class FleetLimit:
         """Extend this process's slots (and put back any that Redis lost with its data)."""
         with self._lock:
             tokens = list(self._held)
+        asked_at = time.monotonic()
         restored, lost_tokens = self._renew(
             keys=[self.slots_key, self.epoch_key], args=[self.lease_ms, self.grace_ms, *tokens]
         )
@@ -225,6 +277,12 @@ class FleetLimit:
             # Not ours any more: others may have the room. A call running under one ends
             # as it is; a slot kept for the next call is dropped (``holds``).
             self._held.difference_update(lost)
+            for token in lost:
+                self._valid_until.pop(token, None)
+            until = asked_at + self.lease_ms / 1000
+            for token in tokens:
+                if token in self._held:
+                    self._valid_until[token] = until
         if lost:
             log.warning(
                 "fleet slots expired while held (%d): this process stalled longer than "
@@ -274,6 +332,7 @@ class FleetLimit:
         """Stop renewing a slot (released, refused, or given up)."""
         with self._lock:
             self._held.discard(token)
+            self._valid_until.pop(token, None)
 
 
 def reset_after_fork(obj: Any) -> None:

@@ -158,7 +158,7 @@ class ProviderGate:
                 jitter_ms(500, 2000),
                 "the circuit breaker is half-open and its probes are out",
             )
-        slot = fleet.settle(token, answer[4:])
+        slot = fleet.settle(token, answer[4:], asked_at)
         if isinstance(slot, SlotRefused):
             if slot.starting:
                 return Wait(
@@ -175,6 +175,15 @@ class ProviderGate:
                 f"all {slot.limit} fleet slots (PAYMENT_MAX_CONCURRENCY) are in use",
             )
         return Pass(slot, admission.probe)
+
+    def confirm(self, passed: Pass) -> bool:
+        """Whether the slot is still this process's, right before its call: after a freeze
+        longer than its lease it may be someone else's (``FleetLimit.confirm``). Without
+        Redis it cannot be told: no."""
+        try:
+            return self.fleet.confirm(passed.token)
+        except redis.RedisError:
+            return False
 
     def leave(
         self, passed: Pass, outcome: ProviderCharge | ProviderError | None, latency_ms: int = 0

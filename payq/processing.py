@@ -437,6 +437,7 @@ def process_charge(
     elapsed_s = 0.0
     try:
         try:
+            claimed_at = time.monotonic()  # before the claim: a freeze during it counts
             with autocommit() as conn:  # each statement is atomic on its own
                 claim = _claim(conn, cid, settings)
                 if claim is None:
@@ -460,10 +461,11 @@ def process_charge(
                 return _defer(cid, message_id, "early_message", redo_in_ms, "retry came early")
             return result
 
-        claimed_at = time.monotonic()
         tag_charge(str(claim.id), claim.attempt)
         provider = provider or get_provider()
         started_at = dt.datetime.now(dt.UTC)
+        if claim.sendable and not gate.confirm(entry):
+            return _unclaim(claim)
         if claim.sendable:
             t0 = time.monotonic()
             try:
@@ -477,7 +479,8 @@ def process_charge(
             elapsed_s = time.monotonic() - t0
         decision = _decide(claim, outcome, RetryPolicy.from_settings(settings), settings)
         if decision.result is Result.DEAD and _uncertain(claim, outcome):
-            if claim.past_retention or _stalled(claimed_at, settings):
+            stalled = _stalled(claimed_at, settings) or not gate.confirm(entry)
+            if claim.past_retention or stalled:
                 decision = _after_lookup(decision, None)
             else:
                 lookup = ledger.look_up(provider, claim.key)  # the same slot as the call
@@ -946,6 +949,60 @@ def _unrecordable(
         )
         return Result.UNRECORDED
     return decision.result if moved.ours else Result.LEASE_LOST
+
+
+#: A claim given back before its call: no attempt used, the call's row gone (nothing was
+#: sent), the charge due again under a fresh message.
+_CALL = bindparam("holder", type_=charges.c.call_id.type)  # (SET call_id takes "call_id")
+_UNCLAIM = (
+    update(charges)
+    .where(
+        charges.c.id == bindparam("charge_id"),
+        charges.c.status == S.PROCESSING,
+        charges.c.call_id == _CALL,
+    )
+    .values(
+        status=S.RETRYING,
+        attempts=charges.c.attempts - 1,
+        lease_expires_at=None,
+        call_id=None,
+        next_attempt_at=func.now(),
+        message_id=bindparam("message_id"),
+        published_at=func.now(),
+        updated_at=func.now(),
+    )
+    .add_cte(
+        charge_attempts.delete()
+        .where(
+            charge_attempts.c.call_id == _CALL,
+            charge_attempts.c.outcome == A.IN_FLIGHT,
+        )
+        .cte("unsent")
+    )
+)
+
+
+def _unclaim(claim: _Claim) -> Result:
+    """The fleet slot lapsed between the gate and the call (this process was frozen past
+    its lease): no call without a slot. The claim is given back and the charge deferred."""
+    new_id = new_message_id()
+    try:
+        with autocommit() as conn:
+            given = conn.execute(
+                _UNCLAIM, {"charge_id": claim.id, "holder": claim.call_id, "message_id": new_id}
+            ).rowcount
+    except (PoolTimeout, *DB_UNAVAILABLE):
+        given = 0  # the lease brings it back
+    if given:
+        delay_ms = jitter_ms(200, 1000)
+        publish_or_leave_to_relay([(claim.id, new_id)], delay_ms=delay_ms)
+        metrics.DEFERRALS.labels("fleet_slot_lost").inc()
+    log.warning(
+        "fleet slot lost before the call (this process stalled past FLEET_SLOT_LEASE_S): "
+        "nothing sent, the charge deferred with no attempt used",
+        extra=_extra(claim, "deferred"),
+    )
+    return Result.DEFERRED
 
 
 def _not_sent(claim: _Claim, settings: Settings) -> Result:

@@ -11,6 +11,7 @@ import logging
 import time
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import redis
@@ -317,3 +318,37 @@ def test_a_message_sent_while_the_database_was_down_is_adopted_not_dropped(rig: 
     assert rig.run(cid, "sent-while-the-database-was-down") is Result.DEFERRED
     adopted = charge(cid).message_id
     assert list(rig.delayed(cid)) == [adopted]  # the charge keeps a message of its own
+
+
+def test_a_slot_that_lapsed_before_the_call_sends_nothing_and_uses_no_attempt(
+    clean: None,
+) -> None:
+    """A process frozen between the gate and its call, longer than the slot's lease: its
+    slot may be someone else's by then. Found out before the call, not after."""
+
+    class FrozenAfterTheGate(ProviderGate):
+        def enter(self) -> Any:
+            passed = super().enter()
+            self.fleet.stop_renewing(wait_s=1)  # the whole process stands still...
+            time.sleep(self.fleet.lease_ms / 1000 + 0.3)  # ...past the slot's lease
+            return passed
+
+    client = redis.Redis.from_url(REDIS_URL)
+    with SimulatorThread(api_key=API_KEY) as thread:
+        settings = load_settings(payment_provider_url=thread.url, fleet_slot_lease_s=0.5)
+        gate = FrozenAfterTheGate.from_settings(client, settings)
+        cid = enqueue_charge(1999, "usd", "tok_visa", unique_key("order")).id
+        with ProviderClient(settings) as provider:
+            result = process_charge(str(cid), settings=settings, provider=provider, gate=gate)
+        assert result is Result.DEFERRED
+        assert Sim(thread.url).stats()["requests"] == 0  # no call without a slot
+        c = charge(cid)
+        assert (c.status, c.attempts) == ("retrying", 0) and attempts(cid) == []
+        assert c.message_id in {*[m for m in _delayed_ids(client, cid)]}
+        gate.stop_keeping()
+    client.close()
+
+
+def _delayed_ids(client: redis.Redis, cid: uuid.UUID) -> list[str]:
+    raw = client.hgetall(f"{NAMESPACE}:{QUEUE_NAME}.DQ.msgs")
+    return [k.decode() for k, v in raw.items() if json.loads(v)["args"] == [str(cid)]]
