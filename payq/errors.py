@@ -73,13 +73,23 @@ class RawCardNumberError(ChargeInputError):
 
 
 class IdempotencyConflict(PayqError):
-    """The idempotency key already belongs to a charge with other parameters."""
+    """The idempotency key already belongs to a charge with other parameters, or to
+    another app's charge (then ``charge_id`` is ``None``: not this caller's to know)."""
 
-    def __init__(self, idempotency_key_hint: str, charge_id: str, differing: list[str]) -> None:
-        super().__init__(
-            f"idempotency key {idempotency_key_hint} already belongs to charge {charge_id} "
-            f"with different {', '.join(differing)}; use a new key for a new charge"
-        )
+    def __init__(
+        self, idempotency_key_hint: str, charge_id: str | None, differing: list[str]
+    ) -> None:
+        if charge_id is None:
+            text = (
+                f"idempotency key {idempotency_key_hint} is already used by another app; "
+                "use keys of your own (prefix them with your app's name, say)"
+            )
+        else:
+            text = (
+                f"idempotency key {idempotency_key_hint} already belongs to charge {charge_id} "
+                f"with different {', '.join(differing)}; use a new key for a new charge"
+            )
+        super().__init__(text)
         self.charge_id = charge_id
         self.differing = differing
 

@@ -91,6 +91,8 @@ charges = Table(
     Column("dead_outcome", String(24)),
     # For a dead charge of unknown outcome: when the sweep looks it up next.
     Column("next_lookup_at", DateTime(timezone=True)),
+    # The web app whose intake token made it (None: enqueued from Python).
+    Column("app", String(32)),
     CheckConstraint("amount > 0", name="amount_positive"),
     CheckConstraint(f"status IN ({_STATUSES})", name="status_known"),
     CheckConstraint("attempts >= 0", name="attempts_not_negative"),
@@ -202,6 +204,7 @@ class Charge:
     call_id: uuid.UUID | None
     dead_outcome: DeadOutcome | None
     next_lookup_at: dt.datetime | None
+    app: str | None
 
     def __repr__(self) -> str:
         """The payment token is masked: a repr ends up in logs and tracebacks."""

@@ -16,7 +16,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from payq.errors import ConfigError
 
-__all__ = ["Settings", "get_settings", "load_settings"]
+__all__ = ["DEFAULT_APP", "Settings", "get_settings", "load_settings"]
 
 # Values of these variables never appear in an error message: they may hold secrets.
 _SECRET_FIELDS = frozenset(
@@ -32,6 +32,10 @@ _SECRET_FIELDS = frozenset(
 # A bearer token of the HTTP intake: long enough that guessing is hopeless, and no
 # character that a header, a comma-separated list or a shell would mangle.
 _API_TOKEN = re.compile(r"[\x21-\x2b\x2d-\x7e]{16,512}")
+# ``app=token`` in PAYQ_API_TOKENS: the web app a token belongs to.
+_APP_TOKEN = re.compile(r"([a-z0-9_-]{1,32})=([\x21-\x2b\x2d-\x7e]{16,512})")
+#: The app of an intake token given without a name.
+DEFAULT_APP = "default"
 
 
 class Settings(BaseSettings):
@@ -158,7 +162,7 @@ class Settings(BaseSettings):
                 "character (a secret file's trailing newline?); set the bare key"
             )
         for name, tokens in (
-            ("PAYQ_API_TOKENS", self.intake_tokens),
+            ("PAYQ_API_TOKENS", tuple(token for _, token in self.intake_apps)),
             ("PAYQ_OPERATOR_TOKENS", self.operator_tokens),
         ):
             if not all(_API_TOKEN.fullmatch(token) for token in tokens):
@@ -174,9 +178,20 @@ class Settings(BaseSettings):
         return self
 
     @property
+    def intake_apps(self) -> tuple[tuple[str, str], ...]:
+        """``(app, token)`` for each bearer token web apps enqueue with (``PAYQ_API_TOKENS``,
+        ``app=token,...``; a token without a name belongs to the app ``default``). An app
+        reads and conflicts with its own charges only."""
+        pairs = []
+        for entry in _split_tokens(self.payq_api_tokens):
+            named = _APP_TOKEN.fullmatch(entry)
+            pairs.append((named.group(1), named.group(2)) if named else (DEFAULT_APP, entry))
+        return tuple(pairs)
+
+    @property
     def intake_tokens(self) -> tuple[str, ...]:
-        """The bearer tokens web apps enqueue with (``PAYQ_API_TOKENS``)."""
-        return _split_tokens(self.payq_api_tokens)
+        """The bearer tokens web apps enqueue with, without their apps' names."""
+        return tuple(token for _, token in self.intake_apps)
 
     @property
     def operator_tokens(self) -> tuple[str, ...]:

@@ -66,6 +66,7 @@ class ChargeRequest:
     idempotency_key: str
     description: str | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    app: str | None = None  # the web app that sent it (the intake's token), if any
 
 
 def validate_charge(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -127,13 +128,16 @@ def enqueue_charge_result(
     idempotency_key: str,
     description: str | None = None,
     metadata: Mapping[str, str] | None = None,
+    app: str | None = None,
 ) -> EnqueueResult:
     """``enqueue_charge``, also saying whether this call created the charge.
 
     For callers that must tell a new charge from a repeat of the same request (the
-    HTTP intake answers 201 or 200); same validation, same errors.
+    HTTP intake answers 201 or 200); same validation, same errors. ``app``: the web app
+    that sends it; a key another app used is a conflict that names no charge.
     """
     request = _one(amount, currency, source, idempotency_key, description, metadata)
+    request = dataclasses.replace(request, app=app)
     result, fresh = _enqueue([request], session=None)
     return EnqueueResult(charge=result[0], created=bool(fresh))
 
@@ -191,8 +195,11 @@ def _writing(requests: Sequence[ChargeRequest]) -> Iterator[Connection]:
         yield conn
 
 
-def get_charge(charge_id: uuid.UUID | str, session: Session | None = None) -> Charge:
-    """The charge with this id; raises ``ChargeNotFound``."""
+def get_charge(
+    charge_id: uuid.UUID | str, session: Session | None = None, *, app: str | None = None
+) -> Charge:
+    """The charge with this id; raises ``ChargeNotFound``. With ``app``, only a charge that
+    app sent: another app's is not found, as if it did not exist."""
     try:
         wanted = uuid.UUID(str(charge_id))
     except ValueError:
@@ -203,7 +210,7 @@ def get_charge(charge_id: uuid.UUID | str, session: Session | None = None) -> Ch
     else:
         with transaction() as conn:
             row = conn.execute(query).mappings().first()
-    if row is None:
+    if row is None or (app is not None and row["app"] != app):
         raise ChargeNotFound(str(charge_id))
     return Charge.from_row(row)
 
@@ -254,6 +261,8 @@ def _insert(
             by_key[charge.idempotency_key] = charge
         for request in requests:
             charge = by_key[request.idempotency_key]
+            if charge.app != request.app:  # another app's: not this caller's to see
+                raise IdempotencyConflict(_hint(request.idempotency_key), None, ["app"])
             differing = _differing(charge, request)
             if differing:
                 raise IdempotencyConflict(_hint(request.idempotency_key), str(charge.id), differing)
@@ -272,6 +281,7 @@ def _row(request: ChargeRequest) -> dict[str, Any]:
         "metadata": dict(request.metadata),
         "status": ChargeStatus.PENDING.value,
         "message_id": new_message_id(),
+        "app": request.app,
     }
 
 

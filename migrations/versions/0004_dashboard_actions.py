@@ -1,4 +1,4 @@
-"""dashboard actions: one row per confirmed action, its token used once
+"""dashboard actions, used once; the web app each charge came from
 
 Revision ID: 0004
 Revises: 0003
@@ -27,7 +27,9 @@ def upgrade() -> None:
         sa.Column("finished_at", sa.DateTime(timezone=True)),
         sa.Column("result", postgresql.JSONB()),
     )
+    op.add_column("charges", sa.Column("app", sa.String(32)))
 
 
 def downgrade() -> None:
+    op.drop_column("charges", "app")
     op.drop_table("dashboard_actions")

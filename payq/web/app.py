@@ -54,7 +54,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(charges.router)
     app.include_router(system.router)
-    tokens = Tokens(settings.intake_tokens, settings.operator_tokens)
+    tokens = Tokens(settings.intake_apps, settings.operator_tokens)
     sessions = OpsSessions(settings.operator_tokens)
     ops.install(app, tokens=tokens, sessions=sessions)
     # add_middleware puts each one outside those before it.

@@ -132,6 +132,7 @@ class Principal:
     role: Role
     token_id: str
     session: OpsSession | None = None
+    app: str | None = None  # the web app an intake token belongs to
 
 
 def _token_id(digest: bytes) -> str:
@@ -139,21 +140,19 @@ def _token_id(digest: bytes) -> str:
 
 
 class Tokens:
-    """The known tokens, kept only as digests."""
+    """The known tokens, kept only as digests; an intake token with its app's name."""
 
-    def __init__(self, intake: Iterable[str], operator: Iterable[str]) -> None:
-        self._known = [
-            (hashlib.sha256(token.encode()).digest(), role)
-            for tokens, role in ((intake, Role.INTAKE), (operator, Role.OPERATOR))
-            for token in tokens
-        ]
+    def __init__(self, intake: Iterable[tuple[str, str]], operator: Iterable[str]) -> None:
+        self._known: list[tuple[bytes, Role, str | None]] = [
+            (hashlib.sha256(token.encode()).digest(), Role.INTAKE, app) for app, token in intake
+        ] + [(hashlib.sha256(token.encode()).digest(), Role.OPERATOR, None) for token in operator]
 
     def identify(self, presented: bytes) -> Principal | None:
         digest = hashlib.sha256(presented).digest()
         found: Principal | None = None
-        for known, role in self._known:  # every one, no early exit
+        for known, role, app in self._known:  # every one, no early exit
             if hmac.compare_digest(digest, known) and found is None:
-                found = Principal(role, _token_id(known))
+                found = Principal(role, _token_id(known), app=app)
         return found
 
 

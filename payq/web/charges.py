@@ -187,7 +187,8 @@ async def create_charge(
         raise ApiError(
             422, ErrorCode.INVALID_REQUEST, "the charge was refused; see errors", errors=errors
         )
-    result = await blocking.run(lambda: enqueue_charge_result(**given))
+    app = request.state.principal.app
+    result = await blocking.run(lambda: enqueue_charge_result(**given, app=app))
     return JSONBody(
         ChargeOut.of(result.charge).model_dump(mode="json"),
         status_code=201 if result.created else 200,
@@ -201,10 +202,12 @@ async def create_charge(
     responses={200: {"model": ChargeOut, "description": "The charge."}, **responses(404)},
 )
 async def read_charge(
+    request: Request,
     charge_id: Annotated[str, Path(description="the id POST /v1/charges answered with")],
     blocking: Annotated[Blocking, Depends(_blocking)],
 ) -> JSONBody:
-    charge = await blocking.run(lambda: get_charge(charge_id))
+    app = request.state.principal.app  # an app reads its own charges only
+    charge = await blocking.run(lambda: get_charge(charge_id, app=app))
     return JSONBody(ChargeOut.of(charge).model_dump(mode="json"))
 
 

@@ -235,6 +235,13 @@ async def _not_found(request: Request, exc: Exception) -> JSONBody:
 
 async def _conflict(request: Request, exc: Exception) -> JSONBody:
     assert isinstance(exc, IdempotencyConflict)
+    if exc.charge_id is None:  # another app's charge: not even its id is this caller's
+        return error_response(
+            409,
+            ErrorCode.CONFLICT,
+            "this Idempotency-Key is already used by another app's charge; use keys of your "
+            "own (prefix them with your app's name, say)",
+        )
     return error_response(
         409,
         ErrorCode.CONFLICT,

@@ -100,7 +100,7 @@ def test_access_of_paths() -> None:
 
 
 def test_tokens_identify_by_digest() -> None:
-    tokens = Tokens([INTAKE, INTAKE_NEXT], [OPERATOR])
+    tokens = Tokens([("shop", INTAKE), ("shop", INTAKE_NEXT)], [OPERATOR])
     first, second = tokens.identify(INTAKE.encode()), tokens.identify(INTAKE_NEXT.encode())
     assert first is not None and second is not None
     assert first.role is Role.INTAKE and first.token_id != second.token_id

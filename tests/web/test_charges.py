@@ -236,3 +236,25 @@ async def test_postgres_down_is_503_with_nothing_written(
     assert "psycopg2" not in response.text and "127.0.0.1" not in response.text
     assert healthz.status_code == 503 and healthz.json() == {"status": "down"}
     assert rows() == 0
+
+
+SHOP = "shop-" + "s" * 24
+BILLING = "billing-" + "b" * 24
+
+
+async def test_an_app_sees_its_own_charges_and_no_other_apps_ids(serve: Any) -> None:
+    """Reproduced: any intake token read any charge, and a 409 named another app's charge."""
+    one_app = make_app(payq_api_tokens=f"shop={SHOP},billing={BILLING}")
+    shop, billing = serve(SHOP, app=one_app), serve(BILLING, app=one_app)
+    body = {"amount": 1999, "currency": "usd", "source": "tok_visa"}
+    made = await shop.post("/v1/charges", json=body, headers={"Idempotency-Key": "order-77"})
+    assert made.status_code == 201
+    charge_id = made.json()["id"]
+    assert (await shop.get(f"/v1/charges/{charge_id}")).status_code == 200
+    assert (await billing.get(f"/v1/charges/{charge_id}")).status_code == 404  # not its own
+    for sent in (body, {**body, "amount": 5}):  # the same request, or another one
+        taken = await billing.post(
+            "/v1/charges", json=sent, headers={"Idempotency-Key": "order-77"}
+        )
+        assert taken.status_code == 409
+        assert charge_id not in taken.text and "another app" in taken.json()["error"]["message"]

@@ -199,7 +199,7 @@ async def test_without_a_session_a_browser_is_sent_to_sign_in_and_a_program_gets
 
 
 async def test_a_tampered_expired_or_foreign_session_is_refused() -> None:
-    tokens = Tokens([INTAKE], [OPERATOR])
+    tokens = Tokens([("default", INTAKE)], [OPERATOR])
     sessions = OpsSessions([OPERATOR])
     holder = tokens.identify(OPERATOR.encode())
     assert holder is not None
