@@ -94,7 +94,7 @@ def _shutdown_timeout(settings: Settings, dramatiq_args: Sequence[str]) -> list[
 
 def cmd_worker(args: argparse.Namespace) -> int:
     settings = _settings()
-    settings.require_provider_key("workers")
+    settings.require_provider_key("a worker")
     processes = args.processes or settings.worker_processes
     threads = args.threads or settings.worker_threads
     settings.check_worker_pools(threads)
@@ -242,7 +242,11 @@ def _key_value(text: str) -> tuple[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="payq", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="payq",
+        description="payq: a worker queue for payment charges. Exit codes: 0 done, 1 done in "
+        "part, 2 bad usage or input, 3 a service down.",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("migrate", help="create the database if needed and apply migrations")

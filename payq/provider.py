@@ -173,8 +173,8 @@ class ProviderClient:
             ) from None
         except httpx.TimeoutException as exc:
             raise ProviderTimeout(
-                f"no answer within {self.timeout_s * 1000:.0f} ms ({type(exc).__name__}); the "
-                "charge may or may not have happened"
+                f"no answer within {self.timeout_s * 1000:.0f} ms ({type(exc).__name__})"
+                + _MAYBE_CHARGED.get(method, "")
             ) from exc
         except httpx.LocalProtocolError as exc:
             # Its text can quote our own request headers, the API key among them.
@@ -185,11 +185,15 @@ class ProviderClient:
         except httpx.HTTPError as exc:
             raise ProviderConnectionError(
                 f"connection failed before a whole answer ({type(exc).__name__}: "
-                f"{str(exc)[:200]}); the charge may or may not have happened"
+                f"{str(exc)[:200]})" + _MAYBE_CHARGED.get(method, "")
             ) from exc
         finally:
             with self._in_flight_lock:
                 self._in_flight -= 1
+
+
+#: Said of a call that got no answer: only a charge request may have charged.
+_MAYBE_CHARGED = {"POST": "; the charge may or may not have happened"}
 
 
 def _read_bounded(response: httpx.Response) -> httpx.Response:

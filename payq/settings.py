@@ -226,7 +226,7 @@ class Settings(BaseSettings):
         key = self.payment_provider_api_key
         if key is None or not key.get_secret_value():
             raise ConfigError(
-                f"PAYMENT_PROVIDER_API_KEY: is not set; {who} need the provider's API key "
+                f"PAYMENT_PROVIDER_API_KEY: is not set; {who} needs the provider's API key "
                 "to call it (set it in the environment or .env)"
             )
 

@@ -27,7 +27,7 @@ log = logging.getLogger("payq.worker")
 
 try:
     settings = get_settings()
-    settings.require_provider_key("workers")
+    settings.require_provider_key("a worker")
 except ConfigError as exc:  # one clear line, not a traceback, under `dramatiq workers` too
     print(f"payq: {exc}", file=sys.stderr)
     raise SystemExit(2) from None

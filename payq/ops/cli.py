@@ -70,15 +70,19 @@ def _add_filters(p: argparse.ArgumentParser, *, ids: bool = True) -> None:
     )
 
 
+JSON_HELP = "print JSON instead of a table (for scripts)"
+DRY_RUN_HELP = "list what would be done, and change nothing"
+
+
 def add_ops_commands(sub: Any) -> None:
     p = sub.add_parser("status", help="queues, charges, provider figures, live workers")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
     p.add_argument("--watch", action="store_true", help="refresh until interrupted")
     p.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
     p.set_defaults(func=_command("cmd_status"))
 
-    p = sub.add_parser("health", help="check every part; exit 0 healthy, 1 degraded, 2 down")
-    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("health", help="check every part; exit 0 healthy, 1 degraded, 3 down")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
     p.add_argument("--no-provider", action="store_true", help="skip the provider lookup")
     p.set_defaults(func=_command("cmd_health"))
 
@@ -88,12 +92,12 @@ def add_ops_commands(sub: Any) -> None:
     p = dsub.add_parser("list", help="dead charges, oldest first, with totals by currency")
     _add_filters(p)
     p.add_argument("--limit", type=int, default=200, help="rows to show (default 200)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
     p.set_defaults(func=_command("cmd_list"))
 
     p = dsub.add_parser("show", help="one charge with every attempt")
     p.add_argument("id", type=_charge_id)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
     p.set_defaults(func=_command("cmd_show"))
 
     for name, func, text in (
@@ -107,11 +111,9 @@ def add_ops_commands(sub: Any) -> None:
         p = dsub.add_parser(name, help=text)
         _add_filters(p)
         p.add_argument("--all", action="store_true", help="every dead charge in the view")
-        p.add_argument(
-            "--dry-run", action="store_true", help="say what would happen; change nothing"
-        )
+        p.add_argument("--dry-run", action="store_true", help=DRY_RUN_HELP)
         p.add_argument("--actor", help="who is acting (default: PAYQ_ACTOR or the OS user)")
-        p.add_argument("--json", action="store_true")
+        p.add_argument("--json", action="store_true", help=JSON_HELP)
         p.set_defaults(func=func)
         if name == "replay":
             p.add_argument("--rate", type=float, default=50.0, metavar="N", help="charges/s (50)")
@@ -128,14 +130,14 @@ def add_ops_commands(sub: Any) -> None:
     p.add_argument("ids", nargs="*", metavar="REDIS_ID")
     p.add_argument("--all", action="store_true")
     p.add_argument("--yes", action="store_true", help="yes, drop them")
-    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--dry-run", action="store_true", help=DRY_RUN_HELP)
     p.add_argument("--actor", help="who is acting (default: PAYQ_ACTOR or the OS user)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
     p.set_defaults(func=_command("cmd_broker"))
 
     p = sub.add_parser("reconcile", help="look dead charges of unknown outcome up at the provider")
     _add_filters(p)
-    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--dry-run", action="store_true", help=DRY_RUN_HELP)
     p.add_argument("--actor", help="who is acting (default: PAYQ_ACTOR or the OS user)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
     p.set_defaults(func=_command("cmd_reconcile"))

@@ -8,18 +8,23 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import getpass
 import json
 import os
 import sys
 import time
-from collections.abc import Iterable
+import uuid
+from collections.abc import Iterable, Sequence
 from typing import Any
+
+from sqlalchemy import select
 
 from payq.constants import DeadOutcome
 from payq.db import transaction
 from payq.errors import ConfigError
 from payq.ledger import audit
+from payq.models import charges
 from payq.ops import broker_dlq
 from payq.ops.dlq import (
     DeadCharge,
@@ -30,7 +35,7 @@ from payq.ops.dlq import (
     show,
     totals,
 )
-from payq.ops.output import spreadsheet_safe, terminal_safe
+from payq.ops.output import plural, spreadsheet_safe, terminal_safe
 from payq.ops.reconcile import reconcile
 
 __all__ = ["format_amount"]
@@ -111,13 +116,17 @@ def _cut(text: str | None, width: int = 60) -> str:
 def cmd_list(args: argparse.Namespace) -> int:
     flt = _filter(args)
     dead = list(_limited(iter_dead_charges(flt), args.limit))
-    sums = totals(flt)
+    # The total is the view's: purged charges are listed when asked for, never counted.
+    sums = totals(dataclasses.replace(flt, include_purged=False))
+    purged = totals(flt) if flt.include_purged else {}
+    purged_count = sum(n for n, _ in purged.values()) - sum(n for n, _ in sums.values())
     if args.json:
         _print_json(
             {
                 "charges": [d.as_dict() for d in dead],
                 "count": sum(n for n, _ in sums.values()),
                 "totals": {cur: {"count": n, "amount": amt} for cur, (n, amt) in sums.items()},
+                "purged": max(0, purged_count),
             }
         )
         return 0
@@ -129,7 +138,7 @@ def cmd_list(args: argparse.Namespace) -> int:
                 format_amount(d.charge.amount, d.charge.currency),
                 str(d.charge.attempts),
                 d.charge.last_error_class or "",
-                _outcome(d),
+                _outcome(d) + (" (purged)" if d.charge.purged_at else ""),
                 _cut(d.charge.dead_reason),
             ]
             for d in dead
@@ -137,9 +146,12 @@ def cmd_list(args: argparse.Namespace) -> int:
         ["ID", "DEAD AT (UTC)", "AMOUNT", "ATT", "LAST ERROR", "AT THE PROVIDER", "REASON"],
     )
     count = sum(n for n, _ in sums.values())
-    shown = f" (showing {len(dead)})" if len(dead) < count else ""
+    shown = f" (showing {len(dead)})" if len(dead) < count + max(0, purged_count) else ""
     money = ", ".join(format_amount(amt, cur) for cur, (_, amt) in sums.items()) or "nothing"
-    print(f"\n{count} dead charges{shown}: {money}")
+    also = (
+        f"; {plural(purged_count, 'purged charge')} listed, not counted" if purged_count > 0 else ""
+    )
+    print(f"\n{plural(count, 'dead charge')} in the view{shown}: {money}{also}")
     return 0
 
 
@@ -220,17 +232,18 @@ def cmd_replay(args: argparse.Namespace) -> int:
         else lambda r: print(f"  replayed {len(r.replayed)}…", file=sys.stderr),
     )
     acted = {*report.replayed, *report.planned, *report.skipped}
-    for cid in flt.ids:
-        if cid not in acted:
-            report.skipped[cid] = "not a dead charge in the view (unknown, not dead, or purged)"
+    report.skipped.update(_why_not_dead([cid for cid in flt.ids if cid not in acted]))
     if args.json:
         _print_json(_report(report.__dict__))
     elif args.dry_run:
-        print(f"would replay {len(report.planned)} dead charges (dry run: nothing changed)")
+        print(
+            f"would replay {plural(len(report.planned), 'dead charge')} (dry run: nothing changed)"
+        )
+        _list_ids(report.planned)
     else:
         print(
-            f"replayed {len(report.replayed)} dead charges with their own idempotency keys "
-            f"(at most {args.rate:g}/s); they are pending again"
+            f"replayed {plural(len(report.replayed), 'dead charge')} with their own "
+            f"idempotency keys (at most {args.rate:g}/s); they are pending again"
         )
     if not args.json:
         for cid, why in report.skipped.items():
@@ -245,16 +258,56 @@ def cmd_purge(args: argparse.Namespace) -> int:
             "purge takes charges out of the dead-letter view: add --yes (or --dry-run)"
         )
     ids = purge(flt, actor=_actor(args), dry_run=args.dry_run)
-    left = {str(cid): "not a dead charge in the view" for cid in flt.ids if cid not in ids}
+    left = {
+        str(cid): why for cid, why in _why_not_dead([c for c in flt.ids if c not in ids]).items()
+    }
     if args.json:
         key = "would_purge" if args.dry_run else "purged"
         _print_json({key: [str(i) for i in ids], "left": left})
     else:
         verb = "would purge" if args.dry_run else "purged"
-        print(f"{verb} {len(ids)} dead charges (kept in the database, out of the dead-letter view)")
+        print(
+            f"{verb} {plural(len(ids), 'dead charge')} (kept in the database, out of the "
+            "dead-letter view)"
+        )
+        if args.dry_run:
+            _list_ids(ids)
         for cid, why in left.items():
             print(f"  left {cid}: {why}")
     return 1 if left else 0
+
+
+def _list_ids(ids: Sequence[uuid.UUID]) -> None:
+    """A dry run names what it would touch."""
+    for cid in ids:
+        print(f"  {cid}")
+
+
+def _why_not_dead(ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, str]:
+    """For charges named but not acted on: what each one is instead."""
+    if not ids:
+        return {}
+    with transaction() as conn:
+        found = {
+            row.id: row
+            for row in conn.execute(
+                select(charges.c.id, charges.c.status, charges.c.purged_at).where(
+                    charges.c.id.in_(list(ids))
+                )
+            )
+        }
+    why = {}
+    for cid in ids:
+        row = found.get(cid)
+        if row is None:
+            why[cid] = "no charge with this id"
+        elif row.status == "dead" and row.purged_at is not None:
+            why[cid] = "dead but purged: add --include-purged"
+        elif row.status == "dead":
+            why[cid] = "dead, but left out by the other filters given"
+        else:
+            why[cid] = f"not dead: it is {row.status}"
+    return why
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -279,18 +332,25 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
+    from payq.settings import get_settings
+
+    if not args.dry_run:
+        get_settings().require_provider_key("payq reconcile")
     report = reconcile(_filter(args), actor=_actor(args), dry_run=args.dry_run)
     if args.json:
         _print_json(_report(report.__dict__))
         return 1 if report.pending else 0
     if args.dry_run:
         print(
-            f"would look up {len(report.planned)} dead charges whose outcome is unknown (dry run)"
+            f"would look up {plural(len(report.planned), 'dead charge')} whose outcome is "
+            "unknown (dry run)"
         )
+        _list_ids(report.planned)
         return 0
+    looked = len(report.settled) + len(report.pending)
     print(
-        f"looked up {len(report.settled) + len(report.pending)} charges at the provider: "
-        f"{len(report.succeeded)} were charged (now succeeded), {len(report.failed)} declined "
+        f"looked up {plural(looked, 'charge')} at the provider: "
+        f"{len(report.succeeded)} charged (now succeeded), {len(report.failed)} declined "
         f"(now failed), {len(report.not_charged)} not charged (stay dead)"
     )
     for cid, why in report.pending.items():

@@ -168,7 +168,7 @@ def check_error_rate(settings: Settings, engine: Engine | None = None) -> Check:
     stats = attempt_stats(5, engine)
     if stats.attempts < settings.health_min_attempts:
         return Check(
-            "error_rate", Level.OK, f"{stats.attempts} attempts in 5 min: too few to judge"
+            "error_rate", Level.OK, f"{_n(stats.attempts, 'attempt')} in 5 min: too few to judge"
         )
     rate = stats.errors / stats.attempts
     level = Level.DEGRADED if rate > settings.health_error_rate else Level.OK
@@ -189,10 +189,12 @@ def check_dead_letters(settings: Settings, engine: Engine | None = None) -> Chec
         return Check(
             "dead_letters",
             Level.DEGRADED,
-            f"{new} charges went dead in the last {window_s} s ({total} in the view): "
+            f"{_n(new, 'charge')} went dead in the last {window_s} s ({total} in the view): "
             "see `payq dlq list`",
         )
-    return Check("dead_letters", Level.OK, f"{total} dead charges, none new in {window_s} s")
+    return Check(
+        "dead_letters", Level.OK, f"{_n(total, 'dead charge')}, none new in {window_s} s"
+    )
 
 
 def check_unknown_outcomes(settings: Settings, engine: Engine | None = None) -> Check:
@@ -257,7 +259,9 @@ def check_pools(settings: Settings) -> Check:
     threshold = settings.health_pool_utilization
     level = Level.DEGRADED if worst_use > threshold else Level.OK
     detail = f"busiest: {where} at {worst_use:.0%}" if where else "all pools idle"
-    return Check("pools", level, f"{detail} (threshold {threshold:.0%}, {len(reports)} workers)")
+    return Check(
+        "pools", level, f"{detail} (threshold {threshold:.0%}, {_n(len(reports), 'worker')})"
+    )
 
 
 def run_checks(
@@ -275,16 +279,20 @@ def run_checks(
     if provider:
         checks.append(check_provider(client, gate.fleet if gate else None))
     checks.append(check_breaker(gate))
-    if checks[0].level is Level.OK and checks[1].level is Level.OK:
-        fleet_checks: list[Callable[[], Check]] = [
-            lambda: check_error_rate(settings, engine),
-            lambda: check_dead_letters(settings, engine),
-            lambda: check_unknown_outcomes(settings, engine),
-            lambda: check_pools(settings),
-        ]
-        for fleet_check in fleet_checks:
-            try:
-                checks.append(fleet_check())
-            except Exception as exc:  # the service checks above already say what is down
-                checks.append(Check("fleet", Level.DEGRADED, f"{type(exc).__name__}: {exc}"[:200]))
+    fleet_checks: list[tuple[str, Callable[[], Check]]] = [
+        ("error_rate", lambda: check_error_rate(settings, engine)),
+        ("dead_letters", lambda: check_dead_letters(settings, engine)),
+        ("unknown_outcomes", lambda: check_unknown_outcomes(settings, engine)),
+        ("pools", lambda: check_pools(settings)),
+    ]
+    down = [c.name for c in checks[:2] if c.level is not Level.OK]
+    for name, fleet_check in fleet_checks:
+        if down:  # said, not dropped: a probe sees what it could not judge
+            why = f"not checked: {' and '.join(down)} did not answer"
+            checks.append(Check(name, Level.DEGRADED, why))
+            continue
+        try:
+            checks.append(fleet_check())
+        except Exception as exc:  # the service checks above already say what is down
+            checks.append(Check(name, Level.DEGRADED, f"not checked: {type(exc).__name__}"))
     return checks

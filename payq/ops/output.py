@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import unicodedata
 
-__all__ = ["spreadsheet_safe", "terminal_safe"]
+__all__ = ["plural", "spreadsheet_safe", "terminal_safe"]
 
 #: Starts of a cell that spreadsheets read as a formula (or a formula's lead-in).
 _FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
@@ -37,3 +37,8 @@ def spreadsheet_safe(value: object) -> object:
     if isinstance(value, str) and value.startswith(_FORMULA_STARTS):
         return "'" + value
     return value
+
+
+def plural(count: int, noun: str, nouns: str | None = None) -> str:
+    """``1 dead charge``, ``2 dead charges`` (``nouns`` when adding an s is wrong)."""
+    return f"{count} {noun if count == 1 else nouns or noun + 's'}"

@@ -24,6 +24,7 @@ from payq.constants import QUEUE_NAME, ChargeStatus, DeadOutcome, redis_key
 from payq.db import transaction
 from payq.gate import ProviderGate
 from payq.models import charges
+from payq.ops.output import plural
 from payq.settings import Settings, get_settings
 from payq.sweep import backlog
 
@@ -296,7 +297,7 @@ def render(snap: dict[str, Any]) -> str:
     if not workers:
         lines.append("workers    none reporting")
     else:
-        lines.append(f"workers    {len(workers)} processes reporting")
+        lines.append(f"workers    {plural(len(workers), 'process', 'processes')} reporting")
         lines.append(
             "  HOST:PID            GROUP   THREADS BUSY  HTTP POOL  DB POOL  DONE  REPORTED"
         )

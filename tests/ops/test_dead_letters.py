@@ -56,10 +56,15 @@ class Ops:
         settings = load_settings(payment_provider_url=self.sim.url)
         return process_charge(str(cid), settings=settings, provider=self.provider)
 
-    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+    def cli(self, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "payq.cli", *args],
-            env={**TEST_ENV, "PATH": "/usr/bin:/bin", "PAYMENT_PROVIDER_URL": self.sim.url},
+            env={
+                **TEST_ENV,
+                "PATH": "/usr/bin:/bin",
+                "PAYMENT_PROVIDER_URL": self.sim.url,
+                **env,
+            },
             capture_output=True,
             text=True,
             timeout=60,
@@ -103,7 +108,7 @@ def test_cli_list_is_a_table_with_totals_and_json_on_request(ops: Ops) -> None:
     table = ops.cli("dlq", "list")
     assert table.returncode == 0, table.stderr
     assert "outcome unknown" in table.stdout
-    assert "2 dead charges: 500 JPY, 19.99 USD" in table.stdout
+    assert "2 dead charges in the view: 500 JPY, 19.99 USD" in table.stdout
     as_json = json.loads(ops.cli("dlq", "list", "--json").stdout)
     assert as_json["count"] == 2 and as_json["totals"]["usd"] == {"count": 1, "amount": 1999}
 
@@ -147,7 +152,8 @@ def test_replay_uses_the_same_key_a_fresh_budget_and_is_audited(ops: Ops) -> Non
 def test_replay_dry_run_changes_nothing_and_refuses_to_guess(ops: Ops) -> None:
     cid = ops.dead("error")
     out = ops.cli("dlq", "replay", "--all", "--dry-run")
-    assert out.returncode == 0 and "would replay 1" in out.stdout
+    assert out.returncode == 0 and "would replay 1 dead charge (" in out.stdout
+    assert str(cid) in out.stdout  # a dry run names what it would touch
     assert charge(cid).status == "dead" and audit_rows() == []
     nothing = ops.cli("dlq", "replay")
     assert nothing.returncode == 2 and "give IDs, a filter" in nothing.stderr
@@ -299,3 +305,29 @@ def test_broker_dead_letters_list_requeue_drop(ops: Ops) -> None:
     assert "dropped 1" in ops.cli("dlq", "broker", "drop", "m2", "--yes").stdout
     assert client.zcard(xq) == 0
     client.close()
+
+
+def test_the_small_stumbles_of_the_cli_are_gone(ops: Ops) -> None:
+    dead = ops.dead("invalid_request")
+    alive = enqueue_charge(1999, "usd", "tok_visa", unique_key("alive")).id
+    # A replay of a charge that is not dead says what it is.
+    out = ops.cli("dlq", "replay", str(alive), str(dead), "--dry-run")
+    assert f"skipped {alive}: not dead: it is pending" in out.stdout
+    # Purged charges are marked when listed, and left out of the total.
+    purge(DeadFilter(ids=[dead]), actor="dave")
+    listed = ops.cli("dlq", "list", "--include-purged").stdout
+    assert "(purged)" in listed
+    assert "0 dead charges in the view: nothing; 1 purged charge listed, not counted" in listed
+    # Dry runs list ids; plurals are right.
+    assert str(dead) in ops.cli("dlq", "purge", "--include-purged", "--all", "--dry-run").stdout
+    # reconcile without the provider's key names the setting.
+    no_key = ops.cli("reconcile", PAYMENT_PROVIDER_API_KEY="")
+    assert no_key.returncode == 2 and "PAYMENT_PROVIDER_API_KEY: is not set" in no_key.stderr
+
+
+def test_help_reads_plainly_and_explains_json_and_dry_run(ops: Ops) -> None:
+    top = ops.cli("--help").stdout
+    assert "``" not in top and "Exit codes" in top
+    replay_help = ops.cli("dlq", "replay", "--help").stdout
+    assert "print JSON instead of a table" in replay_help
+    assert "change nothing" in replay_help

@@ -148,7 +148,7 @@ def test_charges_going_dead_make_health_degraded_for_one_interval(sim: Sim) -> N
     checks = {c.name: c for c in run_checks(settings, provider=False)}
     assert checks["dead_letters"].level is Level.DEGRADED
     detail = checks["dead_letters"].detail
-    assert "1 charges went dead in the last 1 s" in detail and "payq dlq list" in detail
+    assert "1 charge went dead in the last 1 s" in detail and "payq dlq list" in detail
     time.sleep(1.2)
     again = {c.name: c for c in run_checks(settings, provider=False)}
     assert again["dead_letters"].level is Level.OK  # none new since
@@ -303,3 +303,10 @@ def test_the_provider_check_holds_a_fleet_slot_and_never_calls_over_the_limit(
         unknown = check_breaker(blind)
         assert unknown.level is Level.DEGRADED and unknown.detail.startswith("state unknown")
         gone.close()
+
+
+def test_health_says_which_checks_it_could_not_run_when_a_service_is_down() -> None:
+    down = cli("health", "--no-provider", REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")
+    lines = {line.split()[1]: line for line in down.stdout.splitlines()[:-1]}
+    for name in ("error_rate", "dead_letters", "unknown_outcomes", "pools"):
+        assert name in lines and "not checked: redis did not answer" in lines[name], down.stdout

@@ -408,7 +408,7 @@ async def test_reconcile_settles_a_charge_the_provider_made(browser: Browser, de
     confirm = await client.get(f"/ops/confirm/reconcile?id={cid}")
     assert 'data-confirm-count="1"' in confirm.text
     done = await submit(client, "/ops/actions/reconcile", hidden_fields(confirm))
-    assert done.status_code == 200 and "1 were charged (now succeeded)" in done.text
+    assert done.status_code == 200 and "1 charged (now succeeded)" in done.text
     assert charge(cid).status == "succeeded"
     rows = {row["actor"]: row for row in audit_rows()}
     assert (rows["carol"]["action"], rows["carol"]["params"]["succeeded"]) == ("reconcile", 1)
