@@ -50,6 +50,8 @@ __all__ = [
 Figure = int | float | str
 
 SAMPLE_INTERVAL_S = 0.1
+#: How often a waiting drill says how far it is.
+PROGRESS_EVERY_S = 10.0
 _FINAL = ("succeeded", "failed", "dead")
 
 
@@ -202,16 +204,27 @@ def attempts_of(drill: Drill) -> list[RowMapping]:
 def wait_final(
     drill: Drill, rig: Rig, timeout_s: float, tick: Callable[[], None] | None = None
 ) -> bool:
-    """Poll every 100 ms until every drill charge is final; ``tick`` runs each time."""
-    deadline = time.monotonic() + timeout_s
-    next_at = time.monotonic()
+    """Poll every 100 ms until every drill charge is final; ``tick`` runs each time. Every
+    ``PROGRESS_EVERY_S`` a line says how far it is: a drill can take minutes."""
+    started = time.monotonic()
+    deadline = started + timeout_s
+    next_at = started
+    next_progress = started + PROGRESS_EVERY_S
     while time.monotonic() < deadline:
         rig.check()
         if tick is not None:
             tick()
         counts = _status_counts(drill)
-        if sum(counts.get(s, 0) for s in _FINAL) >= drill.total:
+        final = sum(counts.get(s, 0) for s in _FINAL)
+        if final >= drill.total:
             return True
+        if time.monotonic() >= next_progress:
+            next_progress += PROGRESS_EVERY_S
+            waiting = ", ".join(f"{s} {n}" for s, n in sorted(counts.items()) if s not in _FINAL)
+            drill.story.progress(
+                f"[{time.monotonic() - started:.0f} s] {final} of {drill.total} charges final"
+                f" ({waiting}); waiting up to {timeout_s:.0f} s"
+            )
         next_at = max(next_at + SAMPLE_INTERVAL_S, time.monotonic())
         time.sleep(max(0.0, next_at - time.monotonic()))
     drill.problems.append(f"charges still not final after {timeout_s:.0f} s")
