@@ -65,6 +65,9 @@ def configure_logging(settings: Settings, *, stream: Any = None) -> None:
         formatter = JsonFormatter(
             "%(asctime)s %(levelname)s %(name)s %(process)d %(message)s",
             rename_fields={"levelname": "level", "name": "logger", "asctime": "time"},
+            # Text as it is (UTF-8), not \u escapes: the scrubber must see the characters
+            # (a card number pasted with no-break spaces would hide behind "\u00a0").
+            json_ensure_ascii=False,
         )
     else:
         formatter = _ConsoleFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")

@@ -51,3 +51,19 @@ def test_secrets_are_masked_in_messages_extras_and_tracebacks(
     text = stream.getvalue()
     assert KEY not in text and "hunter2secret" not in text
     assert text.count("***") >= 4
+
+
+@pytest.mark.parametrize("log_format", ["json", "console"])
+def test_card_numbers_are_masked_however_they_were_pasted(
+    stream: io.StringIO, log_format: str
+) -> None:
+    configure_logging(load_settings(log_format=log_format))
+    log = logging.getLogger("payq.test")
+    log.warning("customer wrote 4242.4242.4242.4242 in the note")
+    log.warning(
+        "and", extra={"note": "4242\u00a04242\u00a04242\u00a04242", "id": "order-1733400000000"}
+    )
+    text = stream.getvalue()
+    digits = "".join(ch for ch in text if ch.isdigit())
+    assert "4242424242424242" not in digits.replace("1733400000000", "")
+    assert text.count("[card number]") == 2 and "order-1733400000000" in text  # no false alarm
