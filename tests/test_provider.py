@@ -120,8 +120,12 @@ def test_reset_is_a_connection_error(sim: Sim) -> None:
 
 def test_nobody_listening_is_a_connection_error() -> None:
     c = client(Sim("http://127.0.0.1:9"))
-    with pytest.raises(errors.ProviderConnectionError):
+    with pytest.raises(errors.ProviderConnectionError) as charging:
         c.create_charge("k-refused", BODY)
+    assert "may or may not have happened" in str(charging.value)
+    with pytest.raises(errors.ProviderConnectionError) as looking:
+        c.find_charge("k-refused")  # a lookup charges nothing: it does not say it might have
+    assert "may or may not" not in str(looking.value)
 
 
 def test_timeout_after_charging_then_retry_is_one_charge(sim: Sim) -> None:
