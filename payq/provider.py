@@ -86,7 +86,7 @@ def charge_body(
 
 class ProviderClient:
     def __init__(self, settings: Settings) -> None:
-        settings.require_provider_key("payq's provider calls")
+        settings.require_provider_key("the provider's client")
         assert settings.payment_provider_api_key is not None
         key = settings.payment_provider_api_key.get_secret_value()
         self.timeout_s = settings.payment_timeout_s

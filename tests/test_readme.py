@@ -55,7 +55,7 @@ def test_the_web_app_example_runs_as_pasted_and_each_order_gets_its_own_charge(
             keys = sorted(conn.execute(select(charges.c.idempotency_key)).scalars())
             orders = conn.execute(select(func.count()).select_from(text("shop_orders"))).scalar()
         assert orders == 2
-        assert len(keys) == 2 and all(re.fullmatch(r"order-\d+", k) for k in keys), keys
+        assert len(keys) == 2 and all(re.fullmatch(r"shop-order-\d+", k) for k in keys), keys
     finally:
         with transaction() as conn:
             conn.execute(text("DROP TABLE IF EXISTS shop_orders"))

@@ -228,10 +228,14 @@ def _summary(
             .group_by(charge_attempts.c.error_class)
             .order_by(func.count().desc())
         ).all()
+        # By the reason's first clause (what the lookup by key added comes after a ';'),
+        # and what the provider is known to have done.
+        reason = func.split_part(charges.c.dead_reason, ";", 1)
         dead = conn.execute(
-            select(charges.c.dead_reason, func.count())
+            select(reason, charges.c.dead_outcome, func.count())
             .where(mine, charges.c.status == "dead")
-            .group_by(charges.c.dead_reason)
+            .group_by(reason, charges.c.dead_outcome)
+            .order_by(func.count().desc())
             .limit(3)
         ).all()
         p50, p99 = conn.execute(
@@ -251,8 +255,9 @@ def _summary(
     _say(f"  attempts         {attempts} ({attempts - total} retries)")
     if by_error:
         _say("  errors by class  " + ", ".join(f"{e} {n}" for e, n in by_error))
-    for reason, n in dead:
-        _say(f"  dead ({n})         {reason[:110]}")
+    for reason, outcome, n in dead:
+        known = f" [{str(outcome).replace('_', ' ')}]" if outcome else ""
+        _say(f"  dead ({n})         {(reason or '')[:100]}{known}")
     _say(f"  provider latency p50 {p50 or 0:.0f} ms, p99 {p99 or 0:.0f} ms")
     _say(f"  throughput       {final / elapsed:.1f} charges/s ({final} final in {elapsed:.1f} s)")
     _say(
