@@ -2,16 +2,21 @@
 
 payq never takes a card number (only the provider's tokens) and never lets one out in a
 log line, a Sentry event or an error. People paste numbers in many shapes, so the text is
-read the way they write it: NFKC-normalized (full-width digits become digits), with any
-separator a person might type between digit groups (spaces of every kind, tabs, dots,
-underscores, dashes, slashes, commas, zero-width characters).
+read the way they write it: NFKC-normalized (full-width and other digits become digits),
+invisible marks dropped (soft hyphens, zero-width and direction marks, combining marks),
+and any short run of characters that are neither letters nor digits between digit groups
+taken as a separator (spaces of every kind, tabs, dots, dashes, slashes, colons, pipes).
 
-What counts is what card numbers really are: a run of digits that *stands alone* (not
-the tail of an identifier such as ``order-1733400000000`` or ``f47ac10b-58cc-4372``),
-of a length a card network issues for its prefix (Visa 4…: 13, 16 or 19 digits; Amex
-34/37: 15; Mastercard 51-55 and 2221-2720: 16; …), passing the Luhn check. Within a run
-of digit groups, every stretch of whole groups is tried, so a number followed by its
-expiry or CVV is still found. A UUID, a ULID, a millisecond timestamp or a snowflake id
+What counts is what card numbers really are: digits of a length a card network issues
+for its prefix (Visa 4…: 13, 16 or 19; Amex 34/37: 15; Mastercard 51-55 and 2221-2720:
+16; …), passing the Luhn check, written as one group or in groups of three digits or
+more (as printed on cards: 4-4-4-4, 4-6-5; a list of short numbers is not a card), and
+standing alone: not the tail of an identifier such as ``order-1733400000000`` (joined to
+a word by ``-``, ``_``, ``.``, ``/`` or glued to letters), judged at the edges of the
+digits that would be the card. Within a run of digit groups every stretch of whole
+groups is tried, so a number next to its expiry, its CVV or another reference is still
+found. ``strict`` (for a payment token, which has no reason to hold one) drops the
+stands-alone rule. A UUID, a ULID, a millisecond timestamp or a snowflake id of this era
 is none of these, which keeps false alarms away from valid charges.
 """
 
@@ -29,17 +34,17 @@ __all__ = [
     "mask_card_numbers",
 ]
 
-#: Dashes of every kind (hyphen, non-breaking hyphen, figure dash, en and em dash,
-#: horizontal bar, minus sign), written as escapes: they look alike.
-_DASHES = "\u2010\u2011\u2012\u2013\u2014\u2015\u2212"
-#: Characters a person may put between digit groups.
-_SEPARATORS = rf"\s._\-/\\,'\u00b7\u2022{_DASHES}\u200b-\u200d\u2060\ufeff"
-#: Separators that join a digit run to a word on its side into one identifier
-#: ("order-1733…", "inv_4242…", "v1.4242…"); whitespace and commas do not.
-_JOINERS = frozenset("._-/\\" + _DASHES)
-#: A run of 13 digits or more, with separators between them.
-_RUN = re.compile(rf"\d(?:[{_SEPARATORS}]*\d){{12,}}")
-_GROUP = re.compile(rf"[{_SEPARATORS}]+")
+#: Characters that join digits to a word on their side into one identifier
+#: ("order-1733…", "inv_4242…", "v1.4242…"), dashes of every kind among them (written
+#: as escapes: they look alike). Whitespace and other punctuation do not.
+_JOINERS = frozenset("._-/\\\u2010\u2011\u2012\u2013\u2014\u2015\u2212")
+#: A run of 13 digits or more, at most three other characters (not letters) between any
+#: two of them. (``[^\W\d_]`` is a letter: a word character that is no digit nor ``_``.)
+_RUN = re.compile(r"\d(?:[\W_]{0,3}\d){12,}")
+_DIGITS = re.compile(r"\d+")
+#: Invisible characters a paste can carry between digits: format (soft hyphen, zero
+#: width, direction marks) and combining marks (accents, keycaps, joiners).
+_INVISIBLE = frozenset(("Cf", "Mn", "Me"))
 
 #: (prefix range low, high, number of prefix digits, lengths issued), by network.
 _NETWORKS: tuple[tuple[int, int, int, frozenset[int]], ...] = (
@@ -70,6 +75,8 @@ _NETWORKS: tuple[tuple[int, int, int, frozenset[int]], ...] = (
     (506099, 506198, 6, frozenset({16, 18, 19})),  # Verve
     (650002, 650027, 6, frozenset({16, 18, 19})),
 )
+#: The shortest group of a grouped card number, but for its last (a 19-digit card's 3).
+_MIN_GROUP = 3
 
 
 def _luhn_ok(digits: str) -> bool:
@@ -87,57 +94,76 @@ def is_card_number(digits: str) -> bool:
     length = len(digits)
     if not 13 <= length <= 19:
         return False
+    ascii_digits = "".join(str(int(ch)) for ch in digits) if not digits.isascii() else digits
     for low, high, width, lengths in _NETWORKS:
-        if length in lengths and low <= int(digits[:width]) <= high:
-            return _luhn_ok(digits)
+        if length in lengths and low <= int(ascii_digits[:width]) <= high:
+            return _luhn_ok(ascii_digits)
     return False
 
 
 def _normalized(text: str) -> str:
-    return text if text.isascii() else unicodedata.normalize("NFKC", text)
+    if text.isascii():
+        return text
+    text = unicodedata.normalize("NFKC", text)
+    return "".join(ch for ch in text if unicodedata.category(ch) not in _INVISIBLE)
 
 
 def _joined(text: str, edge: int, step: int) -> bool:
-    """Whether the run edge at ``edge`` (looking in direction ``step``) is joined to a
-    letter or digit without whitespace: the run is then part of a longer identifier."""
+    """Whether the digits ending at ``edge`` (looking in direction ``step``) are joined to a
+    letter or digit, directly or through joiners only: part of a longer identifier."""
     i = edge
     while 0 <= i < len(text) and text[i] in _JOINERS:
         i += step
     return 0 <= i < len(text) and text[i].isalnum()
 
 
-def card_number_spans(text: str) -> Iterator[tuple[int, int]]:
-    """Where card numbers stand in ``text`` (indexes into its NFKC-normalized form)."""
+def card_number_spans(text: str, *, strict: bool = False) -> Iterator[tuple[int, int]]:
+    """Where card numbers stand in ``text`` (a normalized text: ``_normalized``)."""
     for run in _RUN.finditer(text):
-        start, end = run.span()
-        if _joined(text, start - 1, -1) or _joined(text, end, 1):
-            continue
-        groups = _GROUP.split(run.group())
-        offsets = [m.start() + start for m in re.finditer(r"\d+", run.group())]
+        groups = [
+            (m.start() + run.start(), m.end() + run.start()) for m in _DIGITS.finditer(run.group())
+        ]
+        digits = [text[a:b] for a, b in groups]
         for first in range(len(groups)):
-            digits = ""
-            for last in range(first, len(groups)):
-                digits += groups[last]
-                if len(digits) > 19:
-                    break
-                if is_card_number(digits):
-                    yield offsets[first], offsets[last] + len(groups[last])
-                    break
+            found = _card_from(text, groups, digits, first, strict)
+            if found is not None:
+                yield found
 
 
-def looks_like_card_number(value: str) -> bool:
-    """True when ``value`` holds a card number anywhere, however it was pasted."""
-    return next(card_number_spans(_normalized(value)), None) is not None
+def _card_from(
+    text: str,
+    groups: list[tuple[int, int]],
+    digits: list[str],
+    first: int,
+    strict: bool,
+) -> tuple[int, int] | None:
+    """The card number that starts at group ``first``, if one does."""
+    if not strict and _joined(text, groups[first][0] - 1, -1):
+        return None
+    number = ""
+    for last in range(first, len(groups)):
+        if last > first and len(digits[last - 1]) < _MIN_GROUP:
+            return None  # a short group inside: a list of small numbers, not a card
+        number += digits[last]
+        if len(number) > 19:
+            return None
+        if is_card_number(number) and (strict or not _joined(text, groups[last][1], 1)):
+            return groups[first][0], groups[last][1]
+    return None
+
+
+def looks_like_card_number(value: str, *, strict: bool = False) -> bool:
+    """True when ``value`` holds a card number anywhere, however it was pasted.
+    ``strict``: digits glued to a word count too (for a payment token)."""
+    return next(card_number_spans(_normalized(value), strict=strict), None) is not None
 
 
 def is_whole_card_number(value: str) -> bool:
     """True when ``value`` itself is a card number (digits and separators, nothing else):
     the rule for an idempotency key, which may well hold digits of its own."""
-    text = _normalized(value).strip(_STRIP)
-    return _RUN.fullmatch(text) is not None and looks_like_card_number(text)
-
-
-_STRIP = " \t\n\r\f\v\u00a0\u200b\ufeff"
+    text = _normalized(value).strip()
+    run = _RUN.fullmatch(text)
+    return run is not None and looks_like_card_number(text)
 
 
 def mask_card_numbers(text: str, mask: str = "[card number]") -> str:

@@ -47,8 +47,11 @@ def _refuse_unstorable(field_name: str, value: str) -> None:
         )
 
 
-def _refuse_card(field_name: str, value: str, *, whole: bool = False) -> None:
-    if (is_whole_card_number if whole else looks_like_card_number)(value):
+def _refuse_card(
+    field_name: str, value: str, *, whole: bool = False, strict: bool = False
+) -> None:
+    found = is_whole_card_number(value) if whole else looks_like_card_number(value, strict=strict)
+    if found:
         raise RawCardNumberError(
             field_name,
             "looks like a raw card number; payq never accepts card numbers. Tokenize the "
@@ -99,7 +102,7 @@ def validate_charge(
 
     if not isinstance(source, str):
         raise ChargeInputError("source", "must be a payment token string such as 'tok_visa'")
-    _refuse_card("source", source)
+    _refuse_card("source", source, strict=True)  # a token has no reason to hold one
     if not _TOKEN.fullmatch(source):
         raise ChargeInputError(
             "source",
@@ -162,6 +165,7 @@ def _validate_metadata(metadata: object) -> dict[str, str]:
             )
         _refuse_unstorable(f"metadata.{key}", value)
         _refuse_card(f"metadata.{key}", value)
+        _refuse_card(f"metadata.{key}", f"{key} {value}")  # split across the key and value
         clean[key] = value
     if len(json.dumps(clean)) > METADATA_MAX_BYTES:
         raise ChargeInputError("metadata", f"must encode to at most {METADATA_MAX_BYTES} bytes")

@@ -53,7 +53,8 @@ ALL_PANS = [PAN_13, PAN_15, *PANS_16, PAN_18, PAN_19]
 
 #: Everything the issue reproduced passing the old refusal, and more of the same kind.
 SEPARATORS = [" ", "  ", "-", ".", "_", "/", "\t", "\u00a0", "\u2009", "\u202f", "\u2013",
-              "\u200b", " - ", "\\", ",", "\u3000"]  # fmt: skip
+              "\u200b", " - ", "\\", ",", "\u3000", ":", "|", "*", "+", "\u00ad", "\u200e",
+              "\u2063", "\u30fb", "\u2219"]  # fmt: skip
 
 
 def test_the_example_numbers_are_what_networks_issue() -> None:
@@ -84,6 +85,19 @@ def test_card_numbers_are_found_whatever_separates_their_groups(pan: str, sep: s
         "4242424242424242 12/27",  # with its expiry
         "6011111111111117 09/28",
         "call me: 4242\u00a04242\u00a04242\u00a04242",
+        # Found by an attacker's review: a neighbour glued to letters hid the card...
+        "Booking ABC123 4111 1111 1111 1111",
+        "Order A1 4111 1111 1111 1111",
+        "PO-7 4111111111111111",
+        "4111 1111 1111 1111 2A",
+        "ref:A9 4111 1111 1111 1111",
+        # ...and so did separators and invisible marks outside a short list.
+        "4111:1111:1111:1111",
+        "4111|1111|1111|1111",
+        "4111*1111*1111*1111",
+        "4111\u00ad1111\u00ad1111\u00ad1111",
+        "4111\u200e1111\u200f1111\u034f1111",
+        "\u0664\u0661\u0661\u0661 1111 1111 1111",  # Arabic-Indic digits
     ],
 )
 def test_card_numbers_are_found_in_text(text: str) -> None:
@@ -107,10 +121,27 @@ def test_card_numbers_are_found_in_text(text: str) -> None:
         "order 12345, qty 3",
         "tok_visa",
         "",
+        "Seats 41 42 43 44 45 46 47 48",  # a list of short numbers
+        "pages 1-4, 11-14, 111-114, 4111-4114",
     ],
 )
 def test_what_is_not_a_card_number_is_not_found(text: str) -> None:
     assert not looks_like_card_number(text)
+
+
+def test_a_payment_token_holds_no_card_number_even_glued_to_letters() -> None:
+    assert looks_like_card_number("tok_4111111111111111", strict=True)
+    assert not looks_like_card_number("tok_4111111111111111")  # an identifier, in text
+    for source in ("tok_4111111111111111", "4111:1111:1111:1111", "card4111111111111111"):
+        with pytest.raises(RawCardNumberError):
+            validate_charge(amount=1, currency="usd", source=source, idempotency_key="k-1",
+                            max_amount=100)  # fmt: skip
+
+
+def test_a_card_split_between_a_metadata_key_and_its_value_is_refused() -> None:
+    with pytest.raises(RawCardNumberError):
+        validate_charge(amount=1, currency="usd", source="tok_visa", idempotency_key="k-1",
+                        metadata={"4111 1111": "1111 1111"}, max_amount=100)  # fmt: skip
 
 
 def test_a_key_is_a_card_number_only_when_it_is_one_itself() -> None:
@@ -143,11 +174,12 @@ def card_numbers(draw: Any) -> str:
 
 @st.composite
 def pasted(draw: Any) -> str:
-    """A card number in groups of random sizes, random separators between them."""
+    """A card number in groups of random sizes (three digits or more, as on cards, but
+    for the last), random separators between them."""
     number = draw(card_numbers())
     out, i = "", 0
     while i < len(number):
-        size = draw(st.integers(1, 6))
+        size = draw(st.integers(3, 6))
         out += number[i : i + size]
         i += size
         if i < len(number):
