@@ -45,6 +45,9 @@ _DIGITS = re.compile(r"\d+")
 #: Invisible characters a paste can carry between digits: format (soft hyphen, zero
 #: width, direction marks) and combining marks (accents, keycaps, joiners).
 _INVISIBLE = frozenset(("Cf", "Mn", "Me"))
+#: A character written as an escape (``repr``, JSON, a traceback): ``\\t``, ``\\x0b``,
+#: ``\\u2009``. Between digit groups it separates them like the character would.
+_ESCAPE = re.compile(r"\\(?:[tnrfvab]|x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8})")
 
 #: (prefix range low, high, number of prefix digits, lengths issued), by network.
 _NETWORKS: tuple[tuple[int, int, int, frozenset[int]], ...] = (
@@ -102,6 +105,8 @@ def is_card_number(digits: str) -> bool:
 
 
 def _normalized(text: str) -> str:
+    if "\\" in text:  # an escape a formatter wrote (repr, JSON) separates like the character
+        text = _ESCAPE.sub(" ", text)
     if text.isascii():
         return text
     text = unicodedata.normalize("NFKC", text)

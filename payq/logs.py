@@ -33,10 +33,27 @@ class _Redacting(logging.Formatter):
         self.secrets = [s for s in secrets if len(s) >= 6]
 
     def format(self, record: logging.LogRecord) -> str:
-        line = _DSN_PASSWORD.sub(r"\1***@", self.inner.format(record))
+        line = _DSN_PASSWORD.sub(r"\1***@", self.inner.format(_card_free(record)))
         for secret in self.secrets:
             line = line.replace(secret, "***")
         return mask_card_numbers(line)
+
+
+def _card_free(record: logging.LogRecord) -> logging.LogRecord:
+    """A copy of the record whose text (message, extras, traceback) holds no card number,
+    masked before formatting: a formatter's escapes (``\\t`` in JSON, ``repr`` of an extra,
+    a traceback quoting a value) would hide the separators the detector reads."""
+    masked = logging.makeLogRecord(record.__dict__)
+    masked.msg, masked.args = mask_card_numbers(record.getMessage()), None
+    for name, value in record.__dict__.items():
+        if name not in _STANDARD and isinstance(value, str):
+            setattr(masked, name, mask_card_numbers(value))
+    if record.exc_info and not record.exc_text:
+        masked.exc_text = logging.Formatter().formatException(record.exc_info)
+    if masked.exc_text:
+        masked.exc_text = mask_card_numbers(masked.exc_text)
+        masked.exc_info = None
+    return masked
 
 
 class _ConsoleFormatter(logging.Formatter):

@@ -67,3 +67,23 @@ def test_card_numbers_are_masked_however_they_were_pasted(
     digits = "".join(ch for ch in text if ch.isdigit())
     assert "4242424242424242" not in digits.replace("1733400000000", "")
     assert text.count("[card number]") == 2 and "order-1733400000000" in text  # no false alarm
+
+
+@pytest.mark.parametrize("log_format", ["json", "console"])
+def test_a_formatters_escapes_do_not_hide_a_card_number(
+    stream: io.StringIO, log_format: str
+) -> None:
+    """JSON writes a tab as \\t, the console repr()s an extra with a space, %r and
+    tracebacks quote: each would hide the separators, so text is masked before."""
+    configure_logging(load_settings(log_format=log_format))
+    log = logging.getLogger("payq.test")
+    log.warning("tabbed 4111\t1111\t1111\t1111")
+    log.warning("as repr %r", "4111\n1111\n1111\n1111")
+    log.warning("extra", extra={"note": "4111\u00a01111 1111 1111"})
+    try:
+        {}["4111\u20091111\u20091111\u20091111"]
+    except KeyError:
+        log.exception("lookup failed")
+    text = stream.getvalue()
+    assert text.count("[card number]") >= 4, text
+    assert "1111" not in text.replace("[card number]", ""), text
