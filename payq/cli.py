@@ -237,7 +237,7 @@ def cmd_chaos(args: argparse.Namespace) -> int:
 def _key_value(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+        raise argparse.ArgumentTypeError("expected KEY=VALUE (the value given had no '=')")
     return key, value
 
 

@@ -428,6 +428,6 @@ def cmd_health(args: argparse.Namespace) -> int:
         _print_json({"status": overall.name.lower(), "checks": [c.as_dict() for c in checks]})
     else:
         for check in checks:
-            print(f"{check.level.name.lower():<9} {check.name:<16} {check.detail}")
+            print(f"{check.level.name.lower():<9} {check.name:<16} {terminal_safe(check.detail)}")
         print(f"{overall.name.lower()}")
     return HEALTH_EXIT[overall]

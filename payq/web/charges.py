@@ -25,6 +25,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Path, Request
 from pydantic import BaseModel
 
+from payq.cardnumbers import looks_like_card_number
 from payq.constants import ChargeStatus
 from payq.errors import ChargeInputError
 from payq.models import Charge
@@ -267,6 +268,14 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
+def _shown(name: str) -> str:
+    """An unknown field's name as an error may name it: short, and no card number in it
+    (else only that the body has an unknown field)."""
+    if len(name) > 40 or looks_like_card_number(name, strict=True):
+        return "body"
+    return name
+
+
 def _parse_body(raw: bytes) -> tuple[dict[str, Any], list[FieldError]]:
     """The body's known fields, and what is wrong with its shape."""
     try:
@@ -306,5 +315,5 @@ def _parse_body(raw: bytes) -> tuple[dict[str, Any], list[FieldError]]:
                 )
             )
         elif name not in FIELDS:
-            errors.append(field_error(name, "unknown_field", "not a field of a charge"))
+            errors.append(field_error(_shown(name), "unknown_field", "not a field of a charge"))
     return {name: value for name, value in body.items() if name in FIELDS}, errors

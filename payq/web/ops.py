@@ -283,7 +283,7 @@ async def open_charge(request: Request, id: str = "") -> Response:
     try:
         return RedirectResponse(f"/ops/charges/{uuid.UUID(id.strip())}", 303)
     except ValueError:
-        message = f"Not a charge id: {id[:80]!r} (one looks like 4ae6db59-0a2c-4657-…)."
+        message = "That is not a charge id (one looks like 4ae6db59-0a2c-4657-…)."
         return _error(request, "Not a charge id", message, 404)
 
 

@@ -168,3 +168,10 @@ def test_output_helpers_escape_what_terminals_and_spreadsheets_obey() -> None:
     assert terminal_safe("plain text, ünïcode") == "plain text, ünïcode"
     assert spreadsheet_safe("=1+1") == "'=1+1" and spreadsheet_safe("1+1") == "1+1"
     assert spreadsheet_safe(-5) == -5
+
+
+def test_a_bad_cli_argument_is_not_echoed() -> None:
+    out = payq("enqueue", "--amount", "1", "--currency", "usd", "--source", "tok_visa",
+               "--key", "k-1", "--metadata", "4242424242424242")  # fmt: skip
+    assert out.returncode == 2 and "KEY=VALUE" in out.stderr
+    assert "4242424242424242" not in out.stderr

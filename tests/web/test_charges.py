@@ -258,3 +258,11 @@ async def test_an_app_sees_its_own_charges_and_no_other_apps_ids(serve: Any) -> 
         )
         assert taken.status_code == 409
         assert charge_id not in taken.text and "another app" in taken.json()["error"]["message"]
+
+
+async def test_an_unknown_field_named_like_a_card_is_not_echoed(serve: Any) -> None:
+    client = serve(INTAKE)
+    body = {"amount": 1999, "currency": "usd", "source": "tok_visa", "A1 4111 1111 1111 1111": 1}
+    refused = await client.post("/v1/charges", json=body, headers={"Idempotency-Key": "k-echo"})
+    assert refused.status_code == 422
+    assert "1111" not in refused.text
