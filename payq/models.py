@@ -159,15 +159,19 @@ operator_actions = Table(
 )
 
 
-#: The dashboard's confirmed actions, one row per confirmation page: its token works once,
-#: so reloading or resubmitting a result cannot replay or purge twice.
+#: The dashboard's confirmation tokens (``payq.web.actions``), by digest: each for one
+#: action on one filter in one session, used once, so that no reload or resubmission, nor
+#: a token from elsewhere, can replay or purge twice.
 dashboard_actions = Table(
     "dashboard_actions",
     metadata,
     Column("token", String(64), primary_key=True),
-    Column("actor", String(255), nullable=False),
     Column("action", String(32), nullable=False),
-    Column("started_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("filter_digest", String(64), nullable=False),
+    Column("session_digest", String(64), nullable=False),
+    Column("issued_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("actor", String(255)),
+    Column("started_at", DateTime(timezone=True)),  # None until used
     Column("finished_at", DateTime(timezone=True)),
     Column("result", JSONB),
 )

@@ -47,9 +47,7 @@ def _refuse_unstorable(field_name: str, value: str) -> None:
         )
 
 
-def _refuse_card(
-    field_name: str, value: str, *, whole: bool = False, strict: bool = False
-) -> None:
+def _refuse_card(field_name: str, value: str, *, whole: bool = False, strict: bool = False) -> None:
     found = is_whole_card_number(value) if whole else looks_like_card_number(value, strict=strict)
     if found:
         raise RawCardNumberError(

@@ -19,11 +19,14 @@ def upgrade() -> None:
     op.create_table(
         "dashboard_actions",
         sa.Column("token", sa.String(64), primary_key=True),
-        sa.Column("actor", sa.String(255), nullable=False),
         sa.Column("action", sa.String(32), nullable=False),
+        sa.Column("filter_digest", sa.String(64), nullable=False),
+        sa.Column("session_digest", sa.String(64), nullable=False),
         sa.Column(
-            "started_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
+            "issued_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
         ),
+        sa.Column("actor", sa.String(255)),
+        sa.Column("started_at", sa.DateTime(timezone=True)),
         sa.Column("finished_at", sa.DateTime(timezone=True)),
         sa.Column("result", postgresql.JSONB()),
     )

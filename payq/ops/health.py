@@ -192,9 +192,7 @@ def check_dead_letters(settings: Settings, engine: Engine | None = None) -> Chec
             f"{_n(new, 'charge')} went dead in the last {window_s} s ({total} in the view): "
             "see `payq dlq list`",
         )
-    return Check(
-        "dead_letters", Level.OK, f"{_n(total, 'dead charge')}, none new in {window_s} s"
-    )
+    return Check("dead_letters", Level.OK, f"{_n(total, 'dead charge')}, none new in {window_s} s")
 
 
 def check_unknown_outcomes(settings: Settings, engine: Engine | None = None) -> Check:

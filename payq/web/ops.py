@@ -347,8 +347,13 @@ async def confirm(request: Request, action: str) -> Response:
         "shown": CONFIRM_SHOWN,
         "rate": REPLAY_RATE_PER_S,
         "back": f"/ops/charges/{flt.ids[0]}" if len(flt.ids) == 1 else f"/ops/dead?{given.query()}",
-        "action_token": actions.new_token(),
     }
+    if principal.session is not None and plan["ids"]:
+        secret = principal.session.csrf
+        context["action_token"] = await _core(
+            request,
+            lambda: actions.issue(action=action, flt=flt.describe(), session_secret=secret),
+        )
     return page(request, "confirm.html", context)
 
 
@@ -410,10 +415,23 @@ async def act(request: Request, action: str) -> Response:
     assert principal.session is not None
     actor = principal.session.name
     results = RedirectResponse(f"/ops/results/{token}", 303)
-    if not await _core(request, lambda: actions.claim(token, actor=actor, action=action)):
-        return results  # submitted before (a reload, a second tab): shown, not redone
-    settings = _settings(request)
     flt = given.filter
+    secret = principal.session.csrf
+    claimed = await _core(
+        request,
+        lambda: actions.claim(
+            token, action=action, flt=flt.describe(), session_secret=secret, actor=actor
+        ),
+    )
+    if claimed is actions.Claim.USED:
+        return results  # submitted before (a reload, a second tab): shown, not redone
+    if claimed is actions.Claim.REFUSED:
+        message = (
+            "This confirmation is not valid for this action any more (expired, changed, or "
+            "from another page): start again from the dead letters."
+        )
+        return _error(request, "Confirm again", message, 409)
+    settings = _settings(request)
     result = await _core(request, lambda: _act(action, flt, actor, settings))
     result["back"] = f"/ops/charges/{flt.ids[0]}" if len(flt.ids) == 1 else "/ops/dead"
     await _core(request, lambda: actions.finish(token, result))

@@ -384,6 +384,31 @@ async def test_a_result_page_reloaded_or_resubmitted_does_nothing_twice(
     assert charge(cid).status == "dead"  # not replayed a second time
 
 
+async def test_an_action_token_works_only_for_what_its_page_confirmed(
+    browser: Browser, dead: Dead
+) -> None:
+    """Found by an attacker's review: any token-shaped string ran an action, and a replay
+    page's token ran a purge."""
+    cid = dead.make("error")
+    client = browser()
+    await sign_in(client, name="erin")
+    fields = hidden_fields(await client.get(f"/ops/confirm/replay?id={cid}"))
+    as_purge = await submit(client, "/ops/actions/purge", fields)  # the replay's token
+    made_up = [(k, "A" * 32 if k == "action_token" else v) for k, v in fields]
+    invented = await submit(client, "/ops/actions/replay", made_up)
+    other = browser()
+    await sign_in(other, name="frank")  # another session, with its own CSRF token
+    other_fields = hidden_fields(await other.get(f"/ops/confirm/replay?id={cid}"))
+    stolen = [(k, dict(fields)["action_token"] if k == "action_token" else v)
+              for k, v in other_fields]  # fmt: skip
+    elsewhere = await submit(other, "/ops/actions/replay", stolen)
+    assert as_purge.status_code == invented.status_code == elsewhere.status_code == 409
+    assert charge(cid).status == "dead" and charge(cid).purged_at is None
+    assert audit_rows() == []
+    done = await submit(client, "/ops/actions/replay", fields)  # its own: runs, once
+    assert 'data-done="1"' in done.text and charge(cid).status == "pending"
+
+
 async def test_a_filtered_purge_touches_only_what_was_confirmed(
     browser: Browser, dead: Dead
 ) -> None:
