@@ -20,13 +20,17 @@ from sqlalchemy.orm import Session, SessionTransaction
 from payq.broker import new_message_id, publish_or_leave_to_relay
 from payq.constants import ChargeStatus
 from payq.db import autocommit, transaction
-from payq.errors import ChargeNotFound, IdempotencyConflict, ServiceUnavailable
+from payq.errors import ChargeInputError, ChargeNotFound, IdempotencyConflict, ServiceUnavailable
 from payq.models import Charge, charges
 from payq.settings import get_settings
 from payq.validation import ChargeRequest, validate_charge
 
+#: The provider's limit on an idempotency key (and the column's).
+KEY_MAX_CHARS = 255
+
 __all__ = [
     "EnqueueResult",
+    "app_key",
     "enqueue_charge",
     "enqueue_charge_result",
     "enqueue_charges",
@@ -137,9 +141,30 @@ def enqueue_charge_result(
     that sends it; a key another app used is a conflict that names no charge.
     """
     request = _one(amount, currency, source, idempotency_key, description, metadata)
-    request = dataclasses.replace(request, app=app)
+    if app is not None:
+        request = dataclasses.replace(request, app=app, idempotency_key=_scoped(app, request))
     result, fresh = _enqueue([request], session=None)
     return EnqueueResult(charge=result[0], created=bool(fresh))
+
+
+def _scoped(app: str, request: ChargeRequest) -> str:
+    """An app's key as payq keeps it and sends it to the provider: ``<app>:<key>``. Each
+    app has keys of its own: no app can see, block or take another's."""
+    scoped = f"{app}:{request.idempotency_key}"
+    if len(scoped) > KEY_MAX_CHARS:
+        raise ChargeInputError(
+            "idempotency_key",
+            f"must be at most {KEY_MAX_CHARS - len(app) - 1} characters for the app {app!r} "
+            f"(its keys are kept as '{app}:<key>', {KEY_MAX_CHARS} at most)",
+        )
+    return scoped
+
+
+def app_key(charge: Charge) -> str:
+    """A charge's idempotency key as its app sent it (without the app's prefix)."""
+    prefix = f"{charge.app}:"
+    key = charge.idempotency_key
+    return key.removeprefix(prefix) if charge.app is not None else key
 
 
 def enqueue_charges(

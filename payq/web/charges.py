@@ -47,7 +47,7 @@ from payq.web.errors import (
     from_input_error,
     responses,
 )
-from producers.enqueue import enqueue_charge_result, get_charge
+from producers.enqueue import app_key, enqueue_charge_result, get_charge
 
 __all__ = ["ChargeOut", "charge_body_schema", "router"]
 
@@ -85,7 +85,9 @@ class ChargeOut(BaseModel):
 
     @classmethod
     def of(cls, charge: Charge) -> ChargeOut:
-        return cls.model_validate({name: getattr(charge, name) for name in cls.model_fields})
+        values = {name: getattr(charge, name) for name in cls.model_fields}
+        values["idempotency_key"] = app_key(charge)  # as the app sent it
+        return cls.model_validate(values)
 
 
 def charge_body_schema(max_amount: int) -> dict[str, Any]:
