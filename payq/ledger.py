@@ -40,6 +40,7 @@ from payq.models import charge_attempts, charges, operator_actions
 from payq.provider import ProviderCharge, ProviderClient
 
 __all__ = [
+    "NOT_DEAD",
     "Charged",
     "Declined",
     "Lookup",
@@ -55,6 +56,9 @@ __all__ = [
 ]
 
 log = logging.getLogger("payq.ledger")
+
+#: What a charge that leaves ``dead`` no longer has: its reason, outcome, next lookup.
+NOT_DEAD: dict[str, Any] = {"dead_reason": None, "dead_outcome": None, "next_lookup_at": None}
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,9 +243,7 @@ def settle(
         .where(charges.c.id == charge_id)
         .values(
             status=to,
-            dead_reason=None,
-            dead_outcome=None,
-            next_lookup_at=None,
+            **NOT_DEAD,
             next_attempt_at=None,
             lease_expires_at=None,
             updated_at=now,

@@ -308,7 +308,7 @@ def _move_statement(
         **expressions,
     }
     if settles:
-        values.update(dead_reason=None, dead_outcome=None, next_lookup_at=None)
+        values.update(ledger.NOT_DEAD)
     if not attempt:
         values["attempts"] = case(
             (_OURS, bindparam("attempts", type_=Integer)), else_=charges.c.attempts

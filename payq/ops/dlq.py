@@ -22,7 +22,7 @@ from payq.broker import new_message_id, publish_or_leave_to_relay
 from payq.constants import ChargeStatus, DeadOutcome
 from payq.db import transaction
 from payq.errors import ChargeNotFound
-from payq.ledger import audit
+from payq.ledger import NOT_DEAD, audit
 from payq.models import Charge, charge_attempts, charges
 from payq.settings import Settings, get_settings
 
@@ -264,13 +264,11 @@ def replay(
                     .values(
                         status=ChargeStatus.PENDING,
                         retry_base=charges.c.attempts,
-                        dead_reason=None,
+                        **NOT_DEAD,
                         next_attempt_at=None,
                         lease_expires_at=None,
                         # A replayed charge starts afresh: back in view if it dies again.
                         reconciled_at=None,
-                        dead_outcome=None,
-                        next_lookup_at=None,
                         purged_at=None,
                         purged_by=None,
                         message_id=message_id,
