@@ -17,11 +17,11 @@ from typing import Any
 import dramatiq
 import redis
 from dramatiq.brokers.redis import RedisBroker
-from dramatiq.common import dq_name
 from dramatiq.encoder import JSONEncoder, MessageData
 from dramatiq.middleware import Middleware, TimeLimit, default_middleware
 
 from payq.constants import ACTOR_NAME, QUEUE_NAME, UNDECODABLE_ACTOR_NAME
+from payq.dramatiq_redis import Layout
 from payq.errors import ServiceUnavailable
 from payq.settings import Settings, get_settings
 
@@ -85,8 +85,9 @@ class SafeJSONEncoder(JSONEncoder):
             }
 
     def _find_redis_id(self, data: bytes) -> str | None:
-        for queue in (QUEUE_NAME, f"{QUEUE_NAME}.DQ"):
-            for field, value in self.client.hscan_iter(f"{self.namespace}:{queue}.msgs", count=500):
+        layout = Layout(self.namespace)
+        for queue in (QUEUE_NAME, layout.delayed(QUEUE_NAME)):
+            for field, value in self.client.hscan_iter(layout.messages(queue), count=500):
                 if value == data:
                     return field.decode() if isinstance(field, bytes) else str(field)
         return None
@@ -110,7 +111,7 @@ class ChargeBroker(RedisBroker):
         queue_name = message.queue_name
         message = message.copy(options={"redis_message_id": message.message_id})
         if delay is not None:
-            queue_name = dq_name(queue_name)
+            queue_name = Layout.delayed(queue_name)
             eta = int(time.time() * 1000) + delay
             message = message.copy(queue_name=queue_name, options={"eta": eta})
         self.emit_before("enqueue", message, delay)
@@ -186,7 +187,8 @@ def publish(
     pairs = list(messages)
     if not pairs:
         return 0
-    queue = QUEUE_NAME if delay_ms is None else f"{QUEUE_NAME}.DQ"
+    layout = Layout(broker.namespace)
+    queue = QUEUE_NAME if delay_ms is None else layout.delayed(QUEUE_NAME)
     options: dict[str, Any] = {}
     if delay_ms is not None:
         options["eta"] = int(time.time() * 1000) + max(0, int(delay_ms))
@@ -201,9 +203,9 @@ def publish(
                     options={**options, "redis_message_id": redis_id},
                 )
                 broker.emit_before("enqueue", message, delay_ms)
-                pipe.hset(f"{broker.namespace}:{queue}.msgs", redis_id, message.encode())
+                pipe.hset(layout.messages(queue), redis_id, message.encode())
                 push = pipe.lpush if front and delay_ms is None else pipe.rpush
-                push(f"{broker.namespace}:{queue}", redis_id)
+                push(layout.queue(queue), redis_id)
             pipe.execute()
     except redis.RedisError as exc:
         raise ServiceUnavailable(
@@ -256,10 +258,11 @@ def queued(
     ids = [m or "-" for m in message_ids]
     if not ids:
         return []
+    layout = Layout(broker.namespace)
     with broker.client.pipeline(transaction=False) as pipe:
         for message_id in ids:
-            pipe.hexists(f"{broker.namespace}:{QUEUE_NAME}.msgs", message_id)
-            pipe.hget(f"{broker.namespace}:{QUEUE_NAME}.DQ.msgs", message_id)
+            pipe.hexists(layout.messages(QUEUE_NAME), message_id)
+            pipe.hget(layout.messages(layout.delayed(QUEUE_NAME)), message_id)
         found = pipe.execute()
     cutoff_ms = (time.time() - overdue_after_s) * 1000
     return [

@@ -41,6 +41,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from payq.broker import get_broker, new_message_id, publish, queued
 from payq.constants import ChargeStatus
 from payq.db import transaction
+from payq.dramatiq_redis import Layout
 from payq.errors import ConfigError, ServiceUnavailable
 from payq.models import charges
 from payq.settings import Settings, get_settings
@@ -146,19 +147,18 @@ def relay_once(settings: Settings | None = None, broker: RedisBroker | None = No
 
 def recover_dead_workers(broker: RedisBroker, dead_after_s: float) -> int:
     """Requeue what workers silent for ``dead_after_s`` had fetched; return how many."""
-    client, ns = broker.client, broker.namespace
-    heartbeats = f"{ns}:__heartbeats__"
+    client, layout = broker.client, Layout(broker.namespace)
     cutoff_ms = int((time.time() - dead_after_s) * 1000)
     moved = 0
-    for raw_id in client.zrangebyscore(heartbeats, 0, cutoff_ms):
+    for raw_id in client.zrangebyscore(layout.heartbeats, 0, cutoff_ms):
         worker_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
-        prefix = f"{ns}:__acks__.{worker_id}."
+        prefix = layout.acks_prefix(worker_id)
         for raw_key in client.scan_iter(match=f"{prefix}*", count=500):
             key = raw_key.decode() if isinstance(raw_key, bytes) else str(raw_key)
             queue = key[len(prefix) :]
-            queue_key = f"{ns}:{queue}"
-            moved += int(client.eval(_REQUEUE_ACKS, 3, key, queue_key, f"{queue_key}.msgs"))
-        client.zrem(heartbeats, worker_id)
+            keys = (key, layout.queue(queue), layout.messages(queue))
+            moved += int(client.eval(_REQUEUE_ACKS, 3, *keys))
+        client.zrem(layout.heartbeats, worker_id)
         log.warning(
             "worker %s silent for over %g s: its fetched messages are back on the queue",
             worker_id,

@@ -18,6 +18,7 @@ from dramatiq.brokers.redis import RedisBroker
 
 from payq.broker import get_broker
 from payq.constants import QUEUE_NAME
+from payq.dramatiq_redis import Layout
 
 __all__ = ["BrokerDeadLetter", "drop", "list_dead_letters", "requeue"]
 
@@ -50,12 +51,12 @@ class BrokerDeadLetter:
 
 
 def _keys(broker: RedisBroker) -> tuple[str, str, str, str]:
-    ns = broker.namespace
+    layout = Layout(broker.namespace)
     return (
-        f"{ns}:{QUEUE_NAME}.XQ",
-        f"{ns}:{QUEUE_NAME}.XQ.msgs",
-        f"{ns}:{QUEUE_NAME}",
-        f"{ns}:{QUEUE_NAME}.msgs",
+        layout.dead(QUEUE_NAME),
+        layout.dead_messages(QUEUE_NAME),
+        layout.queue(QUEUE_NAME),
+        layout.messages(QUEUE_NAME),
     )
 
 

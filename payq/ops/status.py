@@ -22,6 +22,7 @@ from payq.breaker import BreakerState, FleetBreaker
 from payq.broker import get_broker
 from payq.constants import QUEUE_NAME, ChargeStatus, DeadOutcome, redis_key
 from payq.db import transaction
+from payq.dramatiq_redis import Layout
 from payq.gate import ProviderGate
 from payq.models import charges
 from payq.ops.output import plural
@@ -205,10 +206,11 @@ def snapshot(settings: Settings | None = None) -> dict[str, Any]:
     # Built here rather than taken from get_gate(): reading needs no renewal thread, and
     # this follows the settings given (the same namespace and limit as the workers').
     gate = ProviderGate.from_settings(client, settings)
+    layout = Layout(ns)
     with client.pipeline(transaction=False) as pipe:
-        pipe.llen(f"{ns}:{QUEUE_NAME}")
-        pipe.hlen(f"{ns}:{QUEUE_NAME}.DQ.msgs")
-        pipe.zcard(f"{ns}:{QUEUE_NAME}.XQ")
+        pipe.llen(layout.queue(QUEUE_NAME))
+        pipe.hlen(layout.messages(layout.delayed(QUEUE_NAME)))
+        pipe.zcard(layout.dead(QUEUE_NAME))
         ready, delayed, broker_dead = pipe.execute()
     with transaction() as conn:
         by_status: dict[str, int] = dict(

@@ -21,6 +21,7 @@ from sqlalchemy import func, select
 
 from payq.db import make_engine
 from payq.devservices import ensure_database, postgres_answers, redis_answers
+from payq.dramatiq_redis import Layout
 from payq.errors import PayqError, ServiceUnavailable
 from payq.migrate import migrate
 from payq.models import charges
@@ -143,9 +144,10 @@ def _refuse_live_workers(settings: Settings) -> None:
 
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
     try:
-        # Dramatiq's broker stamps every worker's heartbeat here at each Redis command.
+        # Dramatiq's broker stamps a worker's heartbeat at each of its Redis commands.
         cutoff_ms = (time.time() - settings.relay_dead_worker_s) * 1000
-        live = client.zcount(f"{settings.payq_namespace}:__heartbeats__", cutoff_ms, "+inf")
+        heartbeats = Layout(settings.payq_namespace).heartbeats
+        live = client.zcount(heartbeats, cutoff_ms, "+inf")
     finally:
         client.close()
     if live:

@@ -1,0 +1,68 @@
+"""Dramatiq's Redis broker as payq reads and writes it: every key and structure, here only.
+
+payq publishes charge messages itself (a pipeline: one round trip for a batch), tells a
+queued message from a lost one, puts back what a dead worker had fetched, drains the
+dead-letter set and counts the queues; each needs Dramatiq's private layout. Dramatiq
+2.2 keeps, in a namespace ``ns``, for a queue ``q`` (its ``brokers/redis/dispatch.lua``):
+
+- ``ns:q``: a list of message ids, ready; ``ns:q.msgs``: a hash, message id → payload;
+- ``ns:q.DQ`` and ``ns:q.DQ.msgs``: the same for delayed messages (the payload's
+  ``options.eta`` says when), moved to ``ns:q`` by a worker when due;
+- ``ns:q.XQ`` (a sorted set, id by dead-letter time) and ``ns:q.XQ.msgs``: dead letters,
+  delayed ones included under the queue's own name;
+- ``ns:__heartbeats__``: a sorted set, worker id by its last command's time (ms);
+- ``ns:__acks__.<worker id>.<queue>``: a set of the ids a worker fetched and has not
+  acknowledged.
+
+``tests/test_dramatiq_redis.py`` pins this against the installed Dramatiq: an upgrade that
+changes it fails there, and this module is the one file to change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dramatiq.common import dq_name
+
+__all__ = ["Layout"]
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """The keys of Dramatiq's Redis broker in one namespace."""
+
+    namespace: str
+
+    def queue(self, name: str) -> str:
+        """The list of ready message ids of queue ``name`` (or of a delay queue's name)."""
+        return f"{self.namespace}:{name}"
+
+    def messages(self, name: str) -> str:
+        """The hash of the payloads of queue ``name``'s messages, by id."""
+        return f"{self.queue(name)}.msgs"
+
+    @staticmethod
+    def delayed(name: str) -> str:
+        """The name of queue ``name``'s delay queue."""
+        return dq_name(name)
+
+    def dead(self, name: str) -> str:
+        """The sorted set of queue ``name``'s dead-lettered ids, by dead-letter time (ms)."""
+        return f"{self.queue(name)}.XQ"
+
+    def dead_messages(self, name: str) -> str:
+        """The payloads of queue ``name``'s dead letters, by id."""
+        return f"{self.dead(name)}.msgs"
+
+    @property
+    def heartbeats(self) -> str:
+        """The sorted set of worker ids by the time of their last command (ms)."""
+        return f"{self.namespace}:__heartbeats__"
+
+    def acks_prefix(self, worker_id: str) -> str:
+        """What every ack set of one worker starts with (the queue's name follows)."""
+        return f"{self.namespace}:__acks__.{worker_id}."
+
+    def acks(self, worker_id: str, name: str) -> str:
+        """The set of ids worker ``worker_id`` fetched from queue ``name``, not yet acked."""
+        return self.acks_prefix(worker_id) + name
