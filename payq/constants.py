@@ -14,6 +14,7 @@ __all__ = [
     "AttemptOutcome",
     "ChargeStatus",
     "DeadOutcome",
+    "DeferralCause",
     "redis_key",
 ]
 
@@ -85,6 +86,21 @@ class DeadOutcome(StrEnum):
     NOT_CHARGED = "not_charged"  # every answer was one that charges nothing
     VERIFIED_NOT_CHARGED = "verified_not_charged"  # looked up by key: no charge (404)
     UNKNOWN = "unknown"  # could not be looked up yet: the sweep asks again
+
+
+class DeferralCause(StrEnum):
+    """Why a charge's message was sent again for later, no attempt used
+    (``payq_deferrals_total{cause}``, ``payq status``)."""
+
+    BREAKER_OPEN = "breaker_open"  # the fleet's circuit breaker is open
+    BREAKER_HALF_OPEN = "breaker_half_open"  # half-open, its probes are out
+    FLEET_FULL = "fleet_full"  # every fleet slot (PAYMENT_MAX_CONCURRENCY) is in use
+    FLEET_STARTING = "fleet_starting"  # a new or emptied Redis: slots re-registering
+    REDIS = "redis"  # Redis did not answer the gate
+    DB_POOL = "db_pool"  # no database connection within DB_TIMEOUT_MS
+    DATABASE = "database"  # PostgreSQL did not answer the claim
+    EARLY_MESSAGE = "early_message"  # a retry's message came before its time
+    FLEET_SLOT_LOST = "fleet_slot_lost"  # the slot lapsed before the call (a frozen process)
 
 
 #: Who ``operator_actions`` names when payq itself changed a charge (a late answer, a lookup).

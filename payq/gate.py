@@ -39,7 +39,7 @@ from payq.breaker import (
     CallOutcome,
     FleetBreaker,
 )
-from payq.constants import LUA_NOW
+from payq.constants import LUA_NOW, DeferralCause
 from payq.errors import IdempotencyKeyInUse, ProviderError, RetryableProviderError
 from payq.fleet import ACQUIRE_LUA_FN, FleetLimit, SlotRefused, reset_after_fork
 from payq.provider import ProviderCharge
@@ -73,7 +73,7 @@ class Pass:
 
 @dataclass(frozen=True, slots=True)
 class Wait:
-    cause: str  # breaker_open | breaker_half_open | fleet_full | fleet_starting | redis
+    cause: DeferralCause
     delay_ms: int
     detail: str
 
@@ -139,7 +139,7 @@ class ProviderGate:
         except redis.RedisError as exc:
             fleet.forget(token)
             detail = f"Redis did not answer ({type(exc).__name__})"
-            return Wait("redis", jitter_ms(1000, 3000), detail)
+            return Wait(DeferralCause.REDIS, jitter_ms(1000, 3000), detail)
         admission = breaker.admission(answer[:4])
         self._reuse.seen(admission.state, asked_at)
         if not admission.allowed:
@@ -149,12 +149,12 @@ class ProviderGate:
                 # them over a few seconds after it (only the probes go through).
                 spread = min(3000, self.settings.breaker_open_s * 250)
                 return Wait(
-                    "breaker_open",
+                    DeferralCause.BREAKER_OPEN,
                     admission.wait_ms + jitter_ms(0, spread),
                     "the fleet's circuit breaker is open",
                 )
             return Wait(
-                "breaker_half_open",
+                DeferralCause.BREAKER_HALF_OPEN,
                 jitter_ms(500, 2000),
                 "the circuit breaker is half-open and its probes are out",
             )
@@ -162,7 +162,7 @@ class ProviderGate:
         if isinstance(slot, SlotRefused):
             if slot.starting:
                 return Wait(
-                    "fleet_starting",
+                    DeferralCause.FLEET_STARTING,
                     slot.wait_ms + jitter_ms(0, 500),
                     "fleet slots are being registered (a new or emptied Redis): a moment's grace",
                 )
@@ -170,7 +170,7 @@ class ProviderGate:
             if kept is not None:
                 return Pass(kept, probe=False)
             return Wait(
-                "fleet_full",
+                DeferralCause.FLEET_FULL,
                 jitter_ms(200, 1000),
                 f"all {slot.limit} fleet slots (PAYMENT_MAX_CONCURRENCY) are in use",
             )

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Connection, func, insert, select, update
+from sqlalchemy.sql.elements import ColumnElement
 
 from payq.constants import (
     SETTLED_STATUSES,
@@ -38,6 +39,7 @@ from payq.constants import (
 from payq.errors import CardDeclined, IdempotencyKeyInUse, ProviderError
 from payq.models import charge_attempts, charges, operator_actions
 from payq.provider import ProviderCharge, ProviderClient
+from payq.settings import Settings
 
 __all__ = [
     "NOT_DEAD",
@@ -49,9 +51,11 @@ __all__ = [
     "Verdict",
     "audit",
     "definite",
+    "key_forgotten",
     "look_up",
     "pending_calls_s",
     "record_lookup",
+    "retention",
     "settle",
 ]
 
@@ -86,6 +90,19 @@ class Unknown:
 
 
 Verdict = Charged | Declined | NotCharged | Unknown
+
+
+def retention(settings: Settings) -> dt.timedelta:
+    """How long the provider keeps idempotency keys (``PROVIDER_IDEMPOTENCY_TTL_S``)."""
+    return dt.timedelta(seconds=settings.provider_idempotency_ttl_s)
+
+
+def key_forgotten(after: Any) -> ColumnElement[bool]:
+    """The one rule of key retention: the charge was created longer ago than ``after`` (the
+    retention, or the send window short of it: an interval or a bind parameter), so the
+    provider may have forgotten its idempotency key. A request then could charge twice,
+    and a lookup that finds nothing proves nothing."""
+    return charges.c.created_at < func.now() - after
 
 
 def definite(outcome: ProviderCharge | ProviderError | None) -> Charged | Declined | None:

@@ -70,6 +70,7 @@ from payq.constants import (
     AttemptOutcome,
     ChargeStatus,
     DeadOutcome,
+    DeferralCause,
 )
 from payq.db import Prepared, autocommit, get_engine
 from payq.errors import (
@@ -99,6 +100,7 @@ RECORD_RETRY_S = 3.0
 
 S = ChargeStatus
 A = AttemptOutcome
+Cause = DeferralCause
 Outcome = ProviderCharge | ProviderError
 
 
@@ -107,10 +109,12 @@ class UnknownCharge(PayqError):
 
 
 class Result(StrEnum):
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    RETRYING = "retrying"
-    DEAD = "dead"
+    """What one message did: the status it moved the charge to, or why it moved none."""
+
+    SUCCEEDED = ChargeStatus.SUCCEEDED.value
+    FAILED = ChargeStatus.FAILED.value
+    RETRYING = ChargeStatus.RETRYING.value
+    DEAD = ChargeStatus.DEAD.value
     SKIPPED = "skipped"  # already claimed, final, or not yet due
     DEFERRED = "deferred"  # must wait (early, breaker, fleet, database): sent again for later
     LEASE_LOST = "lease_lost"  # another worker took over while we called (answer still kept)
@@ -157,12 +161,8 @@ _CLAIMED = (
         charges.c.source,
         charges.c.description,
         charges.c.metadata,
-        (charges.c.created_at < func.now() - bindparam("send_window", type_=Interval)).label(
-            "past_window"
-        ),
-        (charges.c.created_at < func.now() - bindparam("retention", type_=Interval)).label(
-            "past_retention"
-        ),
+        ledger.key_forgotten(bindparam("send_window", type_=Interval)).label("past_window"),
+        ledger.key_forgotten(bindparam("retention", type_=Interval)).label("past_retention"),
         func.extract(
             "epoch", charges.c.created_at + bindparam("send_window", type_=Interval) - func.now()
         ).label("window_left_s"),
@@ -445,20 +445,20 @@ def process_charge(
         except PoolTimeout:
             _pool_exhausted(cid, settings)
             delay_ms = jitter_ms(500, 2000)
-            return _defer(cid, message_id, "db_pool", delay_ms, "no database connection")
+            return _defer(cid, message_id, Cause.DB_POOL, delay_ms, "no database connection")
         except DB_UNAVAILABLE as exc:
             log.warning(
                 "database unavailable at claim (%s); charge deferred",
                 _first_line(exc),
-                extra={"charge_id": str(cid), "cause": "database"},
+                extra={"charge_id": str(cid), "cause": Cause.DATABASE},
             )
             delay_ms = jitter_ms(1000, 3000)
-            return _defer(cid, message_id, "database", delay_ms, "database unavailable")
+            return _defer(cid, message_id, Cause.DATABASE, delay_ms, "database unavailable")
         if claim is None:
             if redo_in_ms is not None and message_id is not None:
                 # The scheduled retry itself came early (clocks differ between hosts): send
                 # it again for when it is due rather than call before Retry-After.
-                return _defer(cid, message_id, "early_message", redo_in_ms, "retry came early")
+                return _defer(cid, message_id, Cause.EARLY_MESSAGE, redo_in_ms, "retry came early")
             return result
 
         tag_charge(str(claim.id), claim.attempt)
@@ -505,7 +505,7 @@ def process_charge(
 
 
 def _defer(
-    cid: uuid.UUID, message_id: str | None, cause: str, delay_ms: int, detail: str
+    cid: uuid.UUID, message_id: str | None, cause: DeferralCause, delay_ms: int, detail: str
 ) -> Result:
     """Send this charge's message again for later; the charge itself is not claimed.
 
@@ -518,7 +518,7 @@ def _defer(
     the charge once more, and the guarded claim makes that harmless.
     """
     new_id = new_message_id()
-    if message_id is not None and cause not in ("db_pool", "database"):
+    if message_id is not None and cause not in (Cause.DB_POOL, Cause.DATABASE):
         try:
             with autocommit() as conn:  # guarded by the old id: no transaction needed
                 handed = conn.execute(
@@ -537,7 +537,7 @@ def _defer(
     publish_or_leave_to_relay([(cid, new_id)], delay_ms=delay_ms)
     metrics.DEFERRALS.labels(cause).inc()
     # A full fleet is routine under load; the rest say something about a dependency.
-    level = logging.DEBUG if cause == "fleet_full" else logging.INFO
+    level = logging.DEBUG if cause is Cause.FLEET_FULL else logging.INFO
     log.log(
         level,
         "charge deferred %.1f s: %s",
@@ -579,7 +579,7 @@ def _pool_exhausted(cid: uuid.UUID, settings: Settings) -> None:
         settings.db_timeout_ms,
         figures["pool_checked_out"],
         settings.database_pool_max_connections,
-        extra={"charge_id": str(cid), "cause": "db_pool", **figures},
+        extra={"charge_id": str(cid), "cause": Cause.DB_POOL, **figures},
     )
 
 
@@ -593,7 +593,7 @@ def _claim(conn: Connection, cid: uuid.UUID, settings: Settings) -> _Claim | Non
         "charge_id": cid,
         "lease": dt.timedelta(seconds=settings.charge_lease_s),
         "send_window": dt.timedelta(seconds=settings.key_send_window_s),
-        "retention": dt.timedelta(seconds=settings.provider_idempotency_ttl_s),
+        "retention": ledger.retention(settings),
         "max_attempts": settings.retry_max_attempts,
     }
     row = _CLAIM.execute(conn, params).mappings().first()
@@ -996,7 +996,7 @@ def _unclaim(claim: _Claim) -> Result:
     if given:
         delay_ms = jitter_ms(200, 1000)
         publish_or_leave_to_relay([(claim.id, new_id)], delay_ms=delay_ms)
-        metrics.DEFERRALS.labels("fleet_slot_lost").inc()
+        metrics.DEFERRALS.labels(Cause.FLEET_SLOT_LOST).inc()
     log.warning(
         "fleet slot lost before the call (this process stalled past FLEET_SLOT_LEASE_S): "
         "nothing sent, the charge deferred with no attempt used",

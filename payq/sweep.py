@@ -62,12 +62,8 @@ class SweepPass:
 
 def unknown_outcomes(settings: Settings, *, within_retention: bool = True) -> Select[Any]:
     """How many dead charges are of unknown outcome, within the key's retention or past it."""
-    retention_start = func.now() - dt.timedelta(seconds=settings.provider_idempotency_ttl_s)
-    age = (
-        charges.c.created_at >= retention_start
-        if within_retention
-        else charges.c.created_at < retention_start
-    )
+    forgotten = ledger.key_forgotten(ledger.retention(settings))
+    age = ~forgotten if within_retention else forgotten
     return select(func.count()).where(
         charges.c.status == ChargeStatus.DEAD,
         charges.c.dead_outcome == DeadOutcome.UNKNOWN,
@@ -109,7 +105,6 @@ def sweep_once(
 ) -> SweepPass:
     """Look up at most ``budget`` due charges of unknown outcome, oldest due first."""
     settings = settings or get_settings()
-    retention = dt.timedelta(seconds=settings.provider_idempotency_ttl_s)
     with transaction() as conn:
         # Taken for this pass by pushing their next lookup on: another relay skips them.
         due = (
@@ -118,7 +113,7 @@ def sweep_once(
                 charges.c.status == ChargeStatus.DEAD,
                 charges.c.dead_outcome == DeadOutcome.UNKNOWN,
                 _next_lookup() <= func.now(),
-                charges.c.created_at >= func.now() - retention,
+                ~ledger.key_forgotten(ledger.retention(settings)),
             )
             .order_by(_next_lookup())
             .limit(budget)
@@ -192,7 +187,6 @@ def resolve(
         elif isinstance(verdict, ledger.NotCharged):
             settings = get_settings()
             pending_s = ledger.pending_calls_s(conn, charge_id, settings.charge_lease_s)
-            retention = dt.timedelta(seconds=settings.provider_idempotency_ttl_s)
             done = 0
             if not pending_s:  # no earlier call can still reach the provider
                 done = conn.execute(
@@ -202,7 +196,7 @@ def resolve(
                         charges.c.status == ChargeStatus.DEAD,
                         charges.c.attempts == attempts,  # not replayed meanwhile
                         # A "not found" proves something only while the key is kept.
-                        charges.c.created_at >= func.now() - retention,
+                        ~ledger.key_forgotten(ledger.retention(settings)),
                     )
                     .values(
                         dead_outcome=DeadOutcome.VERIFIED_NOT_CHARGED,

@@ -22,7 +22,7 @@ from payq.broker import new_message_id, publish_or_leave_to_relay
 from payq.constants import ChargeStatus, DeadOutcome
 from payq.db import transaction
 from payq.errors import ChargeNotFound
-from payq.ledger import NOT_DEAD, audit
+from payq.ledger import NOT_DEAD, audit, key_forgotten, retention
 from payq.models import Charge, charge_attempts, charges
 from payq.settings import Settings, get_settings
 
@@ -289,11 +289,7 @@ def replay(
 
 def key_may_be_forgotten(settings: Settings) -> ColumnElement[bool]:
     """The provider may have seen this charge's key longer ago than it keeps keys."""
-    return and_(
-        charges.c.attempts > 0,
-        charges.c.created_at
-        < func.now() - dt.timedelta(seconds=settings.provider_idempotency_ttl_s),
-    )
+    return and_(charges.c.attempts > 0, key_forgotten(retention(settings)))
 
 
 def purge(flt: DeadFilter, *, actor: str, dry_run: bool = False) -> list[uuid.UUID]:

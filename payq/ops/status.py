@@ -67,14 +67,15 @@ def attempt_stats(minutes: int, engine: Engine | None = None) -> AttemptStats:
                 "percentile_cont(0.5) WITHIN GROUP (ORDER BY latency_ms), "
                 "percentile_cont(0.95) WITHIN GROUP (ORDER BY latency_ms), "
                 "percentile_cont(0.99) WITHIN GROUP (ORDER BY latency_ms) "
-                "FROM charge_attempts WHERE finished_at >= :since AND kind = 'charge'"
+                "FROM charge_attempts WHERE started_at >= :since AND kind = 'charge' "
+                "AND finished_at IS NOT NULL"
             ),
             window,
         ).one()
         by_class = conn.execute(
             text(
                 "SELECT error_class, count(*) FROM charge_attempts "
-                "WHERE finished_at >= :since AND kind = 'charge' "
+                "WHERE started_at >= :since AND kind = 'charge' AND finished_at IS NOT NULL "
                 "AND outcome NOT IN ('succeeded', 'declined') "
                 "GROUP BY error_class ORDER BY count(*) DESC"
             ),
@@ -89,7 +90,8 @@ def attempt_stats(minutes: int, engine: Engine | None = None) -> AttemptStats:
 
 @dataclass
 class MinuteStats:
-    """Provider attempts that finished within one minute (``minute`` is its start, UTC)."""
+    """Provider attempts that started within one minute and are recorded (``minute`` is
+    its start, UTC)."""
 
     minute: dt.datetime
     attempts: int
@@ -118,8 +120,9 @@ def attempt_series(minutes: int = 15, engine: Engine | None = None) -> list[Minu
                 "count(a.id) FILTER (WHERE a.outcome = 'declined'), "
                 "percentile_cont(0.5) WITHIN GROUP (ORDER BY a.latency_ms), "
                 "percentile_cont(0.95) WITHIN GROUP (ORDER BY a.latency_ms) "
-                "FROM m LEFT JOIN charge_attempts a ON a.finished_at >= m.minute "
-                "AND a.finished_at < m.minute + interval '1 minute' AND a.kind = 'charge' "
+                "FROM m LEFT JOIN charge_attempts a ON a.started_at >= m.minute "
+                "AND a.started_at < m.minute + interval '1 minute' AND a.kind = 'charge' "
+                "AND a.finished_at IS NOT NULL "
                 "GROUP BY m.minute ORDER BY m.minute"
             ),
             {"back": minutes - 1},

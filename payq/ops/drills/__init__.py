@@ -21,7 +21,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from payq.ops.drills.cli import DRILLS, add_simulate_command
+from payq.ops.drills.cli import add_simulate_command
+from payq.ops.drills.names import DRILLS
 
 __all__ = [
     "DRILLS",

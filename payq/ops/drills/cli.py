@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-__all__ = ["DRILLS", "add_simulate_command"]
+from payq.ops.drills.names import DRILLS
 
-DRILLS = ("payment_timeout", "database_pool_exhaustion", "connection_error")
+__all__ = ["add_simulate_command"]
 
 
 def _positive(text: str) -> int:

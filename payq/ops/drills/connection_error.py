@@ -8,22 +8,16 @@ key, and charged afresh.
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 
 from payq.ops.drills.orchestration import (
     Drill,
     attempts_of,
-    budget_s,
-    charges_tried,
-    enqueue,
+    faulty_until_all_tried,
     gaps_after,
-    ledger,
     provider_line,
     span,
-    start_rig,
     threads_for,
-    wait_final,
 )
 
 __all__ = ["drill_connection_error"]
@@ -37,23 +31,15 @@ def drill_connection_error(drill: Drill) -> None:
         f"payq simulate connection_error (run {drill.run}): {drill.total} charges; the provider "
         "resets every connection until each charge has been tried once"
     )
-    with start_rig(drill, threads=threads, sim_args=["--reset-rate", "1.0"]) as rig:
-        started = time.monotonic()
-        keys = enqueue(drill)
-        drill.story.progress(f"enqueued {len(keys)} charges; every connection is being reset")
-        window: list[float] = []
-
-        def heal() -> None:
-            if not window and charges_tried(drill) >= drill.total:
-                rig.faults(reset_rate=0.0)
-                window.append(time.monotonic() - started)
-                drill.story.progress("every charge has been tried once: the provider recovered")
-
-        wait_final(drill, rig, budget_s(drill, threads, s.payment_timeout_s), heal)
-        rig.stop_workers()
-        stats = rig.stats()
-        requests = {key: rig.requests_for(key) for key in keys}
-        ledger(drill, rig, stats)
+    run = faulty_until_all_tried(
+        drill,
+        threads=threads,
+        sim_args=["--reset-rate", "1.0"],
+        heal={"reset_rate": 0.0},
+        faulty="every connection is being reset",
+        healed="every charge has been tried once: the provider recovered",
+    )
+    stats, requests = run.stats, run.requests
 
     attempts = attempts_of(drill)
     errors = [a for a in attempts if a["error_class"] == "connection_error"]
@@ -66,7 +52,7 @@ def drill_connection_error(drill: Drill) -> None:
         for recs in requests.values()
         if recs and recs[-1]["status"] == 200 and not recs[-1]["replayed"]
     )
-    window_s = window[0] if window else 0.0
+    window_s = run.healed_after_s or 0.0
     drill.figures.update(
         reset_window_s=round(window_s, 3),
         connection_errors=len(errors),

@@ -37,6 +37,7 @@ __all__ = [
     "budget_s",
     "charges_tried",
     "enqueue",
+    "faulty_until_all_tried",
     "gaps_after",
     "ledger",
     "provider_line",
@@ -135,6 +136,49 @@ def start_rig(
 
 
 # --- enqueueing, waiting, counting ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FaultyRun:
+    """What ``faulty_until_all_tried`` saw: the provider's counters, each key's requests,
+    and when (seconds after the first charge was enqueued) the fault was lifted."""
+
+    stats: dict[str, Any]
+    requests: dict[str, list[dict[str, Any]]]
+    healed_after_s: float | None
+
+
+def faulty_until_all_tried(
+    drill: Drill,
+    *,
+    threads: int,
+    sim_args: Sequence[str],
+    heal: Mapping[str, Any],
+    faulty: str,
+    healed: str,
+) -> FaultyRun:
+    """The skeleton of a drill against a faulty provider: start the rig with the fault
+    (``sim_args``), enqueue, lift it (``heal``: the knobs) once every charge has been tried,
+    wait until all are final, then take the provider's figures and check the ledger.
+    ``faulty`` and ``healed`` are the progress lines said at those two moments."""
+    with start_rig(drill, threads=threads, sim_args=sim_args) as rig:
+        started = time.monotonic()
+        keys = enqueue(drill)
+        drill.story.progress(f"enqueued {len(keys)} charges; {faulty}")
+        lifted: list[float] = []
+
+        def lift() -> None:
+            if not lifted and charges_tried(drill) >= drill.total:
+                rig.faults(**heal)
+                lifted.append(time.monotonic() - started)
+                drill.story.progress(healed)
+
+        wait_final(drill, rig, budget_s(drill, threads, drill.settings.payment_timeout_s), lift)
+        rig.stop_workers()
+        stats = rig.stats()
+        requests = {key: rig.requests_for(key) for key in keys}
+        ledger(drill, rig, stats)
+    return FaultyRun(stats, requests, lifted[0] if lifted else None)
 
 
 def enqueue(drill: Drill) -> list[str]:

@@ -8,21 +8,14 @@ the provider replays the charge it already made instead of charging again.
 
 from __future__ import annotations
 
-import time
-
 from payq.ops.drills.orchestration import (
     Drill,
     attempts_of,
-    budget_s,
-    charges_tried,
-    enqueue,
+    faulty_until_all_tried,
     gaps_after,
-    ledger,
     provider_line,
     span,
-    start_rig,
     threads_for,
-    wait_final,
 )
 
 __all__ = ["INCIDENT_PROVIDER_DELAY_S", "drill_payment_timeout"]
@@ -40,23 +33,15 @@ def drill_payment_timeout(drill: Drill) -> None:
         f"payq simulate payment_timeout (run {drill.run}): {drill.total} charges; the provider "
         f"answers after {delay_s:.1f} s, PAYMENT_TIMEOUT_MS={s.payment_timeout_ms}"
     )
-    sim_args = ["--timeout-rate", "1.0", "--timeout-delay-s", str(delay_s)]
-    with start_rig(drill, threads=threads, sim_args=sim_args) as rig:
-        keys = enqueue(drill)
-        drill.story.progress(f"enqueued {len(keys)} charges; every first attempt will be held")
-        healed: list[float] = []
-
-        def heal() -> None:
-            if not healed and charges_tried(drill) >= drill.total:
-                rig.faults(timeout_rate=0.0)
-                healed.append(time.monotonic())
-                drill.story.progress("every charge has had one attempt: the provider is fast again")
-
-        wait_final(drill, rig, budget_s(drill, threads, s.payment_timeout_s), heal)
-        rig.stop_workers()
-        stats = rig.stats()
-        requests = {key: rig.requests_for(key) for key in keys}
-        ledger(drill, rig, stats)
+    run = faulty_until_all_tried(
+        drill,
+        threads=threads,
+        sim_args=["--timeout-rate", "1.0", "--timeout-delay-s", str(delay_s)],
+        heal={"timeout_rate": 0.0},
+        faulty="every first attempt will be held",
+        healed="every charge has had one attempt: the provider is fast again",
+    )
+    requests = run.requests
 
     attempts = attempts_of(drill)
     cut = [a for a in attempts if a["error_class"] == "timeout"]

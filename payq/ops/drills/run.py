@@ -25,8 +25,8 @@ from payq.dramatiq_redis import Layout
 from payq.errors import PayqError, ServiceUnavailable
 from payq.migrate import migrate
 from payq.models import charges
-from payq.ops.drills.cli import DRILLS
 from payq.ops.drills.connection_error import drill_connection_error
+from payq.ops.drills.names import DRILLS
 from payq.ops.drills.orchestration import Drill, Figure, Story, say_verdict
 from payq.ops.drills.payment_timeout import drill_payment_timeout
 from payq.ops.drills.pool_exhaustion import drill_database_pool_exhaustion
