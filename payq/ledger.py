@@ -102,7 +102,8 @@ def key_forgotten(after: Any) -> ColumnElement[bool]:
     retention, or the send window short of it: an interval or a bind parameter), so the
     provider may have forgotten its idempotency key. A request then could charge twice,
     and a lookup that finds nothing proves nothing."""
-    return charges.c.created_at < func.now() - after
+    forgotten: ColumnElement[bool] = charges.c.created_at < func.now() - after
+    return forgotten
 
 
 def definite(outcome: ProviderCharge | ProviderError | None) -> Charged | Declined | None:

@@ -31,20 +31,22 @@ from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (
+    CompoundSelect,
     Connection,
     Integer,
     Interval,
     Select,
     and_,
     bindparam,
-    case,
     exists,
     func,
     insert,
     literal,
     literal_column,
+    null,
     or_,
     select,
+    union_all,
     update,
 )
 from sqlalchemy.dialects.postgresql import array as pg_array
@@ -270,15 +272,9 @@ _ATTEMPT = _ATTEMPT_INSERT.on_conflict_do_update(
 )
 
 
-#: The charge as it is before a record moves it, locked for the move.
-_PREV = (
-    select(charges.c.id, charges.c.status, charges.c.call_id)
-    .where(charges.c.id == bindparam("charge_id"))
-    .with_for_update()
-    .cte("prev")
-)
-#: Whether the recording call still holds the claim (judged on the locked row).
-_OURS = and_(_PREV.c.status == S.PROCESSING, _PREV.c.call_id == bindparam("call_id"))
+#: The recording call still holds the claim (judged on the row being moved, so a claim
+#: taken meanwhile is seen: PostgreSQL re-checks it on the newest row version).
+_HELD = and_(charges.c.status == S.PROCESSING, charges.c.call_id == bindparam("call_id"))
 _SETTLED = [S.SUCCEEDED, S.FAILED]
 
 
@@ -288,18 +284,18 @@ def _move_statement(
     expressions: dict[str, Any],
     *,
     attempt: bool,
-) -> Select[Any]:
+) -> CompoundSelect[Any]:
     """Record a call (``attempt``) and move its charge to ``status``, in one statement.
 
-    A move to ``succeeded`` or ``failed`` is the provider's own answer: it settles the
-    charge from any status but those two, whoever holds the claim, and when the call did
-    not hold it, the change is audited in ``operator_actions`` under ``payq`` in the same
-    statement. Any other move happens only while this call still holds the claim. The
-    statement returns ``(was, ours)`` when the charge moved, nothing when it did not.
-    ``columns`` are set from bind parameters of the same name, ``expressions`` as given;
-    on a move without a call, ``attempts`` (the claim's count undone) only if ours.
+    The move happens while this call still holds the claim (``ours``). A move to
+    ``succeeded`` or ``failed`` is the provider's own answer: when the call no longer
+    holds the claim, it settles the charge all the same, from any status but those two,
+    and the change is audited in ``operator_actions`` under ``payq``, in the same
+    statement. It returns ``(ours, was)`` when the charge moved (``was``: the status it
+    came from, when not ours), nothing when it did not. ``columns`` are set from bind
+    parameters of the same name, ``expressions`` as given; a move without a call undoes
+    the claim's count (``attempts``).
     """
-    settles = status in _SETTLED
     values: dict[str, Any] = {
         "status": status,
         "lease_expires_at": None,
@@ -307,25 +303,35 @@ def _move_statement(
         **{column: bindparam(column) for column in columns},
         **expressions,
     }
-    if settles:
+    if status in _SETTLED:
         values.update(ledger.NOT_DEAD)
-    if not attempt:
-        values["attempts"] = case(
-            (_OURS, bindparam("attempts", type_=Integer)), else_=charges.c.attempts
-        )
-    # (No IN list: an expanding parameter cannot be prepared.)
-    guard = and_(*(charges.c.status != s for s in _SETTLED)) if settles else _OURS
-    moved = (
+    held = values if attempt else {**values, "attempts": bindparam("attempts", type_=Integer)}
+    ours = (
         update(charges)
-        .where(charges.c.id == _PREV.c.id, guard)
-        .values(**values)
-        .returning(charges.c.id, _PREV.c.status.label("was"), _OURS.label("ours"))
-        .cte("moved")
+        .where(charges.c.id == bindparam("charge_id"), _HELD)
+        .values(**held)
+        .returning(charges.c.id)
+        .cte("ours")
     )
-    statement = select(moved.c.was, moved.c.ours)
-    if attempt:
-        statement = statement.add_cte(_ATTEMPT.cte("attempt"))
-    if settles:
+    moves: list[Select[Any, Any]] = [
+        select(literal_column("true").label("ours"), null().label("was")).select_from(ours)
+    ]
+    ctes = [ours]
+    if status in _SETTLED:
+        old = charges.alias("old")  # the row as it was: what the audit says it came from
+        settled = (
+            update(charges)
+            .where(
+                charges.c.id == bindparam("charge_id"),
+                charges.c.id == old.c.id,
+                # (No IN list: an expanding parameter cannot be prepared.)
+                *(charges.c.status != s for s in _SETTLED),
+                ~exists(select(ours.c.id)),
+            )
+            .values(**values)
+            .returning(charges.c.id, old.c.status.label("was"))
+            .cte("settled")
+        )
         why = "the provider's answer to a call that had lost its claim"
         audit = insert(operator_actions).from_select(
             ["actor", "action", "params", "charge_ids", "count"],
@@ -333,14 +339,20 @@ def _move_statement(
                 literal(SYSTEM_ACTOR),
                 literal("settle"),
                 func.jsonb_build_object(
-                    *("from", moved.c.was, "to", status.value, "why", why),
+                    *("from", settled.c.was, "to", status.value, "why", why),
                     *("attempt", bindparam("attempt", type_=Integer)),
                 ),
-                pg_array([moved.c.id]),
+                pg_array([settled.c.id]),
                 literal(1),
-            ).where(~moved.c.ours),
+            ),
         )
-        statement = statement.add_cte(audit.cte("audit"))
+        moves.append(select(literal_column("false"), settled.c.was))
+        ctes += [settled, audit.cte("audit")]
+    if attempt:
+        ctes.append(_ATTEMPT.cte("attempt"))
+    statement = union_all(*moves)
+    for cte in ctes:
+        statement = statement.add_cte(cte)
     return statement
 
 
