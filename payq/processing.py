@@ -202,7 +202,7 @@ _ABANDON = (
     .where(
         charge_attempts.c.charge_id == bindparam("charge_id"),
         charge_attempts.c.outcome == A.IN_FLIGHT,
-        exists(select(_CLAIMED.c.id)),
+        exists(select(_CLAIMED.c.id).where(_CLAIMED.c.attempts > 1)),  # a first claim: none
     )
     .values(outcome=A.ABANDONED)
     .cte("abandoned")
