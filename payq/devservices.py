@@ -42,6 +42,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from payq.migrate import conn_params, connect, ensure_database
+
 __all__ = [
     "DevServiceError",
     "ThrowawayPostgres",
@@ -107,26 +109,6 @@ def redis_answers(url: str, timeout_s: float = 1.0) -> bool:
         client.close()
 
 
-def _conn_params(dsn: str) -> dict[str, str]:
-    """libpq keyword parameters for a SQLAlchemy (``postgresql+psycopg2://``) or libpq URL."""
-    libpq = re.sub(r"^postgres(?:ql)?(?:\+[\w-]+)?://", "postgresql://", dsn)
-    try:
-        params: dict[str, str] = dict(psycopg2.extensions.parse_dsn(libpq))
-    except psycopg2.ProgrammingError as exc:
-        raise DevServiceError(f"not a PostgreSQL URL: {exc}") from exc
-    return params
-
-
-def _connect(params: dict[str, str], timeout_s: float, **overrides: str) -> Any:
-    # libpq's connect_timeout is whole seconds and anything below 2 is raised to 2.
-    kwargs: dict[str, Any] = {
-        **params,
-        **overrides,
-        "connect_timeout": max(2, math.ceil(timeout_s)),
-    }
-    return psycopg2.connect(**kwargs)
-
-
 def postgres_answers(dsn: str, timeout_s: float = 2.0) -> bool:
     """True if the PostgreSQL server named by ``dsn`` accepts a connection.
 
@@ -136,13 +118,13 @@ def postgres_answers(dsn: str, timeout_s: float = 2.0) -> bool:
     detected from libpq's ``database "x" does not exist`` message, and (so a translated
     message does not matter) by falling back to the ``postgres`` maintenance database.
     """
-    params = _conn_params(dsn)
+    params = conn_params(dsn)
     attempts = (
         [{}] if params.get("dbname", "postgres") == "postgres" else [{}, {"dbname": "postgres"}]
     )
     for overrides in attempts:
         try:
-            _connect(params, timeout_s, **overrides).close()
+            connect(params, timeout_s, **overrides).close()
             return True
         except psycopg2.OperationalError as exc:
             message = str(exc)
@@ -151,35 +133,6 @@ def postgres_answers(dsn: str, timeout_s: float = 2.0) -> bool:
             if "Connection refused" in message or "timeout expired" in message:
                 return False  # nothing listens there: do not wait a second time
     return False
-
-
-def ensure_database(dsn: str) -> bool:
-    """Create the database named in ``dsn`` if it is missing; True if this call created it.
-
-    Connects to the ``postgres`` maintenance database of the same server in AUTOCOMMIT
-    (CREATE DATABASE cannot run in a transaction); the name is quoted with
-    ``psycopg2.sql.Identifier``.  Safe against a concurrent creator.
-    """
-    params = _conn_params(dsn)
-    name = params.get("dbname")
-    if not name:
-        raise DevServiceError(f"no database name in {dsn!r}")
-    conn = _connect(params, 10.0, dbname="postgres")
-    try:
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
-            if cur.fetchone() is not None:
-                return False
-            try:
-                cur.execute(
-                    psycopg2.sql.SQL("CREATE DATABASE {}").format(psycopg2.sql.Identifier(name))
-                )
-            except (psycopg2.errors.DuplicateDatabase, psycopg2.errors.UniqueViolation):
-                return False  # somebody else created it between our check and CREATE
-            return True
-    finally:
-        conn.close()
 
 
 class _Throwaway:

@@ -7,17 +7,24 @@ PostgreSQL advisory lock makes them take turns.
 from __future__ import annotations
 
 import logging
+import math
+import re
 from pathlib import Path
+from typing import Any
 
 import psycopg2
+import psycopg2.errors
+import psycopg2.extensions
+import psycopg2.sql
 import tenacity
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, text
 
 import migrations
+from payq.errors import ConfigError
 
-__all__ = ["ensure_database_when_up", "migrate"]
+__all__ = ["conn_params", "connect", "ensure_database", "ensure_database_when_up", "migrate"]
 
 log = logging.getLogger("payq.migrate")
 
@@ -30,7 +37,6 @@ def ensure_database_when_up(dsn: str, wait_s: float = 30.0) -> bool:
     A deploy often starts ``payq migrate`` beside a PostgreSQL that is still starting;
     short retries (tenacity) ride that out. Returns True if the database was created.
     """
-    from payq.devservices import ensure_database
     from payq.errors import ServiceUnavailable
 
     retrying = tenacity.Retrying(
@@ -49,6 +55,58 @@ def ensure_database_when_up(dsn: str, wait_s: float = 30.0) -> bool:
             f"PostgreSQL did not answer at DATABASE_URL within {wait_s:g} s "
             f"({str(exc).strip().splitlines()[0][:200]}): start it or fix DATABASE_URL"
         ) from None
+
+
+def conn_params(dsn: str) -> dict[str, str]:
+    """libpq keyword parameters for a SQLAlchemy (``postgresql+psycopg2://``) or libpq URL."""
+    libpq = re.sub(r"^postgres(?:ql)?(?:\+[\w-]+)?://", "postgresql://", dsn)
+    try:
+        params: dict[str, str] = dict(psycopg2.extensions.parse_dsn(libpq))
+    except psycopg2.ProgrammingError:
+        raise ConfigError(
+            "DATABASE_URL: is not a PostgreSQL URL (postgresql://user@host:port/database)"
+        ) from None
+    return params
+
+
+def connect(params: dict[str, str], timeout_s: float, **overrides: str) -> Any:
+    """A plain psycopg2 connection (``overrides``: other libpq parameters, e.g. dbname)."""
+    # libpq's connect_timeout is whole seconds and anything below 2 is raised to 2.
+    kwargs: dict[str, Any] = {
+        **params,
+        **overrides,
+        "connect_timeout": max(2, math.ceil(timeout_s)),
+    }
+    return psycopg2.connect(**kwargs)
+
+
+def ensure_database(dsn: str) -> bool:
+    """Create the database named in ``dsn`` if it is missing; True if this call created it.
+
+    Connects to the ``postgres`` maintenance database of the same server in AUTOCOMMIT
+    (CREATE DATABASE cannot run in a transaction); the name is quoted with
+    ``psycopg2.sql.Identifier``. Safe against a concurrent creator.
+    """
+    params = conn_params(dsn)
+    name = params.get("dbname")
+    if not name:
+        raise ConfigError("DATABASE_URL: names no database (…/database at its end)")
+    conn = connect(params, 10.0, dbname="postgres")
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+            if cur.fetchone() is not None:
+                return False
+            try:
+                cur.execute(
+                    psycopg2.sql.SQL("CREATE DATABASE {}").format(psycopg2.sql.Identifier(name))
+                )
+            except (psycopg2.errors.DuplicateDatabase, psycopg2.errors.UniqueViolation):
+                return False  # somebody else created it between our check and CREATE
+            return True
+    finally:
+        conn.close()
 
 
 def migrate(engine: Engine, revision: str = "head") -> None:

@@ -32,9 +32,9 @@ from payq.breaker import BreakerState
 from payq.broker import get_broker
 from payq.constants import redis_key
 from payq.errors import ConfigError
+from payq.figures import dead_count
 from payq.gate import get_gate
-from payq.ops.health import Level, run_checks, worst
-from payq.ops.status import dead_count
+from payq.health import Level, run_checks, worst
 from payq.provider import ProviderClient, get_provider
 from payq.sentry import alert
 from payq.settings import Settings

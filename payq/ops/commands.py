@@ -419,7 +419,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_health(args: argparse.Namespace) -> int:
     """Exit 0 ok, 1 degraded, 3 down (payq's exit codes: 3 is a service down)."""
-    from payq.ops.health import run_checks, worst
+    from payq.health import run_checks, worst
     from payq.settings import get_settings
 
     checks = run_checks(get_settings(), provider=not args.no_provider)

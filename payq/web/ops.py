@@ -42,11 +42,12 @@ from starlette.datastructures import ImmutableMultiDict
 
 from payq.broker import get_broker
 from payq.errors import ChargeNotFound, ServiceUnavailable
+from payq.figures import attempt_series, breaker_figures
 from payq.gate import ProviderGate
 from payq.ops.cli import parse_when
 from payq.ops.dlq import DeadFilter, dead_charges, purge, replay, show, totals
 from payq.ops.reconcile import reconcile
-from payq.ops.status import attempt_series, breaker_figures, snapshot
+from payq.ops.status import snapshot
 from payq.provider import ProviderClient
 from payq.settings import Settings
 from payq.web import actions, signin

@@ -20,8 +20,8 @@ from fastapi import Request
 from fastapi.responses import HTMLResponse
 from fastapi.templating import Jinja2Templates
 
+from payq.figures import MinuteStats, describe_breaker
 from payq.ops.commands import format_amount
-from payq.ops.status import MinuteStats, describe_breaker
 from payq.web.auth import Principal
 
 __all__ = ["STATIC_DIR", "chart", "page"]

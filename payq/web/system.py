@@ -26,7 +26,7 @@ from sqlalchemy import Engine
 
 from payq.db import make_engine
 from payq.errors import ServiceUnavailable
-from payq.ops.health import Check, Level, check_postgres, run_checks, worst
+from payq.health import Check, Level, check_postgres, run_checks, worst
 from payq.settings import Settings
 from payq.web.blocking import Blocking
 from payq.web.errors import JSONBody

@@ -23,8 +23,8 @@ import pytest
 import redis
 
 from payq.breaker import BreakerState, FleetBreaker
+from payq.figures import worker_reports
 from payq.fleet import FleetLimit
-from payq.ops.status import worker_reports
 from payq.settings import load_settings
 from payq.sim import SimulatorThread
 from tests.conftest import API_KEY, NAMESPACE, REDIS_URL

@@ -21,7 +21,7 @@ from payq.breaker import BreakerState, CallOutcome, FleetBreaker
 from payq.devservices import free_port
 from payq.fleet import FleetLimit
 from payq.gate import ProviderGate
-from payq.ops.health import Check, Level, check_breaker, check_provider, run_checks, worst
+from payq.health import Check, Level, check_breaker, check_provider, run_checks, worst
 from payq.ops.status import snapshot
 from payq.processing import process_charge
 from payq.provider import ProviderClient

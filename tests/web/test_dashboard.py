@@ -17,8 +17,8 @@ from fastapi import FastAPI
 from sqlalchemy import select, text
 
 from payq.db import transaction
+from payq.figures import attempt_series
 from payq.models import operator_actions
-from payq.ops.status import attempt_series
 from payq.processing import Result, process_charge
 from payq.provider import ProviderClient
 from payq.settings import load_settings

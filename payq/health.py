@@ -23,15 +23,15 @@ from payq.breaker import BreakerState
 from payq.broker import get_broker
 from payq.db import transaction
 from payq.errors import AuthenticationFailed, ConfigError, ProviderError, RetryableProviderError
-from payq.fleet import FleetLimit, SlotRefused
-from payq.gate import ProviderGate, get_gate
-from payq.ops.status import (
+from payq.figures import (
     attempt_stats,
     breaker_figures,
     dead_count,
     describe_breaker,
     worker_reports,
 )
+from payq.fleet import FleetLimit, SlotRefused
+from payq.gate import ProviderGate, get_gate
 from payq.provider import ProviderClient, get_provider
 from payq.settings import Settings
 from payq.sweep import backlog
