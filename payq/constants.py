@@ -110,11 +110,3 @@ SYSTEM_ACTOR = "payq"
 def redis_key(namespace: str, *parts: str) -> str:
     """payq's own Redis keys live beside Dramatiq's, under ``<namespace>:payq:``."""
     return ":".join((namespace, "payq", *parts))
-
-
-#: The start of payq's Lua scripts: ``now`` in milliseconds by the Redis server's clock,
-#: so that hosts whose clocks differ agree on leases and on when a breaker may half-open.
-LUA_NOW = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-"""

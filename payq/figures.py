@@ -13,10 +13,10 @@ from typing import Any
 
 from sqlalchemy import Engine, func, select, text
 
-from payq.breaker import BreakerState, FleetBreaker
 from payq.broker import get_broker
 from payq.constants import ChargeStatus, redis_key
 from payq.db import transaction
+from payq.gate import BreakerState, FleetBreaker
 from payq.models import charges
 
 __all__ = [
@@ -158,7 +158,7 @@ def breaker_figures(breaker: FleetBreaker) -> dict[str, Any]:
     while open, the wall-clock moment it may half-open (so a saved snapshot still says when)."""
     snap = breaker.snapshot()
     figures = snap.as_dict()
-    figures["window_s"] = breaker.settings.breaker_window_s
+    figures["window_s"] = breaker.rules.window_s
     figures["open_until"] = (
         (dt.datetime.now(dt.UTC) + dt.timedelta(milliseconds=snap.open_for_ms)).isoformat(
             timespec="seconds"

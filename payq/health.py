@@ -19,8 +19,8 @@ from enum import IntEnum
 import redis
 from sqlalchemy import Engine, text
 
-from payq.breaker import BreakerState
 from payq.broker import get_broker
+from payq.constants import DeferralCause
 from payq.db import transaction
 from payq.errors import AuthenticationFailed, ConfigError, ProviderError, RetryableProviderError
 from payq.figures import (
@@ -30,8 +30,7 @@ from payq.figures import (
     describe_breaker,
     worker_reports,
 )
-from payq.fleet import FleetLimit, SlotRefused
-from payq.gate import ProviderGate, get_gate
+from payq.gate import BreakerState, ProviderGate, Wait, get_gate
 from payq.provider import ProviderClient, get_provider
 from payq.settings import Settings
 from payq.sweep import backlog
@@ -81,62 +80,57 @@ def check_postgres(engine: Engine | None = None) -> Check:
     return _timed("postgres", probe)
 
 
-def check_provider(client: ProviderClient | None = None, fleet: FleetLimit | None = None) -> Check:
+def check_provider(client: ProviderClient | None = None, gate: ProviderGate | None = None) -> Check:
     """Look a random key up at the provider: it answers and accepts our API key; no charge.
 
-    The lookup is a provider call like any other, so it holds a fleet slot: otherwise
-    every worker's check and every ``payq health`` probe would call on top of a fleet
-    already at ``PAYMENT_MAX_CONCURRENCY``, which is when the provider is busiest.
+    The lookup is a provider call like any other, so it goes through the gate: it holds
+    a fleet slot (else every worker's check and every ``payq health`` would call on top
+    of a fleet already at ``PAYMENT_MAX_CONCURRENCY``), and a failure counts in the
+    breaker's window. When the gate says wait, the provider is not probed:
 
-    - No slot free: not probed, and OK. Every slot is held by a call to the provider
-      right now; whether those calls go well is what the breaker and error_rate checks
-      judge, and waiting here for a slot would hold the probe for nothing.
-    - Slots being registered (a new or emptied Redis, a grace of a few seconds): not
-      probed, OK: nothing is wrong, and charges wait out the same grace.
-    - Redis does not answer: not probed, DEGRADED. A call without a slot could be the
-      one over the limit, and the redis check already says DOWN; this line says why the
-      provider is unknown rather than claim it is fine.
+    - the fleet is full, or its slots are being registered (a new or emptied Redis): OK.
+      Calls are in flight or about to be; the breaker and error_rate checks judge them.
+    - the breaker is open or half-open with its probes out: DEGRADED, as the breaker
+      check says; calling past it is what it exists to stop.
+    - Redis does not answer: DEGRADED. A call without a slot could be the one over the
+      limit; the redis check already says DOWN, this one says why the provider is unknown.
     """
-    fleet = fleet or get_gate().fleet
+    gate = gate or get_gate()
+    entry = gate.enter()
+    if isinstance(entry, Wait):
+        level = Level.OK if entry.cause in _FLEET_BUSY else Level.DEGRADED
+        return Check("provider", level, f"not probed: {entry.detail}")
+    outcome: ProviderError | None = None
     try:
-        got = fleet.try_acquire()
-    except redis.RedisError as exc:
-        return Check(
-            "provider",
-            Level.DEGRADED,
-            f"not probed: Redis (the fleet limit) did not answer ({type(exc).__name__})",
-        )
-    if isinstance(got, SlotRefused):
-        if got.starting:
-            why = (
-                f"fleet slots are being registered (a new or emptied Redis), {got.wait_ms} ms more"
-            )
-        else:
-            why = f"all {got.limit} fleet slots busy (the provider is being called)"
-        return Check("provider", Level.OK, f"not probed: {why}")
-    try:
-        return _lookup(client)
+        check, outcome = _lookup(client)
+        return check
     finally:
-        fleet.release(got)
+        gate.leave(entry, outcome)
 
 
-def _lookup(client: ProviderClient | None) -> Check:
+#: A wait for these is the fleet at work, not trouble (``check_provider``).
+_FLEET_BUSY = frozenset({DeferralCause.FLEET_FULL, DeferralCause.FLEET_STARTING})
+
+
+def _lookup(client: ProviderClient | None) -> tuple[Check, ProviderError | None]:
+    """The check, and the provider's error if the lookup failed (for the breaker)."""
     started = time.monotonic()
     try:
         found = (client or get_provider()).find_charge(f"payq-health-{uuid.uuid4().hex}")
     except ConfigError as exc:
-        return Check("provider", Level.DEGRADED, str(exc))
-    except AuthenticationFailed:
-        return Check("provider", Level.DOWN, "the provider refused PAYMENT_PROVIDER_API_KEY")
+        return Check("provider", Level.DEGRADED, str(exc)), None
+    except AuthenticationFailed as exc:
+        return Check("provider", Level.DOWN, "the provider refused PAYMENT_PROVIDER_API_KEY"), exc
     except RetryableProviderError as exc:
+        detail = f"{exc.error_class}: {str(exc)[:160]}"
         if exc.status is not None and exc.status < 500:  # it answered: busy, not down
-            return Check("provider", Level.DEGRADED, f"{exc.error_class}: {str(exc)[:160]}")
-        return Check("provider", Level.DOWN, f"{exc.error_class}: {str(exc)[:160]}")
+            return Check("provider", Level.DEGRADED, detail), exc
+        return Check("provider", Level.DOWN, detail), exc
     except ProviderError as exc:
-        return Check("provider", Level.DOWN, f"{exc.error_class}: {str(exc)[:160]}")
+        return Check("provider", Level.DOWN, f"{exc.error_class}: {str(exc)[:160]}"), exc
     ms = (time.monotonic() - started) * 1000
     detail = "answered a lookup" if found is None else "answered (unexpected charge found)"
-    return Check("provider", Level.OK, f"{detail} in {ms:.0f} ms")
+    return Check("provider", Level.OK, f"{detail} in {ms:.0f} ms"), None
 
 
 def check_breaker(gate: ProviderGate | None = None) -> Check:
@@ -275,7 +269,7 @@ def run_checks(
     process's own (``get_gate()``)."""
     checks = [check_redis(), check_postgres(engine)]
     if provider:
-        checks.append(check_provider(client, gate.fleet if gate else None))
+        checks.append(check_provider(client, gate))
     checks.append(check_breaker(gate))
     fleet_checks: list[tuple[str, Callable[[], Check]]] = [
         ("error_rate", lambda: check_error_rate(settings, engine)),

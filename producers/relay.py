@@ -41,7 +41,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from payq.broker import get_broker, new_message_id, publish, queued
 from payq.constants import ChargeStatus
 from payq.db import transaction
-from payq.dramatiq_redis import Layout
+from payq.dramatiq_redis import Layout, RequeueAcks, dramatiq_scripts
 from payq.errors import ConfigError, ServiceUnavailable
 from payq.models import charges
 from payq.settings import Settings, get_settings
@@ -51,22 +51,6 @@ __all__ = ["RelayPass", "relay_once", "run_relay"]
 
 log = logging.getLogger("payq.relay")
 S = ChargeStatus
-
-
-# Put one dead worker's fetched messages back on their queue (as Dramatiq's own
-# maintenance does): only those whose payload still exists.
-_REQUEUE_ACKS = """
-local ids = redis.call("smembers", KEYS[1])
-local moved = 0
-for _, id in ipairs(ids) do
-    if redis.call("hexists", KEYS[3], id) == 1 then
-        redis.call("rpush", KEYS[2], id)
-        moved = moved + 1
-    end
-end
-redis.call("del", KEYS[1])
-return moved
-"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +132,7 @@ def relay_once(settings: Settings | None = None, broker: RedisBroker | None = No
 def recover_dead_workers(broker: RedisBroker, dead_after_s: float) -> int:
     """Requeue what workers silent for ``dead_after_s`` had fetched; return how many."""
     client, layout = broker.client, Layout(broker.namespace)
+    scripts = dramatiq_scripts(client)
     cutoff_ms = int((time.time() - dead_after_s) * 1000)
     moved = 0
     for raw_id in client.zrangebyscore(layout.heartbeats, 0, cutoff_ms):
@@ -156,8 +141,7 @@ def recover_dead_workers(broker: RedisBroker, dead_after_s: float) -> int:
         for raw_key in client.scan_iter(match=f"{prefix}*", count=500):
             key = raw_key.decode() if isinstance(raw_key, bytes) else str(raw_key)
             queue = key[len(prefix) :]
-            keys = (key, layout.queue(queue), layout.messages(queue))
-            moved += int(client.eval(_REQUEUE_ACKS, 3, *keys))
+            moved += int(scripts.run(RequeueAcks.of(layout, key, queue)))
         client.zrem(layout.heartbeats, worker_id)
         log.warning(
             "worker %s silent for over %g s: its fetched messages are back on the queue",

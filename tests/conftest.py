@@ -104,7 +104,8 @@ def database() -> Iterator[str]:
 def _clear_namespace(*, settle: bool = True) -> None:
     import redis
 
-    from payq.fleet import FleetLimit
+    from payq.gate import ProviderGate
+    from payq.settings import load_settings
 
     client = redis.Redis.from_url(REDIS_URL)
     keys = list(client.scan_iter(match=f"{NAMESPACE}:*", count=1000))
@@ -112,7 +113,7 @@ def _clear_namespace(*, settle: bool = True) -> None:
         client.delete(*keys)
     if settle:
         # Nothing runs between tests: the fleet limit need not wait for slots to re-register.
-        FleetLimit(client, NAMESPACE, limit=1, lease_s=1).mark_settled()
+        ProviderGate(client, load_settings(payq_namespace=NAMESPACE)).fleet.mark_settled()
     client.close()
 
 
@@ -133,7 +134,7 @@ def clean(database: str) -> Iterator[None]:
 @pytest.fixture(scope="session", autouse=True)
 def _namespace_cleanup() -> Iterator[None]:
     yield
-    from payq import gate
+    from payq.gate import gate
 
     if gate._gate is not None:  # its renewal would write the fleet's epoch back
         gate._gate.stop_keeping()

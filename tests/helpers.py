@@ -13,7 +13,10 @@ import httpx
 from sqlalchemy import select
 
 from payq.db import transaction
+from payq.errors import ProviderError, ProviderTimeout
+from payq.gate import Pass, ProviderGate, Wait
 from payq.models import Charge, charge_attempts, charges
+from payq.provider import ProviderCharge
 
 
 def charge(charge_id: uuid.UUID | str) -> Charge:
@@ -79,3 +82,28 @@ def unique_key(prefix: str) -> str:
 
 
 _SYSTEM_RANDOM = random.SystemRandom()
+
+
+# --- calls through the gate, as a worker makes them ------------------------------------
+
+#: A provider's answers, for the gate's own tests.
+SUCCEEDED = ProviderCharge(id="ch_test", status="succeeded", amount=1999, currency="usd")
+TIMED_OUT = ProviderTimeout("no answer within 5000 ms")  # a failure, to the breaker
+
+
+def passed(entry: Pass | Wait) -> Pass:
+    assert isinstance(entry, Pass), entry
+    return entry
+
+
+def call(gate: ProviderGate, outcome: ProviderCharge | ProviderError | None, ms: int = 10) -> Pass:
+    """One provider call through the gate: entered, made (``outcome``), left."""
+    entry = passed(gate.enter())
+    gate.leave(entry, outcome, ms)
+    return entry
+
+
+def fail_calls(gate: ProviderGate, n: int) -> None:
+    """``n`` calls that time out: with the suite's breaker settings, 4 open it."""
+    for _ in range(n):
+        call(gate, TIMED_OUT)

@@ -16,21 +16,25 @@ from typing import Any
 import pytest
 import redis
 
-from payq.breaker import CallOutcome
 from payq.constants import QUEUE_NAME
 from payq.db import get_engine
-from payq.fleet import FleetLimit
 from payq.gate import ProviderGate
 from payq.processing import Result, UnknownCharge, process_charge
-from payq.provider import ProviderCharge, ProviderClient
+from payq.provider import ProviderClient
 from payq.settings import Settings, load_settings
 from payq.sim import SimulatorThread
 from producers import enqueue_charge
 from tests.conftest import API_KEY, NAMESPACE, REDIS_URL
-from tests.helpers import Sim, attempts, charge, unique_key, wait_until
-
-#: A provider's answer, for the gate's own tests.
-SUCCEEDED = ProviderCharge(id="ch_test", status="succeeded", amount=1999, currency="usd")
+from tests.helpers import (
+    SUCCEEDED,
+    Sim,
+    attempts,
+    charge,
+    fail_calls,
+    passed,
+    unique_key,
+    wait_until,
+)
 
 
 class Rig:
@@ -39,7 +43,7 @@ class Rig:
         self.settings = settings
         self.client = client
         self.provider = ProviderClient(settings)
-        self.gate = ProviderGate.from_settings(client, settings)
+        self.gate = ProviderGate(client, settings)
 
     def enqueue(self) -> uuid.UUID:
         return enqueue_charge(1999, "usd", "tok_visa", unique_key("order")).id
@@ -90,8 +94,7 @@ def assert_untouched(rig: Rig, cid: uuid.UUID) -> None:
 
 
 def test_an_open_breaker_defers_to_when_it_may_half_open(rig: Rig) -> None:
-    for _ in range(4):
-        rig.gate.breaker.record(CallOutcome.FAILURE, 10, probe=False)
+    fail_calls(rig.gate, 4)
     cid = rig.enqueue()
     before_ms = time.time() * 1000
     assert rig.run(cid) is Result.DEFERRED
@@ -106,10 +109,10 @@ def test_an_open_breaker_defers_to_when_it_may_half_open(rig: Rig) -> None:
 
 
 def test_a_full_fleet_defers_a_moment_without_an_attempt(rig: Rig) -> None:
-    other_process = FleetLimit(rig.client, NAMESPACE, limit=2, lease_s=5)
+    other_process = ProviderGate(rig.client, rig.settings)
     try:
-        assert isinstance(other_process.try_acquire(), str)
-        assert isinstance(other_process.try_acquire(), str)
+        passed(other_process.enter())
+        passed(other_process.enter())
         cid = rig.enqueue()
         before_ms = time.time() * 1000
         assert rig.run(cid) is Result.DEFERRED
@@ -117,22 +120,23 @@ def test_a_full_fleet_defers_a_moment_without_an_attempt(rig: Rig) -> None:
         [eta] = rig.delayed(cid).values()
         assert before_ms + 150 <= eta <= before_ms + 1000 + 500  # short and jittered
     finally:
-        other_process.stop_renewing()
+        other_process.fleet.stop_renewing()
 
 
 def test_a_half_open_probe_that_finds_the_fleet_full_is_given_back(rig: Rig) -> None:
-    for _ in range(4):
-        rig.gate.breaker.record(CallOutcome.FAILURE, 10, probe=False)
-    rig.client.hset(rig.gate.breaker.state_key, "until", 0)  # the open time is over
-    other_process = FleetLimit(rig.client, NAMESPACE, limit=2, lease_s=5)
+    other_process = ProviderGate(rig.client, rig.settings)
     try:
-        other_process.try_acquire()
-        other_process.try_acquire()
+        passed(other_process.enter())
+        passed(other_process.enter())  # the fleet's two slots
+        # A process with room of its own (a larger PAYMENT_MAX_CONCURRENCY) opens it.
+        roomy = rig.settings.model_copy(update={"payment_max_concurrency": 10})
+        fail_calls(ProviderGate(rig.client, roomy), 4)
+        rig.client.hset(rig.gate.breaker.state_key, "until", 0)  # the open time is over
         cid = rig.enqueue()
         assert rig.run(cid) is Result.DEFERRED
         assert int(rig.client.hget(rig.gate.breaker.state_key, "probes") or 0) == 0
     finally:
-        other_process.stop_renewing()
+        other_process.fleet.stop_renewing()
 
 
 def test_an_exhausted_database_pool_defers_and_says_so(
@@ -161,8 +165,7 @@ def test_an_exhausted_database_pool_defers_and_says_so(
 
 
 def test_deferral_costs_no_attempt_however_often(rig: Rig) -> None:
-    for _ in range(4):
-        rig.gate.breaker.record(CallOutcome.FAILURE, 10, probe=False)
+    fail_calls(rig.gate, 4)
     cid = rig.enqueue()
     for _ in range(12):  # more deferrals than RETRY_MAX_ATTEMPTS
         assert rig.run(cid) is Result.DEFERRED
@@ -187,9 +190,8 @@ def test_the_slot_is_freed_on_every_path(rig: Rig) -> None:
 
 
 def test_leaving_frees_the_slot_and_counts_the_call_in_one_step(rig: Rig) -> None:
-    from payq.breaker import BreakerState
     from payq.errors import ProviderTimeout
-    from payq.gate import Pass
+    from payq.gate import BreakerState, Pass
 
     for _ in range(4):  # BREAKER_MIN_CALLS=4 in this rig
         entry = rig.gate.enter()
@@ -221,9 +223,8 @@ def test_a_busy_process_keeps_its_slot_for_the_next_call_and_counts_it_soon(
 
 
 def test_a_failure_is_told_at_once_with_the_calls_counted_before_it(rig: Rig) -> None:
-    from payq.breaker import BreakerState
     from payq.errors import ProviderTimeout
-    from payq.gate import Pass
+    from payq.gate import BreakerState, Pass
 
     rig.gate.stop_keeping()  # the counts can reach Redis only with the failure
     for _ in range(3):
@@ -241,8 +242,7 @@ def test_a_failure_is_told_at_once_with_the_calls_counted_before_it(rig: Rig) ->
 
 
 def test_slow_calls_counted_here_open_the_breaker_when_they_are_sent(rig: Rig) -> None:
-    from payq.breaker import BreakerState
-    from payq.gate import Pass
+    from payq.gate import BreakerState, Pass
 
     rig.gate.stop_keeping()
     slow_ms = rig.settings.breaker_slow_call_ms
@@ -266,9 +266,8 @@ def test_a_breaker_opened_elsewhere_stops_this_process_within_the_trust_period(
     entry = rig.gate.enter()
     assert isinstance(entry, Pass)
     rig.gate.leave(entry, SUCCEEDED, 20)
-    elsewhere = ProviderGate.from_settings(rig.client, rig.settings)  # another process
-    for _ in range(4):
-        elsewhere.breaker.record(CallOutcome.FAILURE, 10, probe=False)
+    elsewhere = ProviderGate(rig.client, rig.settings)  # another process
+    fail_calls(elsewhere, 4)
     time.sleep(REUSE_FOR_S + 0.05)
     refused = rig.gate.enter()  # a kept slot is there, but the trust has run out
     assert isinstance(refused, Wait) and refused.cause == "breaker_open"
@@ -295,8 +294,7 @@ def test_a_kept_slot_that_redis_lost_is_never_used_again(rig: Rig) -> None:
 def test_a_deferral_hands_the_charge_a_fresh_message_and_drops_stale_duplicates(
     rig: Rig,
 ) -> None:
-    for _ in range(4):
-        rig.gate.breaker.record(CallOutcome.FAILURE, 10, probe=False)
+    fail_calls(rig.gate, 4)
     cid = rig.enqueue()
     first = charge(cid).message_id
     assert rig.run(cid, first) is Result.DEFERRED
@@ -309,8 +307,7 @@ def test_a_deferral_hands_the_charge_a_fresh_message_and_drops_stale_duplicates(
 
 
 def test_a_message_sent_while_the_database_was_down_is_adopted_not_dropped(rig: Rig) -> None:
-    for _ in range(4):
-        rig.gate.breaker.record(CallOutcome.FAILURE, 10, probe=False)
+    fail_calls(rig.gate, 4)
     cid = rig.enqueue()
     # The row's message was consumed; the one now delivered was deferred while the
     # database could not record its id (the hand-over was skipped).
@@ -336,7 +333,7 @@ def test_a_slot_that_lapsed_before_the_call_sends_nothing_and_uses_no_attempt(
     client = redis.Redis.from_url(REDIS_URL)
     with SimulatorThread(api_key=API_KEY) as thread:
         settings = load_settings(payment_provider_url=thread.url, fleet_slot_lease_s=0.5)
-        gate = FrozenAfterTheGate.from_settings(client, settings)
+        gate = FrozenAfterTheGate(client, settings)
         cid = enqueue_charge(1999, "usd", "tok_visa", unique_key("order")).id
         with ProviderClient(settings) as provider:
             result = process_charge(str(cid), settings=settings, provider=provider, gate=gate)

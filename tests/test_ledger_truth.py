@@ -23,7 +23,6 @@ import redis
 from sqlalchemy import any_, select, text
 
 from payq.db import transaction
-from payq.fleet import FleetLimit
 from payq.gate import ProviderGate
 from payq.models import operator_actions
 from payq.processing import Result, process_charge
@@ -32,8 +31,8 @@ from payq.settings import Settings, load_settings
 from payq.sim import SimulatorThread
 from payq.sweep import backlog, sweep_once
 from producers import enqueue_charge
-from tests.conftest import API_KEY, NAMESPACE, REDIS_URL
-from tests.helpers import Sim, attempts, charge, unique_key, wait_until
+from tests.conftest import API_KEY, REDIS_URL
+from tests.helpers import Sim, attempts, charge, passed, unique_key, wait_until
 
 pytestmark = pytest.mark.usefixtures("clean")
 
@@ -286,10 +285,10 @@ def test_the_sweep_waits_for_a_fleet_slot_like_any_provider_call(rig: Rig) -> No
     assert rig.run(cid) is Result.DEAD
     rig.sim.faults(lookup_error_rate=0.0)
     client = redis.Redis.from_url(REDIS_URL)
-    elsewhere = FleetLimit(client, NAMESPACE, limit=1, lease_s=5)
-    gate = ProviderGate.from_settings(client, settings)
+    elsewhere = ProviderGate(client, settings)  # another process
+    gate = ProviderGate(client, settings)
     try:
-        assert isinstance(elsewhere.try_acquire(), str)  # the fleet's one slot is taken
+        passed(elsewhere.enter())  # the fleet's one slot is taken
         lookups = len(attempts(cid, kind="lookup"))
         swept = sweep_once(settings, budget=5, provider=rig.provider(), gate=gate)
         assert swept.looked_up == 0 and swept.waited
@@ -297,7 +296,7 @@ def test_the_sweep_waits_for_a_fleet_slot_like_any_provider_call(rig: Rig) -> No
         assert charge(cid).next_lookup_at is not None
         assert charge(cid).next_lookup_at <= dt.datetime.now(dt.UTC)  # due again at once
     finally:
-        elsewhere.stop_renewing()
+        elsewhere.fleet.stop_renewing()
         gate.stop_keeping()
         gate.fleet.stop_renewing()
         client.close()

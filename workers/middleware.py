@@ -28,12 +28,11 @@ from dramatiq.middleware import Middleware
 from sqlalchemy import Engine
 
 from payq import db, metrics
-from payq.breaker import BreakerState
 from payq.broker import get_broker
 from payq.constants import redis_key
 from payq.errors import ConfigError
 from payq.figures import dead_count
-from payq.gate import get_gate
+from payq.gate import BreakerState, get_gate
 from payq.health import Level, run_checks, worst
 from payq.provider import ProviderClient, get_provider
 from payq.sentry import alert

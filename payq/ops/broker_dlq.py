@@ -18,19 +18,9 @@ from dramatiq.brokers.redis import RedisBroker
 
 from payq.broker import get_broker
 from payq.constants import QUEUE_NAME
-from payq.dramatiq_redis import Layout
+from payq.dramatiq_redis import Layout, RequeueDead, dramatiq_scripts
 
 __all__ = ["BrokerDeadLetter", "drop", "list_dead_letters", "requeue"]
-
-_MOVE_BACK = """
-local payload = redis.call("hget", KEYS[2], ARGV[1])
-if not payload then return 0 end
-redis.call("hset", KEYS[4], ARGV[1], payload)
-redis.call("rpush", KEYS[3], ARGV[1])
-redis.call("zrem", KEYS[1], ARGV[1])
-redis.call("hdel", KEYS[2], ARGV[1])
-return 1
-"""
 
 
 @dataclass(frozen=True)
@@ -50,19 +40,14 @@ class BrokerDeadLetter:
         return {**self.__dict__, "dead_at": self.dead_at.isoformat()}
 
 
-def _keys(broker: RedisBroker) -> tuple[str, str, str, str]:
+def _keys(broker: RedisBroker) -> tuple[str, str]:
     layout = Layout(broker.namespace)
-    return (
-        layout.dead(QUEUE_NAME),
-        layout.dead_messages(QUEUE_NAME),
-        layout.queue(QUEUE_NAME),
-        layout.messages(QUEUE_NAME),
-    )
+    return layout.dead(QUEUE_NAME), layout.dead_messages(QUEUE_NAME)
 
 
 def list_dead_letters(broker: RedisBroker | None = None) -> list[BrokerDeadLetter]:
     broker = broker or get_broker()
-    xq, xq_msgs, _, _ = _keys(broker)
+    xq, xq_msgs = _keys(broker)
     entries: list[tuple[bytes, float]] = list(broker.client.zrange(xq, 0, -1, withscores=True))  # type: ignore[arg-type]
     payloads = broker.client.hmget(xq_msgs, [rid for rid, _ in entries]) if entries else []
     out = []
@@ -93,18 +78,14 @@ def list_dead_letters(broker: RedisBroker | None = None) -> list[BrokerDeadLette
 def requeue(ids: Sequence[str], broker: RedisBroker | None = None) -> list[str]:
     """Put these dead letters back on the charge queue; return the ids moved."""
     broker = broker or get_broker()
-    keys = _keys(broker)
-    moved = []
-    for rid in ids:
-        if broker.client.eval(_MOVE_BACK, 4, *keys, rid):
-            moved.append(rid)
-    return moved
+    scripts, layout = dramatiq_scripts(broker.client), Layout(broker.namespace)
+    return [rid for rid in ids if scripts.run(RequeueDead.of(layout, QUEUE_NAME, rid))]
 
 
 def drop(ids: Sequence[str], broker: RedisBroker | None = None) -> list[str]:
     """Delete these dead letters for good; return the ids dropped."""
     broker = broker or get_broker()
-    xq, xq_msgs, _, _ = _keys(broker)
+    xq, xq_msgs = _keys(broker)
     dropped = []
     for rid in ids:
         with broker.client.pipeline(transaction=True) as pipe:

@@ -22,7 +22,6 @@ from typing import Any
 import redis
 from sqlalchemy import Engine, func, select, text
 
-from payq.breaker import BreakerState, FleetBreaker
 from payq.db import make_engine
 from payq.devservices import (
     DevServiceError,
@@ -32,6 +31,7 @@ from payq.devservices import (
     postgres_or_throwaway,
     redis_or_throwaway,
 )
+from payq.gate import BreakerState, FleetBreaker, ProviderGate
 from payq.migrate import migrate
 from payq.models import charge_attempts, charges
 from payq.ops.system import LocalSystem, start_local_system
@@ -124,7 +124,7 @@ def _run(env: _Env, total: int, workdir: Path, run: str) -> int:
         _enqueue(settings, total, run)
         _say(f"· enqueued {total} charges in {time.monotonic() - started:.1f} s")
         client = redis.Redis.from_url(settings.redis_url)
-        breaker = FleetBreaker(client, settings.payq_namespace, settings)
+        breaker = ProviderGate(client, settings).breaker
         finished = _watch(engine, run, total, system, started, breaker)
         client.close()
         elapsed = time.monotonic() - started

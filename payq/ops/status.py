@@ -40,7 +40,7 @@ def snapshot(settings: Settings | None = None) -> dict[str, Any]:
     ns, client = broker.namespace, broker.client
     # Built here rather than taken from get_gate(): reading needs no renewal thread, and
     # this follows the settings given (the same namespace and limit as the workers').
-    gate = ProviderGate.from_settings(client, settings)
+    gate = ProviderGate(client, settings)
     layout = Layout(ns)
     with client.pipeline(transaction=False) as pipe:
         pipe.llen(layout.queue(QUEUE_NAME))

@@ -253,7 +253,7 @@ async def breaker(request: Request) -> Response:
     settings = _settings(request)
 
     def figures() -> dict[str, Any]:
-        gate = ProviderGate.from_settings(get_broker().client, settings)
+        gate = ProviderGate(get_broker().client, settings)
         return breaker_figures(gate.breaker)
 
     return page(request, "_breaker.html", {"breaker": await _core(request, figures)})

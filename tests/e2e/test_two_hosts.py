@@ -22,12 +22,11 @@ from contextlib import ExitStack
 import pytest
 import redis
 
-from payq.breaker import BreakerState, FleetBreaker
 from payq.figures import worker_reports
-from payq.fleet import FleetLimit
+from payq.gate import BreakerState, FleetBreaker, FleetLimit, ProviderGate
 from payq.settings import load_settings
 from payq.sim import SimulatorThread
-from tests.conftest import API_KEY, NAMESPACE, REDIS_URL
+from tests.conftest import API_KEY, REDIS_URL
 from tests.e2e.test_workers import all_final, enqueue
 from tests.helpers import Sim, statuses, wait_until
 from tests.processes import PayqProcess
@@ -79,11 +78,11 @@ def sim() -> Iterator[Sim]:
 def gate() -> Iterator[tuple[FleetBreaker, FleetLimit]]:
     """The fleet's breaker and slots as the hosts see them, read from the test's side."""
     client = redis.Redis.from_url(REDIS_URL)
-    settings = load_settings(breaker_window_s=int(FLEET["BREAKER_WINDOW_S"]))
-    yield (
-        FleetBreaker(client, NAMESPACE, settings),
-        FleetLimit(client, NAMESPACE, limit=MAX_CONCURRENCY, lease_s=settings.fleet_slot_lease_s),
+    settings = load_settings(
+        breaker_window_s=int(FLEET["BREAKER_WINDOW_S"]), payment_max_concurrency=MAX_CONCURRENCY
     )
+    reader = ProviderGate(client, settings)  # reads only: it holds no slot
+    yield reader.breaker, reader.fleet
     client.close()
 
 

@@ -17,10 +17,8 @@ import httpx
 import pytest
 import redis
 
-from payq.breaker import BreakerState, CallOutcome, FleetBreaker
 from payq.devservices import free_port
-from payq.fleet import FleetLimit
-from payq.gate import ProviderGate
+from payq.gate import BreakerState, Pass, ProviderGate, Wait
 from payq.health import Check, Level, check_breaker, check_provider, run_checks, worst
 from payq.ops.status import snapshot
 from payq.processing import process_charge
@@ -28,8 +26,8 @@ from payq.provider import ProviderClient
 from payq.settings import load_settings
 from payq.sim import SimulatorThread
 from producers import enqueue_charges
-from tests.conftest import API_KEY, NAMESPACE, REDIS_URL, TEST_ENV
-from tests.helpers import Sim, statuses, wait_until
+from tests.conftest import API_KEY, REDIS_URL, TEST_ENV
+from tests.helpers import SUCCEEDED, TIMED_OUT, Sim, call, passed, statuses, wait_until
 from tests.processes import PayqProcess
 
 pytestmark = pytest.mark.usefixtures("clean")
@@ -53,26 +51,26 @@ class Slots:
     """Fleet slots the test holds, as a busy worker process would."""
 
     def __init__(self, client: redis.Redis) -> None:
-        self.limit = FleetLimit(client, NAMESPACE, limit=20, lease_s=5)
-        self.tokens: list[str] = []
+        self.gate = ProviderGate(client, load_settings())
+        self.calls: list[Pass] = []
 
     def take(self, n: int) -> None:
         for _ in range(n):
-            token = self.limit.try_acquire()
-            assert isinstance(token, str), token
-            self.tokens.append(token)
+            self.calls.append(passed(self.gate.enter()))
 
     def free(self, n: int) -> None:
         for _ in range(n):
-            self.limit.release(self.tokens.pop())
+            self.gate.leave(self.calls.pop(), None)
+        self.gate.flush()  # the slots it kept for its next call go back too
 
 
 @pytest.fixture
 def held_slots(client: redis.Redis) -> Iterator[Slots]:
     slots = Slots(client)
     yield slots
-    slots.free(len(slots.tokens))  # nothing left for the renewer to put back
-    slots.limit.stop_renewing()
+    slots.free(len(slots.calls))  # nothing left for the renewer to put back
+    slots.gate.stop_keeping()
+    slots.gate.fleet.stop_renewing()
 
 
 def listening_addresses(port: int) -> set[str]:
@@ -191,24 +189,28 @@ def test_status_and_health_show_an_open_breaker_and_the_fleet_slots_in_use(
 ) -> None:
     pinned = {"BREAKER_WINDOW_S": "30", "BREAKER_MIN_CALLS": "20", "BREAKER_FAILURE_RATE": "0.5"}
     settings = load_settings(breaker_window_s=30, breaker_min_calls=20, breaker_failure_rate=0.5)
-    breaker = FleetBreaker(client, NAMESPACE, settings)
+    held_slots.take(3)  # three calls in flight elsewhere
+    gate = ProviderGate(client, settings)
     for _ in range(2):
-        breaker.record(CallOutcome.SUCCESS, 40, probe=False)
-    for _ in range(settings.breaker_min_calls):
-        breaker.record(CallOutcome.FAILURE, 1500, probe=False)
-    assert breaker.snapshot().state is BreakerState.OPEN
-    held_slots.take(3)
+        call(gate, SUCCEEDED, 40)
+    for _ in range(18):  # the 18th failure is the 20th call: it opens
+        call(gate, TIMED_OUT, 1500)
+    assert isinstance(gate.enter(), Wait)  # open: no more calls
+    gate.flush()
+    gate.stop_keeping()
+    gate.fleet.stop_renewing()
+    assert gate.breaker.snapshot().state is BreakerState.OPEN
 
     out = cli("status", **pinned)
     assert out.returncode == 0, out.stderr
     [line] = [x for x in out.stdout.splitlines() if x.startswith("breaker ")]
     assert "open until " in line and "s more): 18 of 20 calls failed in 30 s" in line
-    assert "(opened 1 time; 30 s window: 22 calls, 20 failed, 0 slow)" in line
+    assert "(opened 1 time; 30 s window: 20 calls, 18 failed, 0 slow)" in line
     assert "fleet      3 of 20 slots in use (PAYMENT_MAX_CONCURRENCY)" in out.stdout
     snap = json.loads(cli("status", "--json", **pinned).stdout)
     assert snap["breaker"]["state"] == "open" and snap["breaker"]["opened"] == 1
     assert snap["breaker"]["reason"] == "18 of 20 calls failed in 30 s"
-    assert snap["breaker"]["window"] == {"calls": 22, "failures": 20, "slow": 0}
+    assert snap["breaker"]["window"] == {"calls": 20, "failures": 18, "slow": 0}
     assert snap["fleet"]["slots_in_use"] == 3 and snap["fleet"]["max_concurrency"] == 20
 
     health = cli("health", "--no-provider", **pinned)
@@ -229,12 +231,13 @@ def test_the_breaker_check_follows_the_breaker_through_open_half_open_and_closed
         breaker_open_s=1,
         breaker_half_open_probes=1,
     )
-    gate = ProviderGate.from_settings(client, settings)
-    gate.breaker.record(CallOutcome.SUCCESS, 40, probe=False)
+    gate = ProviderGate(client, settings)
+    call(gate, SUCCEEDED, 40)
+    gate.flush()
     closed = check_breaker(gate)
     assert closed == Check("breaker", Level.OK, "closed (30 s window: 1 calls, 0 failed, 0 slow)")
     for _ in range(3):
-        gate.breaker.record(CallOutcome.FAILURE, 40, probe=False)
+        call(gate, TIMED_OUT, 40)
     opened = check_breaker(gate)
     assert opened.level is Level.DEGRADED
     assert (
@@ -244,13 +247,15 @@ def test_the_breaker_check_follows_the_breaker_through_open_half_open_and_closed
     over = check_breaker(gate)  # BREAKER_OPEN_S is over, but no charge has asked yet
     assert over.level is Level.DEGRADED
     assert over.detail.startswith("open (BREAKER_OPEN_S over: half-opens at the next charge)")
-    admission = gate.breaker.admit()  # the next charge after BREAKER_OPEN_S: a probe
-    assert admission.probe
+    probe = passed(gate.enter())  # the next charge after BREAKER_OPEN_S: a probe
+    assert probe.probe
     half_open = check_breaker(gate)
     assert half_open.level is Level.DEGRADED
     assert half_open.detail.startswith("half-open for ")
     assert "charges beyond its probes are deferred" in half_open.detail
-    gate.breaker.record(CallOutcome.SUCCESS, 40, probe=True)
+    gate.leave(probe, SUCCEEDED, 40)
+    gate.stop_keeping()
+    gate.fleet.stop_renewing()
     again = check_breaker(gate)
     assert again.level is Level.OK
     assert again.detail.startswith(
@@ -262,16 +267,17 @@ def test_the_provider_check_holds_a_fleet_slot_and_never_calls_over_the_limit(
     sim: Sim, client: redis.Redis, held_slots: Slots
 ) -> None:
     settings = load_settings(payment_provider_url=sim.url)
-    gate = ProviderGate.from_settings(client, settings)
+    gate = ProviderGate(client, settings)
     held_slots.take(settings.payment_max_concurrency)
     with ProviderClient(settings) as provider, contextlib.ExitStack() as after:
         after.callback(gate.fleet.stop_renewing)  # it renews the slot the check took
         before = sim.stats()["requests"]
-        full = check_provider(provider, gate.fleet)
+        after.callback(gate.stop_keeping)  # and may keep it for the next call
+        full = check_provider(provider, gate)
         assert full == Check(
             "provider",
             Level.OK,
-            "not probed: all 20 fleet slots busy (the provider is being called)",
+            "not probed: all 20 fleet slots (PAYMENT_MAX_CONCURRENCY) are in use",
         )
         assert sim.stats()["requests"] == before  # the provider was not called
         assert run_checks(settings, client=provider, gate=gate)[2] == full
@@ -279,25 +285,22 @@ def test_the_provider_check_holds_a_fleet_slot_and_never_calls_over_the_limit(
         held_slots.free(1)  # one slot free: the check takes it
         sim.faults(latency_ms=600)
         checked: list[Check] = []
-        probe = threading.Thread(
-            target=lambda: checked.append(check_provider(provider, gate.fleet))
-        )
+        probe = threading.Thread(target=lambda: checked.append(check_provider(provider, gate)))
         probe.start()
         wait_until(lambda: gate.fleet.in_use() == 20, 5, "the check to hold the free slot")
         probe.join(5)
         [done] = checked
         assert done.level is Level.OK and done.detail.startswith("answered a lookup in ")
         assert sim.stats()["requests"] == before + 1
-        assert gate.fleet.in_use() == 19  # given back at once
+        # Kept for the process's next call a moment, then given back to the fleet.
+        wait_until(lambda: gate.fleet.in_use() == 19, 2, "the check's slot given back")
 
         # Redis (the fleet limit) does not answer: no call without a slot.
         gone = redis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0")
-        blind = ProviderGate.from_settings(gone, settings)
-        no_redis = check_provider(provider, blind.fleet)
+        blind = ProviderGate(gone, settings)
+        no_redis = check_provider(provider, blind)
         assert no_redis == Check(
-            "provider",
-            Level.DEGRADED,
-            "not probed: Redis (the fleet limit) did not answer (ConnectionError)",
+            "provider", Level.DEGRADED, "not probed: Redis did not answer (ConnectionError)"
         )
         assert sim.stats()["requests"] == before + 1
         unknown = check_breaker(blind)

@@ -1,22 +1,14 @@
 """The fleet-wide provider concurrency limit: ``PAYMENT_MAX_CONCURRENCY`` slots in Redis.
 
-Every provider call holds a slot: a member of one sorted set whose score is the
-moment its lease runs out. A slot's lease is short (``FLEET_SLOT_LEASE_S``) and one
-thread per process renews the slots its process holds every third of a lease, so a
-call of any length keeps its slot while a SIGKILLed worker's slot comes back within
-one lease: seconds, not the minutes Dramatiq's ``ConcurrentRateLimiter`` keeps it
-(its ``ttl`` is not renewed, so it must outlast the longest call), and a refusal here
-costs no attempt: the caller defers the message instead of raising.
-
-No library does "a counting semaphore over Redis with renewed leases" (redis-py's
-``Lock`` is a mutex; ``ConcurrentRateLimiter`` is the one described above), so this
-is ours: two short Lua scripts, atomic on the server, timed by the server's clock
-(``TIME``) so hosts whose clocks differ still agree on what has expired.
-
-Redis losing its data also loses the set while calls are in flight. The renewers
-put their slots back within a third of a lease; until then the set under-counts. So
-when the set's epoch marker is missing (a new or wiped Redis) no slot is granted for
-a grace of one renewal interval plus a margin, while the renewers re-register.
+Every provider call holds a slot: a member of one sorted set scored by the moment its
+lease runs out. Leases are short (``FLEET_SLOT_LEASE_S``) and one thread per process
+renews its slots every third of a lease, so a call of any length keeps its slot and a
+SIGKILLed worker's slot comes back within one lease (Dramatiq's
+``ConcurrentRateLimiter`` does not renew, so its ttl must outlast the longest call).
+When the set's epoch marker is missing (a new or wiped Redis, maybe with calls in
+flight) no slot is granted for one renewal interval and a margin, while the renewers
+put their slots back. The scripts are ``lua/_fleet.lua`` (the grant, inside the gate's
+enter) and ``lua/fleet_*.lua``, timed by the server's clock.
 """
 
 from __future__ import annotations
@@ -27,87 +19,18 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import redis
 
-from payq.constants import LUA_NOW, redis_key
+from payq.constants import redis_key
+from payq.gate.scripts import ConfirmArgs, InUseArgs, RenewArgs
+from payq.redis_scripts import Scripts
 
 __all__ = ["FleetLimit", "SlotRefused", "reset_after_fork"]
 
 log = logging.getLogger("payq.fleet")
-
-# KEYS: slots, epoch. ARGV: token, limit, lease_ms, grace_ms.
-# Returns {granted (0/1), wait_ms, in_use}.
-ACQUIRE_LUA_FN = """
-local function fleet_acquire(K, A, now)
-    local epoch = redis.call('GET', K[2])
-    if not epoch then
-        redis.call('SET', K[2], now)
-        epoch = now
-    end
-    local open_at = tonumber(epoch) + tonumber(A[4])
-    if now < open_at then
-        return {0, open_at - now, redis.call('ZCARD', K[1])}
-    end
-    redis.call('ZREMRANGEBYSCORE', K[1], '-inf', now)
-    local in_use = redis.call('ZCARD', K[1])
-    if in_use < tonumber(A[2]) then
-        redis.call('ZADD', K[1], now + tonumber(A[3]), A[1])
-        return {1, 0, in_use + 1}
-    end
-    local first = redis.call('ZRANGE', K[1], 0, 0, 'WITHSCORES')
-    return {0, math.max(0, tonumber(first[2]) - now), in_use}
-end
-"""
-_ACQUIRE = LUA_NOW + ACQUIRE_LUA_FN + "return fleet_acquire(KEYS, ARGV, now)"
-
-# KEYS: slots, epoch. ARGV: lease_ms, grace_ms, tokens... Returns {restored, lost}.
-# Inside the grace after a fresh epoch, slots Redis lost are put back; after it, a slot
-# that is gone stays gone (it was released meanwhile, or its lease ran out) and is
-# reported as lost.
-_RENEW = (
-    LUA_NOW
-    + """
-redis.call('SET', KEYS[2], now, 'NX')
-local restoring = now < tonumber(redis.call('GET', KEYS[2])) + tonumber(ARGV[2])
-local restored, lost = 0, {}
-for i = 3, #ARGV do
-    if restoring then
-        restored = restored + redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[i])
-    elseif redis.call('ZADD', KEYS[1], 'XX', 'CH', now + tonumber(ARGV[1]), ARGV[i]) == 0 then
-        table.insert(lost, ARGV[i])
-    end
-end
-return {restored, lost}
-"""
-)
-
-# KEYS: slots. ARGV: lease_ms, token. Extends the slot if its lease has not run out
-# (1); else removes it (0): once expired, its room may be someone else's already.
-_CONFIRM = (
-    LUA_NOW
-    + """
-local score = redis.call('ZSCORE', KEYS[1], ARGV[2])
-if score and tonumber(score) > now then
-    redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[2])
-    return 1
-end
-redis.call('ZREM', KEYS[1], ARGV[2])
-return 0
-"""
-)
-
-# KEYS: slots. Returns the slots whose lease has not run out.
-_IN_USE = (
-    LUA_NOW
-    + """
-return redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf')
-"""
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +46,10 @@ class SlotRefused:
 class FleetLimit:
     """At most ``limit`` provider calls at once across every process that shares Redis."""
 
-    def __init__(self, client: redis.Redis, namespace: str, *, limit: int, lease_s: float) -> None:
+    def __init__(
+        self, scripts: Scripts, client: redis.Redis, namespace: str, *, limit: int, lease_s: float
+    ) -> None:
+        self.scripts = scripts
         self.client = client
         self.limit = limit
         self.lease_ms = int(lease_s * 1000)
@@ -131,10 +57,6 @@ class FleetLimit:
         self.grace_ms = int(self.renew_every_s * 1000) + 1000
         self.slots_key = redis_key(namespace, "fleet", "slots")
         self.epoch_key = redis_key(namespace, "fleet", "epoch")
-        self._acquire = client.register_script(_ACQUIRE)
-        self._renew = client.register_script(_RENEW)
-        self._in_use = client.register_script(_IN_USE)
-        self._confirm = client.register_script(_CONFIRM)
         self._held: set[str] = set()
         # token -> time.monotonic() before which its lease surely still runs: taken just
         # before the request that set the lease, so it errs on the early side.
@@ -151,17 +73,6 @@ class FleetLimit:
         self._lock = threading.Lock()
         self._renewer = None
 
-    def try_acquire(self) -> str | SlotRefused:
-        """A slot's token, or why not. Raises ``redis.RedisError`` if Redis does not answer."""
-        token = self.register()
-        asked_at = time.monotonic()
-        try:
-            answer = self._acquire(keys=self.acquire_keys(), args=self.acquire_args(token))
-        except BaseException:
-            self.forget(token)
-            raise
-        return self.settle(token, answer, asked_at)
-
     def register(self) -> str:
         """A new token, renewed from now on: registered before it is granted, so a renewal
         racing the grant cannot miss it."""
@@ -170,15 +81,9 @@ class FleetLimit:
             self._held.add(token)
         return token
 
-    def acquire_keys(self) -> list[str]:
-        return [self.slots_key, self.epoch_key]
-
-    def acquire_args(self, token: str) -> list[Any]:
-        return [token, self.limit, self.lease_ms, self.grace_ms]
-
-    def settle(self, token: str, answer: list[Any], asked_at: float) -> str | SlotRefused:
-        """The acquire script's answer, ``{granted, wait_ms, in_use}``: the token or why not.
-        ``asked_at``: ``time.monotonic()`` just before the script was sent."""
+    def granted(self, token: str, answer: list[Any], asked_at: float) -> str | SlotRefused:
+        """The enter script's fleet answer, ``{granted, wait_ms, in_use}``: the token or
+        why not. ``asked_at``: ``time.monotonic()`` just before the script was sent."""
         granted, wait_ms, in_use = (int(a) for a in answer[:3])
         if not granted:
             self.forget(token)
@@ -200,7 +105,8 @@ class FleetLimit:
             if self._valid_until.get(token, 0.0) > time.monotonic() + self.renew_every_s:
                 return True
         asked_at = time.monotonic()
-        if int(self._confirm(keys=[self.slots_key], args=[self.lease_ms, token])):
+        asked = ConfirmArgs(slots=self.slots_key, lease_ms=self.lease_ms, token=token)
+        if int(self.scripts.run(asked)):
             with self._lock:
                 if token in self._held:
                     self._valid_until[token] = asked_at + self.lease_ms / 1000
@@ -214,31 +120,9 @@ class FleetLimit:
         self.forget(token)
         return False
 
-    def release(self, token: str) -> None:
-        """Give the slot back. If Redis does not answer, its lease runs out instead."""
-        self.forget(token)
-        try:
-            self.client.zrem(self.slots_key, token)
-        except redis.RedisError as exc:
-            log.warning(
-                "fleet slot not released (%s); it frees itself within %g s",
-                type(exc).__name__,
-                self.lease_ms / 1000,
-            )
-
-    @contextmanager
-    def slot(self) -> Iterator[str | SlotRefused]:
-        """``with limit.slot() as got:`` holds a slot for the block when ``got`` is a str."""
-        got = self.try_acquire()
-        try:
-            yield got
-        finally:
-            if isinstance(got, str):
-                self.release(got)
-
     def in_use(self) -> int:
         """Slots held across the fleet right now."""
-        return int(self._in_use(keys=[self.slots_key]))
+        return int(self.scripts.run(InUseArgs(slots=self.slots_key)))
 
     def mark_settled(self) -> None:
         """Declare that no call is in flight (a new namespace): no grace for the first slot.
@@ -262,8 +146,14 @@ class FleetLimit:
         with self._lock:
             tokens = list(self._held)
         asked_at = time.monotonic()
-        restored, lost_tokens = self._renew(
-            keys=[self.slots_key, self.epoch_key], args=[self.lease_ms, self.grace_ms, *tokens]
+        restored, lost_tokens = self.scripts.run(
+            RenewArgs(
+                slots=self.slots_key,
+                epoch=self.epoch_key,
+                lease_ms=self.lease_ms,
+                grace_ms=self.grace_ms,
+                tokens=tokens,
+            )
         )
         if restored:
             log.warning(

@@ -14,17 +14,22 @@ dead-letter set and counts the queues; each needs Dramatiq's private layout. Dra
 - ``ns:__acks__.<worker id>.<queue>``: a set of the ids a worker fetched and has not
   acknowledged.
 
-``tests/test_dramatiq_redis.py`` pins this against the installed Dramatiq: an upgrade that
-changes it fails there, and this module is the one file to change.
+The two scripts that move messages between these are ``lua/``. ``tests/test_dramatiq_redis.py``
+pins all of it against the installed Dramatiq: an upgrade that changes it fails there, and
+this package is the one place to change.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import ClassVar
 
+import redis
 from dramatiq.common import dq_name
 
-__all__ = ["Layout"]
+from payq.redis_scripts import KEY, ScriptArgs, Scripts
+
+__all__ = ["Layout", "RequeueAcks", "RequeueDead", "dramatiq_scripts"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,3 +71,50 @@ class Layout:
     def acks(self, worker_id: str, name: str) -> str:
         """The set of ids worker ``worker_id`` fetched from queue ``name``, not yet acked."""
         return self.acks_prefix(worker_id) + name
+
+
+class _DramatiqScript(ScriptArgs):
+    package: ClassVar[str] = "payq.dramatiq_redis"
+
+
+@dataclass(frozen=True, slots=True)
+class RequeueAcks(_DramatiqScript):
+    """A dead worker's fetched, unacknowledged messages of one queue, back on it."""
+
+    script: ClassVar[str] = "requeue_acks"
+
+    acks: str = field(metadata=KEY)
+    queue: str = field(metadata=KEY)
+    messages: str = field(metadata=KEY)
+
+    @classmethod
+    def of(cls, layout: Layout, acks: str, queue: str) -> RequeueAcks:
+        return cls(acks=acks, queue=layout.queue(queue), messages=layout.messages(queue))
+
+
+@dataclass(frozen=True, slots=True)
+class RequeueDead(_DramatiqScript):
+    """One dead letter of a queue moved back onto it."""
+
+    script: ClassVar[str] = "requeue_dead"
+
+    dead: str = field(metadata=KEY)
+    dead_messages: str = field(metadata=KEY)
+    queue: str = field(metadata=KEY)
+    messages: str = field(metadata=KEY)
+    message_id: str
+
+    @classmethod
+    def of(cls, layout: Layout, queue: str, message_id: str) -> RequeueDead:
+        return cls(
+            dead=layout.dead(queue),
+            dead_messages=layout.dead_messages(queue),
+            queue=layout.queue(queue),
+            messages=layout.messages(queue),
+            message_id=message_id,
+        )
+
+
+def dramatiq_scripts(client: redis.Redis) -> Scripts:
+    """The scripts that move Dramatiq's messages, registered on this client."""
+    return Scripts(client, (RequeueAcks, RequeueDead))
