@@ -31,6 +31,9 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
 COPY payq ./payq
 COPY producers ./producers
 COPY workers ./workers
+COPY payq_cli ./payq_cli
+COPY provider_sim ./provider_sim
+COPY devservices ./devservices
 COPY migrations ./migrations
 RUN pip install . \
  && cd / && rm -rf /src

@@ -226,7 +226,7 @@ class Simulator:
 
     @classmethod
     def start(cls, port: int, env: dict[str, str], log_path: Path) -> Simulator:
-        argv = [sys.executable, "-m", "payq.cli", "provider-sim", "--port", str(port)]
+        argv = [sys.executable, "-m", "payq_cli", "provider-sim", "--port", str(port)]
         sim = cls(f"http://127.0.0.1:{port}", Child("provider-sim", argv, env, log_path).start())
 
         def answers() -> bool:

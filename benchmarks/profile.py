@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logdir = Path(tempfile.mkdtemp(prefix="payq-profile-"))
     with _services(None, None) as services:
-        from payq.devservices import free_port
+        from devservices import free_port
 
         port = free_port()
         env = _environment(services, f"http://127.0.0.1:{port}", "sk_bench_" + uuid.uuid4().hex)

@@ -67,7 +67,7 @@ def _services(redis_url: str | None, database_url: str | None) -> Iterator[_Serv
     """A private Redis (or the one given) and a database of the benchmark's own."""
     from sqlalchemy.engine import make_url
 
-    from payq.devservices import (
+    from devservices import (
         ThrowawayPostgres,
         ThrowawayRedis,
         ensure_database,
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     say(f"payq bench: {plan.runs} run(s) per figure, {plan.window_s:g} s windows; logs in {logdir}")
     machine = harness.machine()
     with _services(args.redis_url, args.database_url) as services:
-        from payq.devservices import free_port
+        from devservices import free_port
 
         port = free_port()
         env = _environment(services, f"http://127.0.0.1:{port}", "sk_bench_" + uuid.uuid4().hex)

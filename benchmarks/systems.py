@@ -124,7 +124,7 @@ class PayqSystem(System):
         return int(self.setup.redis.llen(f"{PAYQ_NAMESPACE}:charges"))
 
     def start(self, processes: int, threads: int) -> list[Child]:
-        argv = [sys.executable, "-m", "payq.cli", "worker"]
+        argv = [sys.executable, "-m", "payq_cli", "worker"]
         argv += ["--processes", str(processes), "--threads", str(threads)]
         log = self.setup.logdir / "payq-worker.log"
         return [Child("payq worker", argv, self.setup.child_env(threads), log).start()]

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from payq.devservices import DevServiceError, postgres_or_throwaway, redis_or_throwaway
+from devservices import DevServiceError, postgres_or_throwaway, redis_or_throwaway
 
 TEST_DB = f"payq_test_{os.getpid()}"
 PG_SERVER = os.environ.get("PAYQ_TEST_POSTGRES", "postgresql+psycopg2://postgres@127.0.0.1:5432")
@@ -87,8 +87,8 @@ def database() -> Iterator[str]:
     """The suite's own database, migrated, dropped at the end."""
     from sqlalchemy import create_engine, text
 
+    from devservices import ensure_database
     from payq.db import get_engine, reset_engine
-    from payq.devservices import ensure_database
     from payq.migrate import migrate
 
     ensure_database(TEST_ENV["DATABASE_URL"])

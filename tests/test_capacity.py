@@ -17,8 +17,8 @@ import pytest
 import redis
 from sqlalchemy import create_engine, text
 
+from devservices import ThrowawayPostgres
 from payq.capacity import ConnectionBudget, check_fleet_fits, read_connection_budget
-from payq.devservices import ThrowawayPostgres
 from payq.errors import ConfigError, ServiceUnavailable
 from tests.conftest import NAMESPACE, PG_SERVER, REDIS_URL, TEST_DB, TEST_ENV
 
@@ -123,7 +123,7 @@ def test_a_server_that_does_not_answer_says_what_to_start_and_keeps_the_password
 
 def payq_worker(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "payq.cli", "worker", *args],
+        [sys.executable, "-m", "payq_cli", "worker", *args],
         env={**TEST_ENV, "PATH": "/usr/bin:/bin", **env},
         capture_output=True,
         text=True,

@@ -24,8 +24,8 @@ from typing import Any
 import pytest
 import yaml
 
-from payq.cli import build_parser
 from payq.settings import Settings
+from payq_cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"

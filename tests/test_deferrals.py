@@ -22,8 +22,8 @@ from payq.gate import ProviderGate
 from payq.processing import Result, UnknownCharge, process_charge
 from payq.provider import ProviderClient
 from payq.settings import Settings, load_settings
-from payq.sim import SimulatorThread
 from producers import enqueue_charge
+from provider_sim import SimulatorThread
 from tests.conftest import API_KEY, NAMESPACE, REDIS_URL
 from tests.helpers import (
     SUCCEEDED,

@@ -28,9 +28,9 @@ from payq.models import operator_actions
 from payq.processing import Result, process_charge
 from payq.provider import ProviderClient
 from payq.settings import Settings, load_settings
-from payq.sim import SimulatorThread
 from payq.sweep import backlog, sweep_once
 from producers import enqueue_charge
+from provider_sim import SimulatorThread
 from tests.conftest import API_KEY, REDIS_URL
 from tests.helpers import Sim, attempts, charge, passed, unique_key, wait_until
 

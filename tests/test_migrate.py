@@ -7,13 +7,13 @@ import sys
 import threading
 import time
 
-from payq.devservices import ThrowawayPostgres, free_port
+from devservices import ThrowawayPostgres, free_port
 from tests.conftest import TEST_ENV
 
 
 def migrate(port: int, wait_s: float) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "payq.cli", "migrate", "--wait", str(wait_s)],
+        [sys.executable, "-m", "payq_cli", "migrate", "--wait", str(wait_s)],
         env={
             **TEST_ENV,
             "PATH": "/usr/bin:/bin",

@@ -15,8 +15,8 @@ from payq.db import transaction
 from payq.processing import Result, UnknownCharge, process_charge
 from payq.provider import ProviderClient
 from payq.settings import Settings, load_settings
-from payq.sim import SimulatorThread
 from producers import enqueue_charge
+from provider_sim import SimulatorThread
 from tests.conftest import API_KEY
 from tests.helpers import Sim, attempts, charge, unique_key, wait_until
 

@@ -12,7 +12,7 @@ from pydantic import SecretStr
 from payq import errors
 from payq.provider import ProviderClient, charge_body
 from payq.settings import load_settings
-from payq.sim import SimulatorThread
+from provider_sim import SimulatorThread
 from tests.conftest import API_KEY
 from tests.helpers import Sim
 

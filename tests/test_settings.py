@@ -259,7 +259,7 @@ def cli_runs(
     runs = {}
     for command, name, value in CLI_CASES:
         runs[(command, name, value)] = subprocess.Popen(
-            [sys.executable, "-m", "payq.cli", command],
+            [sys.executable, "-m", "payq_cli", command],
             env={**os.environ, name: value},
             cwd=cwd,
             stdout=subprocess.PIPE,

@@ -22,8 +22,7 @@ from typing import Any
 import redis
 from sqlalchemy import Engine, func, select, text
 
-from payq.db import make_engine
-from payq.devservices import (
+from devservices import (
     DevServiceError,
     ThrowawayPostgres,
     ThrowawayRedis,
@@ -31,6 +30,7 @@ from payq.devservices import (
     postgres_or_throwaway,
     redis_or_throwaway,
 )
+from payq.db import make_engine
 from payq.gate import BreakerState, FleetBreaker, ProviderGate
 from payq.migrate import migrate
 from payq.models import charge_attempts, charges

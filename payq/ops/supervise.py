@@ -37,7 +37,7 @@ class Supervised:
     def start(self) -> Self:
         with self.log_path.open("ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "payq.cli", *self.args],
+                [sys.executable, "-m", "payq_cli", *self.args],
                 env=self.env,
                 stdout=out,
                 stderr=subprocess.STDOUT,

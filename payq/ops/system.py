@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 
-from payq.devservices import free_port
+from devservices import free_port
 from payq.ops.supervise import Supervised
 from payq.ops.waiting import wait_for_http, wait_for_log
 

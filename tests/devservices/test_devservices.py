@@ -1,4 +1,4 @@
-"""Real-server tests for payq.devservices: throwaway Redis and PostgreSQL on free ports.
+"""Real-server tests for devservices: throwaway Redis and PostgreSQL on free ports.
 
 Nothing here writes to the shared servers on 6379/5432; every server is our own.
 """
@@ -13,8 +13,8 @@ import psycopg2  # type: ignore[import-untyped, unused-ignore]
 import pytest
 import redis
 
-from payq import devservices
-from payq.devservices import (
+import devservices
+from devservices import (
     DevServiceError,
     ThrowawayPostgres,
     ThrowawayRedis,

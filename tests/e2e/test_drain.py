@@ -25,7 +25,7 @@ from sqlalchemy import select
 from payq.constants import FINAL_STATUSES, QUEUE_NAME
 from payq.db import transaction
 from payq.models import charges
-from payq.sim import SimulatorThread
+from provider_sim import SimulatorThread
 from tests.conftest import API_KEY, NAMESPACE, REDIS_URL
 from tests.e2e.test_workers import all_final, enqueue
 from tests.helpers import Sim, attempts, charge, statuses, wait_until

@@ -18,12 +18,12 @@ import pytest
 from sqlalchemy import Engine, func, select
 
 import payq.db
+from devservices import ThrowawayPostgres
 from payq.db import make_engine, transaction
-from payq.devservices import ThrowawayPostgres
 from payq.models import charges
 from payq.settings import load_settings
-from payq.sim import SimulatorThread
 from producers import enqueue_charges
+from provider_sim import SimulatorThread
 from tests.conftest import API_KEY, TEST_ENV
 from tests.helpers import Sim, wait_until
 from tests.processes import PayqProcess
@@ -36,7 +36,7 @@ def pg() -> Iterator[tuple[ThrowawayPostgres, str, Engine]]:
     with ThrowawayPostgres() as server:
         dsn = server.create_database("payq_restart")
         subprocess.run(
-            [sys.executable, "-m", "payq.cli", "migrate"],
+            [sys.executable, "-m", "payq_cli", "migrate"],
             env={**TEST_ENV, "DATABASE_URL": dsn, "PATH": "/usr/bin:/bin"},
             check=True,
             capture_output=True,

@@ -18,8 +18,8 @@ import httpx
 import pytest
 
 from payq.constants import FINAL_STATUSES
-from payq.sim import SimulatorThread
 from producers import enqueue_charges
+from provider_sim import SimulatorThread
 from tests.conftest import API_KEY
 from tests.helpers import Sim, attempts, charge, wait_until
 from tests.processes import PayqProcess

@@ -25,7 +25,7 @@ import redis
 from payq.figures import worker_reports
 from payq.gate import BreakerState, FleetBreaker, FleetLimit, ProviderGate
 from payq.settings import load_settings
-from payq.sim import SimulatorThread
+from provider_sim import SimulatorThread
 from tests.conftest import API_KEY, REDIS_URL
 from tests.e2e.test_workers import all_final, enqueue
 from tests.helpers import Sim, statuses, wait_until

@@ -13,10 +13,10 @@ from collections.abc import Iterator
 import pytest
 import redis
 
+from devservices import ThrowawayRedis
 from payq.constants import FINAL_STATUSES
-from payq.devservices import ThrowawayRedis
-from payq.sim import SimulatorThread
 from producers import enqueue_charges
+from provider_sim import SimulatorThread
 from tests.conftest import API_KEY, NAMESPACE, REDIS_URL, TEST_ENV
 from tests.helpers import Sim, attempts, charge, statuses, wait_until
 from tests.processes import PayqProcess
@@ -179,7 +179,7 @@ def test_redis_losing_every_key_loses_no_charge() -> None:
 
 def test_worker_with_more_threads_than_its_pools_is_refused() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "payq.cli", "worker", "--processes", "1", "--threads", "6"],
+        [sys.executable, "-m", "payq_cli", "worker", "--processes", "1", "--threads", "6"],
         env={**TEST_ENV, "PATH": "/usr/bin:/bin", "PAYMENT_POOL_MAX_CONNECTIONS": "5"},
         capture_output=True,
         text=True,

@@ -24,8 +24,8 @@ from payq.ops.reconcile import reconcile
 from payq.processing import Result, process_charge
 from payq.provider import ProviderClient
 from payq.settings import load_settings
-from payq.sim import SimulatorThread
 from producers import enqueue_charge
+from provider_sim import SimulatorThread
 from tests.conftest import API_KEY, NAMESPACE, REDIS_URL, TEST_ENV
 from tests.helpers import Sim, charge, unique_key
 
@@ -58,7 +58,7 @@ class Ops:
 
     def cli(self, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "payq.cli", *args],
+            [sys.executable, "-m", "payq_cli", *args],
             env={
                 **TEST_ENV,
                 "PATH": "/usr/bin:/bin",

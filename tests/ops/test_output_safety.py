@@ -32,7 +32,7 @@ OSC52 = "\x1b]52;c;ZWNobyBwd25lZA==\x07"  # writes the terminal user's clipboard
 
 def payq(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "payq.cli", *args],
+        [sys.executable, "-m", "payq_cli", *args],
         env={**os.environ, **TEST_ENV, **env},
         capture_output=True,
         text=True,
@@ -88,7 +88,7 @@ def test_a_charges_repr_never_shows_its_payment_token() -> None:
 
 def test_an_unmigrated_database_says_to_migrate_in_one_line() -> None:
     name = f"payq_empty_{uuid.uuid4().hex[:8]}"
-    from payq.devservices import ensure_database
+    from devservices import ensure_database
 
     url = f"{PG_SERVER}/{name}"
     ensure_database(url)
@@ -140,7 +140,7 @@ def test_a_broken_pipe_ends_quietly(tmp_path: Path) -> None:
         )
     errors = tmp_path / "stderr"
     shell = (
-        f"{sys.executable} -m payq.cli dlq export --format jsonl 2>{errors} | head -n 2; "
+        f"{sys.executable} -m payq_cli dlq export --format jsonl 2>{errors} | head -n 2; "
         "echo exit=${PIPESTATUS:-}"
     )
     done = subprocess.run(

@@ -26,8 +26,8 @@ import payq
 from payq.errors import ProviderConnectionError
 from payq.sentry import FILTERED, capture_alert, init_sentry, scrub, tag_charge
 from payq.settings import load_settings
-from payq.sim import SimulatorThread
 from producers import enqueue_charges
+from provider_sim import SimulatorThread
 from tests.conftest import API_KEY
 from tests.helpers import Sim, charge, unique_key, wait_until
 from tests.processes import PayqProcess

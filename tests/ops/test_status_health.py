@@ -17,15 +17,15 @@ import httpx
 import pytest
 import redis
 
-from payq.devservices import free_port
+from devservices import free_port
 from payq.gate import BreakerState, Pass, ProviderGate, Wait
 from payq.health import Check, Level, check_breaker, check_provider, run_checks, worst
 from payq.ops.status import snapshot
 from payq.processing import process_charge
 from payq.provider import ProviderClient
 from payq.settings import load_settings
-from payq.sim import SimulatorThread
 from producers import enqueue_charges
+from provider_sim import SimulatorThread
 from tests.conftest import API_KEY, REDIS_URL, TEST_ENV
 from tests.helpers import SUCCEEDED, TIMED_OUT, Sim, call, passed, statuses, wait_until
 from tests.processes import PayqProcess
@@ -95,7 +95,7 @@ def enqueue(n: int) -> list[uuid.UUID]:
 
 def cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "payq.cli", *args],
+        [sys.executable, "-m", "payq_cli", *args],
         env={**TEST_ENV, "PATH": "/usr/bin:/bin", **env},
         capture_output=True,
         text=True,

@@ -26,12 +26,12 @@ import httpx
 import pytest
 from sqlalchemy import select
 
+from devservices import free_port
 from payq.db import transaction
-from payq.devservices import free_port
 from payq.models import operator_actions
 from payq.ops.waiting import wait_for_http
-from payq.sim import SimulatorThread
 from producers import enqueue_charges
+from provider_sim import SimulatorThread
 from tests.conftest import API_KEY
 from tests.helpers import Sim, charge, statuses, wait_until
 from tests.processes import PayqProcess

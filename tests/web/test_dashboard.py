@@ -22,11 +22,11 @@ from payq.models import operator_actions
 from payq.processing import Result, process_charge
 from payq.provider import ProviderClient
 from payq.settings import load_settings
-from payq.sim import SimulatorThread
 from payq.web.auth import SESSION_COOKIE, OpsSessions, Tokens
 from payq.web.pages import chart
 from payq.web.signin import SIGN_IN_FAILURES_PER_MIN
 from producers import enqueue_charge
+from provider_sim import SimulatorThread
 from tests.conftest import API_KEY
 from tests.helpers import Sim, charge, statuses, unique_key
 from tests.web.conftest import INTAKE, OPERATOR, bearer, make_app

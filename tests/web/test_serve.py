@@ -9,7 +9,7 @@ import sys
 import httpx
 import pytest
 
-from payq.devservices import free_port
+from devservices import free_port
 from payq.ops.waiting import wait_for_http
 from tests.conftest import TEST_ENV
 from tests.processes import PayqProcess
@@ -49,7 +49,7 @@ def test_serve_takes_a_charge_over_http() -> None:
 def test_serve_refuses_to_start_without_an_intake_token() -> None:
     env = {**os.environ, **TEST_ENV, "PAYQ_API_TOKENS": ""}
     result = subprocess.run(
-        [sys.executable, "-m", "payq.cli", "serve", "--port", str(free_port())],
+        [sys.executable, "-m", "payq_cli", "serve", "--port", str(free_port())],
         env=env,
         capture_output=True,
         text=True,

@@ -29,9 +29,9 @@ from typing import Any
 from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import SQLAlchemyError
 
+from devservices import ThrowawayPostgres, ThrowawayRedis
 from payq.constants import FINAL_STATUSES, ChargeStatus, DeadOutcome
 from payq.db import make_engine
-from payq.devservices import ThrowawayPostgres, ThrowawayRedis
 from payq.models import charges
 from payq.ops.chaos.measure import (
     RATE_WINDOW_S,
@@ -63,7 +63,7 @@ def run_chaos(
 
     ``out`` receives each printed line (progress, events, the figure line, the verdict).
     The logs are removed when every check passed, and kept (``ChaosResult.logs``)
-    otherwise. Raises `payq.devservices.DevServiceError` when Redis or PostgreSQL
+    otherwise. Raises `devservices.DevServiceError` when Redis or PostgreSQL
     cannot be started.
     """
     plan = plan or ChaosPlan()
@@ -110,7 +110,7 @@ def _migrate(env: Mapping[str, str], workdir: Path) -> None:
     """``payq migrate`` against the throwaway database, as a deploy runs it."""
     with (workdir / "migrate.log").open("ab") as log:
         done = subprocess.run(
-            [sys.executable, "-m", "payq.cli", "migrate"],
+            [sys.executable, "-m", "payq_cli", "migrate"],
             env={**os.environ, **env},
             stdout=log,
             stderr=subprocess.STDOUT,

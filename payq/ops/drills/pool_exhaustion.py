@@ -116,7 +116,7 @@ def _refused_worker(env: Mapping[str, str], threads: int) -> tuple[int | None, s
     """Run ``payq worker --threads <threads>``: its exit code and its error output."""
     argv = ["worker", "--processes", "1", "--threads", str(threads)]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "payq.cli", *argv],
+        [sys.executable, "-m", "payq_cli", *argv],
         env=dict(env),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from sqlalchemy import func, select
 
+from devservices import ensure_database, postgres_answers, redis_answers
 from payq.db import make_engine
-from payq.devservices import ensure_database, postgres_answers, redis_answers
 from payq.dramatiq_redis import Layout
 from payq.errors import PayqError, ServiceUnavailable
 from payq.migrate import migrate

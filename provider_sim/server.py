@@ -39,8 +39,8 @@ from typing import Any, Self
 import httpx
 from aiohttp import web
 
-from payq.sim.app import TRANSPORTS_KEY, build_app, close_transports
-from payq.sim.faults import (
+from provider_sim.app import TRANSPORTS_KEY, build_app, close_transports
+from provider_sim.faults import (
     API_KEY_ENV,
     DEFAULT_HOST,
     DEFAULT_PORT,
@@ -48,7 +48,7 @@ from payq.sim.faults import (
     add_cli_arguments,
     faults_from_args,
 )
-from payq.sim.state import (
+from provider_sim.state import (
     ChargeParams,
     JSONObject,
     RequestRecord,

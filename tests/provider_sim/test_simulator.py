@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import httpx
 import pytest
 
-from payq.sim import Faults, SimulatorThread, Step, add_cli_arguments, faults_from_args
+from provider_sim import Faults, SimulatorThread, Step, add_cli_arguments, faults_from_args
 
 API_KEY = "sk_test_simulator"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}

@@ -10,7 +10,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from payq.sim.faults import Faults, Step, add_cli_arguments, add_fault_arguments, faults_from_args
+from provider_sim.faults import (
+    Faults,
+    Step,
+    add_cli_arguments,
+    add_fault_arguments,
+    faults_from_args,
+)
 
 __all__ = [
     "Faults",
@@ -30,7 +36,7 @@ _SERVER = {"SimulatorState", "SimulatorThread", "build_app", "serve", "serve_fro
 
 def __getattr__(name: str) -> Any:
     if name in _SERVER:
-        from payq.sim import server
+        from provider_sim import server
 
         return getattr(server, name)
-    raise AttributeError(f"module 'payq.sim' has no attribute {name!r}")
+    raise AttributeError(f"module 'provider_sim' has no attribute {name!r}")

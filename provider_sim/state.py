@@ -1,6 +1,6 @@
 """The simulator's in-memory state: fault knobs, charges, stored idempotency keys, counters.
 
-`payq.sim.app` asks `SimulatorState` what happens to each request; everything
+`provider_sim.app` asks `SimulatorState` what happens to each request; everything
 here runs on the simulator's one event loop, so it needs no locks.
 """
 
@@ -16,7 +16,7 @@ from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any
 
-from payq.sim.faults import KNOBS, Faults, Step
+from provider_sim.faults import KNOBS, Faults, Step
 
 __all__ = [
     "ChargeParams",

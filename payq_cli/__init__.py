@@ -195,7 +195,7 @@ def _port(text: str) -> int:
 
 
 def cmd_provider_sim(args: argparse.Namespace) -> int:
-    from payq.sim.server import serve_from_args
+    from provider_sim.server import serve_from_args
 
     _settings()
     try:
@@ -212,7 +212,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_chaos(args: argparse.Namespace) -> int:
-    from payq.devservices import DevServiceError
+    from devservices import DevServiceError
     from payq.ops.chaos import ChaosPlan, run_chaos
 
     try:
@@ -291,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("provider-sim", help="run the payment provider simulator")
-    from payq.sim.faults import add_cli_arguments
+    from provider_sim.faults import add_cli_arguments
 
     add_cli_arguments(p)
     p.set_defaults(func=cmd_provider_sim)
@@ -361,7 +361,3 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"payq: {problem[1]}", file=sys.stderr)
         return problem[0]
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -2,7 +2,7 @@
 
 Handlers read the request, let `SimulatorState` decide the outcome, and deliver
 it, including the connection-level faults (reset, timeout, trickle). The order of
-events is described in `payq.sim.server`.
+events is described in `provider_sim.server`.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from typing import Any
 
 from aiohttp import web
 
-from payq.sim.faults import Step
-from payq.sim.state import (
+from provider_sim.faults import Step
+from provider_sim.state import (
     ChargeParams,
     JSONObject,
     RequestRecord,
@@ -55,7 +55,7 @@ _EARLY_STEPS = frozenset(
 STATE_KEY = web.AppKey("state", SimulatorState)
 #: Every connection's transport, so that stopping the simulator can close what
 #: aiohttp's own shutdown leaves open: filled here for each request, and by the
-#: server (`payq.sim.server`) for connections that never carried one.
+#: server (`provider_sim.server`) for connections that never carried one.
 TRANSPORTS_KEY = web.AppKey("transports", weakref.WeakSet[asyncio.Transport])
 
 
