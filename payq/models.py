@@ -163,7 +163,7 @@ operator_actions = Table(
 )
 
 
-#: The dashboard's confirmation tokens (``payq.web.actions``), by digest: each for one
+#: The dashboard's confirmation tokens (``payq.ops.dashboard.actions``), by digest: each for one
 #: action on one filter in one session, used once, so that no reload or resubmission, nor
 #: a token from elsewhere, can replay or purge twice.
 dashboard_actions = Table(

@@ -182,7 +182,7 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from payq.web.server import serve
+    from payq_cli.serve import serve
 
     serve(_settings(), host=args.host, port=args.port)
     return 0

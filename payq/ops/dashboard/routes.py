@@ -45,16 +45,16 @@ from payq.errors import ChargeNotFound, ServiceUnavailable
 from payq.figures import attempt_series, breaker_figures
 from payq.gate import ProviderGate
 from payq.ops.cli import parse_when
+from payq.ops.dashboard import actions, signin
+from payq.ops.dashboard.pages import STATIC_DIR, chart, page
+from payq.ops.dashboard.signin import FailedSignIns, refuse_change
 from payq.ops.dlq import DeadFilter, dead_charges, purge, replay, show, totals
 from payq.ops.reconcile import reconcile
 from payq.ops.status import snapshot
 from payq.provider import ProviderClient
 from payq.settings import Settings
-from payq.web import actions, signin
-from payq.web.auth import OpsSessions, Principal, Tokens
-from payq.web.blocking import Blocking
-from payq.web.pages import STATIC_DIR, chart, page
-from payq.web.signin import FailedSignIns, refuse_change
+from producers.intake.auth import Principal
+from producers.intake.blocking import Blocking
 
 __all__ = ["FilterInput", "install", "router"]
 
@@ -468,11 +468,11 @@ async def result_page(request: Request, token: str) -> Response:
     )  # fmt: skip
 
 
-def install(app: FastAPI, *, tokens: Tokens, sessions: OpsSessions) -> None:
-    """The dashboard's routes, its static files, and what signing in needs."""
-    app.state.tokens = tokens
-    app.state.sessions = sessions
+def install(app: FastAPI) -> FastAPI:
+    """The dashboard's routes, its static files, and what signing in needs, on the intake's
+    app (``producers.intake.create_app``: its tokens and sessions on ``app.state``)."""
     app.state.sign_in_failures = FailedSignIns()
     app.include_router(signin.router)
     app.include_router(router)
     app.mount("/ops/static", StaticFiles(directory=STATIC_DIR), name="ops-static")
+    return app

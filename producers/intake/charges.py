@@ -38,8 +38,9 @@ from payq.validation import (
     METADATA_MAX_VALUE_CHARS,
     validate_charge,
 )
-from payq.web.blocking import Blocking
-from payq.web.errors import (
+from producers.enqueue import app_key, enqueue_charge_result, get_charge
+from producers.intake.blocking import Blocking
+from producers.intake.errors import (
     ApiError,
     ErrorCode,
     FieldError,
@@ -48,7 +49,6 @@ from payq.web.errors import (
     from_input_error,
     responses,
 )
-from producers.enqueue import app_key, enqueue_charge_result, get_charge
 
 __all__ = ["ChargeOut", "charge_body_schema", "router"]
 

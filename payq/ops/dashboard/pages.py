@@ -22,7 +22,7 @@ from fastapi.templating import Jinja2Templates
 
 from payq.figures import MinuteStats, describe_breaker
 from payq.ops.commands import format_amount
-from payq.web.auth import Principal
+from producers.intake.auth import Principal
 
 __all__ = ["STATIC_DIR", "chart", "page"]
 

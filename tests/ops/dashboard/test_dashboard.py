@@ -19,17 +19,17 @@ from sqlalchemy import select, text
 from payq.db import transaction
 from payq.figures import attempt_series
 from payq.models import operator_actions
+from payq.ops.dashboard.pages import chart
+from payq.ops.dashboard.signin import SIGN_IN_FAILURES_PER_MIN
 from payq.processing import Result, process_charge
 from payq.provider import ProviderClient
 from payq.settings import load_settings
-from payq.web.auth import SESSION_COOKIE, OpsSessions, Tokens
-from payq.web.pages import chart
-from payq.web.signin import SIGN_IN_FAILURES_PER_MIN
 from producers import enqueue_charge
+from producers.intake.auth import SESSION_COOKIE, OpsSessions, Tokens
 from provider_sim import SimulatorThread
 from tests.conftest import API_KEY
 from tests.helpers import Sim, charge, statuses, unique_key
-from tests.web.conftest import INTAKE, OPERATOR, bearer, make_app
+from tests.webapp import INTAKE, OPERATOR, bearer, make_app
 
 pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("clean")]
 

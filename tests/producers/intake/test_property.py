@@ -28,8 +28,8 @@ from payq.errors import ChargeInputError
 from payq.settings import get_settings
 from payq.validation import ISO_4217, validate_charge
 from tests.helpers import unique_key
-from tests.web.conftest import INTAKE, bearer, make_app
-from tests.web.test_charges import rows
+from tests.producers.intake.test_charges import rows
+from tests.webapp import INTAKE, bearer, make_app
 
 CARD = "4111 1111 1111 1111"
 

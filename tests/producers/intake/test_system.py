@@ -8,7 +8,7 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from tests.web.conftest import INTAKE, OPERATOR
+from tests.webapp import INTAKE, OPERATOR
 
 pytestmark = pytest.mark.anyio
 

@@ -13,7 +13,7 @@ from devservices import free_port
 from payq.ops.waiting import wait_for_http
 from tests.conftest import TEST_ENV
 from tests.processes import PayqProcess
-from tests.web.conftest import INTAKE, OPERATOR
+from tests.webapp import INTAKE, OPERATOR
 
 pytestmark = pytest.mark.usefixtures("clean")
 

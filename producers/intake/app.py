@@ -1,11 +1,11 @@
-"""The intake's one wiring place: ``create_app(settings)`` builds the ASGI app that
-``payq serve`` runs.
+"""The intake's one wiring place: ``create_app(settings)`` builds the ASGI app.
 
 Requests pass, outermost first: ``RequestMetrics`` (counts everything), then
 ``Authenticate`` (token, role, rate limit), ``RejectLargeBody`` (the size limit), then
-the routes:
-``charges`` (``/v1``), ``system`` (``/healthz``, ``/metrics``, ``/openapi.json``) and
-``ops`` (``/ops``, the dashboard, with its static files under ``/ops/static``).
+the routes: ``charges`` (``/v1``) and ``system`` (``/healthz``, ``/metrics``,
+``/openapi.json``). ``payq serve`` adds the operators' dashboard (``/ops``,
+``payq.ops.dashboard.install``) to the same app; its sign-in uses the tokens and
+sessions kept here on ``app.state``.
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ from fastapi.openapi.utils import get_openapi
 
 from payq import __version__
 from payq.settings import Settings, get_settings
-from payq.web import charges, ops, system
-from payq.web.auth import Authenticate, OpsSessions, Tokens
-from payq.web.blocking import Blocking
-from payq.web.bodylimit import RejectLargeBody
-from payq.web.errors import install_error_handlers, responses
-from payq.web.metrics import RequestMetrics
-from payq.web.ratelimit import TokenRateLimit
+from producers.intake import charges, system
+from producers.intake.auth import Authenticate, OpsSessions, Tokens
+from producers.intake.blocking import Blocking
+from producers.intake.bodylimit import RejectLargeBody
+from producers.intake.errors import install_error_handlers, responses
+from producers.intake.metrics import RequestMetrics
+from producers.intake.ratelimit import TokenRateLimit
 
 __all__ = ["create_app"]
 
@@ -56,7 +56,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(system.router)
     tokens = Tokens(settings.intake_apps, settings.operator_tokens)
     sessions = OpsSessions(settings.operator_tokens)
-    ops.install(app, tokens=tokens, sessions=sessions)
+    app.state.tokens = tokens
+    app.state.sessions = sessions
     # add_middleware puts each one outside those before it.
     app.add_middleware(RejectLargeBody, max_bytes=settings.serve_max_body_bytes)
     app.add_middleware(

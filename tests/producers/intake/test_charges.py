@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 from payq.db import transaction
 from payq.models import charges
 from tests.producers.test_enqueue import queued_ids
-from tests.web.conftest import INTAKE, make_app
+from tests.webapp import INTAKE, make_app
 
 pytestmark = pytest.mark.anyio
 

@@ -1,4 +1,4 @@
-"""The intake in-process, through httpx's ASGI transport, with tokens of its own."""
+"""The web app served by `payq serve`, for the intake's and the dashboard's tests."""
 
 from __future__ import annotations
 
@@ -26,9 +26,9 @@ def intake_settings(**overrides: Any) -> Settings:
 
 
 def make_app(**overrides: Any) -> FastAPI:
-    from payq.web import create_app
+    from payq_cli.serve import build_app
 
-    return create_app(intake_settings(**overrides))
+    return build_app(intake_settings(**overrides))
 
 
 def bearer(token: str) -> dict[str, str]:

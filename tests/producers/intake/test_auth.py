@@ -9,8 +9,8 @@ import httpx
 import pytest
 
 from payq.errors import ConfigError
-from payq.web.auth import Access, Role, Tokens, access_for
-from tests.web.conftest import INTAKE, INTAKE_NEXT, OPERATOR, intake_settings
+from producers.intake.auth import Access, Role, Tokens, access_for
+from tests.webapp import INTAKE, INTAKE_NEXT, OPERATOR, intake_settings
 
 pytestmark = pytest.mark.anyio
 

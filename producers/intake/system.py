@@ -28,8 +28,8 @@ from payq.db import make_engine
 from payq.errors import ServiceUnavailable
 from payq.health import Check, Level, check_postgres, run_checks, worst
 from payq.settings import Settings
-from payq.web.blocking import Blocking
-from payq.web.errors import JSONBody
+from producers.intake.blocking import Blocking
+from producers.intake.errors import JSONBody
 
 __all__ = ["HealthProbe", "router"]
 

@@ -35,7 +35,7 @@ from provider_sim import SimulatorThread
 from tests.conftest import API_KEY
 from tests.helpers import Sim, charge, statuses, wait_until
 from tests.processes import PayqProcess
-from tests.web.conftest import INTAKE, OPERATOR
+from tests.webapp import INTAKE, OPERATOR
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("clean")]
 

@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator, Callable
 import httpx
 import pytest
 
-from tests.web.conftest import INTAKE, INTAKE_NEXT, make_app
-from tests.web.test_charges import rows
+from tests.producers.intake.test_charges import rows
+from tests.webapp import INTAKE, INTAKE_NEXT, make_app
 
 pytestmark = pytest.mark.anyio
 

@@ -53,8 +53,8 @@ from starlette.requests import cookie_parser
 from starlette.responses import RedirectResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from payq.web.errors import ErrorCode, error_response
-from payq.web.ratelimit import TokenRateLimit
+from producers.intake.errors import ErrorCode, error_response
+from producers.intake.ratelimit import TokenRateLimit
 
 __all__ = [
     "SESSION_COOKIE",

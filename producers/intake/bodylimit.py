@@ -16,7 +16,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from payq.web.errors import ErrorCode, error_response
+from producers.intake.errors import ErrorCode, error_response
 
 __all__ = ["RejectLargeBody"]
 

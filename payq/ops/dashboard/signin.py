@@ -30,7 +30,8 @@ from limits import RateLimitItemPerMinute
 from limits.storage import MemoryStorage
 from limits.strategies import MovingWindowRateLimiter
 
-from payq.web.auth import (
+from payq.ops.dashboard.pages import page
+from producers.intake.auth import (
     SESSION_COOKIE,
     SESSION_MAX_AGE_S,
     SIGN_IN_PATH,
@@ -38,7 +39,6 @@ from payq.web.auth import (
     Principal,
     Tokens,
 )
-from payq.web.pages import page
 
 __all__ = ["SIGN_IN_FAILURES_PER_MIN", "FailedSignIns", "refuse_change", "router"]
 

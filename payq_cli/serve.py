@@ -9,11 +9,15 @@ start that fails with one line naming ``PAYQ_API_TOKENS`` is found out at once.
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from payq.errors import ConfigError
 from payq.settings import Settings
 
-__all__ = ["serve"]
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+__all__ = ["build_app", "serve"]
 
 log = logging.getLogger("payq.web")
 
@@ -28,7 +32,6 @@ def serve(settings: Settings, *, host: str | None = None, port: int | None = Non
 
     from payq import db
     from payq.sentry import init_sentry
-    from payq.web.app import create_app
 
     init_sentry(settings, component="intake")
     db.set_role("intake")
@@ -49,7 +52,7 @@ def serve(settings: Settings, *, host: str | None = None, port: int | None = Non
         logging.getLogger(name).addFilter(_drop_color_message)
     if not settings.operator_tokens:
         log.info("PAYQ_OPERATOR_TOKENS is empty: /metrics and /ops refuse every request")
-    app = create_app(settings)
+    app = build_app(settings)
     config = uvicorn.Config(
         app,
         host=host,
@@ -70,3 +73,11 @@ def _drop_color_message(record: logging.LogRecord) -> bool:
     payq's formatters would print it as one more field."""
     record.__dict__.pop("color_message", None)
     return True
+
+
+def build_app(settings: Settings | None = None) -> FastAPI:
+    """What ``payq serve`` serves: the intake, with the operators' dashboard on it."""
+    from payq.ops.dashboard import install
+    from producers.intake import create_app
+
+    return install(create_app(settings))
