@@ -24,8 +24,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from payq.errors import ConfigError
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
 
 __all__ = [
     "HEALTH_CONNECTIONS_PER_PROCESS",
@@ -104,44 +108,16 @@ def read_connection_budget(
     part of a message.
     """
     import tenacity
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
     from sqlalchemy.exc import OperationalError
-    from sqlalchemy.pool import NullPool
 
-    from payq.db import application_name
     from payq.errors import ServiceUnavailable
 
-    engine = create_engine(
-        make_url(database_url).set(drivername="postgresql+psycopg2"),
-        poolclass=NullPool,
-        connect_args={
-            "connect_timeout": connect_timeout_s,
-            # Not payq-worker-*: samplers that count a group's connections by that name
-            # (the chaos run, the pool drill) must not see this one.
-            "application_name": application_name("capacity-check"),
-        },
-    )
-
-    def read() -> ConnectionBudget:
-        with engine.connect() as conn:
-            max_connections, superuser_reserved, reserved, already_open = conn.execute(
-                text(_BUDGET_SQL)
-            ).one()
-        return ConnectionBudget(
-            max_connections=max_connections,
-            reserved=superuser_reserved + reserved,
-            already_open=already_open,
-        )
-
-    def full(exc: BaseException) -> bool:
-        return isinstance(exc, OperationalError) and any(sign in str(exc) for sign in _FULL_SIGNS)
-
+    engine = _budget_engine(database_url, connect_timeout_s)
     retrying = tenacity.Retrying(
         stop=tenacity.stop_after_delay(wait_s),
         wait=tenacity.wait_exponential(multiplier=0.2, max=2),
         retry=tenacity.retry_if_exception(
-            lambda exc: isinstance(exc, OperationalError) and not full(exc)
+            lambda exc: isinstance(exc, OperationalError) and not _full(exc)
         ),
         before_sleep=lambda state: log.warning(
             "PostgreSQL does not answer yet (attempt %d); retrying", state.attempt_number
@@ -149,10 +125,10 @@ def read_connection_budget(
         reraise=True,
     )
     try:
-        return retrying(read)
+        return retrying(_read_budget, engine)
     except OperationalError as exc:
         reason = str(exc.orig or exc).strip().splitlines()[0][:200]
-        if full(exc):
+        if _full(exc):
             raise ConfigError(
                 f"PostgreSQL refused even one more connection ({reason}): max_connections is "
                 "used up; stop something or raise max_connections before adding workers"
@@ -163,3 +139,44 @@ def read_connection_budget(
         ) from None
     finally:
         engine.dispose()
+
+
+def _budget_engine(database_url: str, connect_timeout_s: int) -> Engine:
+    """An engine of one connection at a time, opened and closed per use."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.pool import NullPool
+
+    from payq.db import application_name
+
+    return create_engine(
+        make_url(database_url).set(drivername="postgresql+psycopg2"),
+        poolclass=NullPool,
+        connect_args={
+            "connect_timeout": connect_timeout_s,
+            # Not payq-worker-*: samplers that count a group's connections by that name
+            # (the chaos run, the pool drill) must not see this one.
+            "application_name": application_name("capacity-check"),
+        },
+    )
+
+
+def _read_budget(engine: Engine) -> ConnectionBudget:
+    from sqlalchemy import text
+
+    with engine.connect() as conn:
+        max_connections, superuser_reserved, reserved, already_open = conn.execute(
+            text(_BUDGET_SQL)
+        ).one()
+    return ConnectionBudget(
+        max_connections=max_connections,
+        reserved=superuser_reserved + reserved,
+        already_open=already_open,
+    )
+
+
+def _full(exc: BaseException) -> bool:
+    """PostgreSQL refused because every connection slot is taken."""
+    from sqlalchemy.exc import OperationalError
+
+    return isinstance(exc, OperationalError) and any(sign in str(exc) for sign in _FULL_SIGNS)

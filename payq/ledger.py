@@ -243,18 +243,7 @@ def settle(
     if was in SETTLED_STATUSES:
         _check_agrees(charge_id, was, row.provider_charge_id, verdict)
         return None
-    values: dict[str, Any]
-    if isinstance(verdict, Charged):
-        to = ChargeStatus.SUCCEEDED
-        values = {"provider_charge_id": verdict.provider_charge_id}
-    else:
-        to = ChargeStatus.FAILED
-        values = {
-            "provider_charge_id": verdict.provider_charge_id,
-            "decline_code": verdict.code,
-            "last_error": verdict.message,
-            "last_error_class": CardDeclined.error_class,
-        }
+    to, values = _settled_values(verdict)
     now = dt.datetime.now(dt.UTC)
     conn.execute(
         update(charges)
@@ -281,6 +270,18 @@ def settle(
         extra={"charge_id": str(charge_id), "from": was.value, "to": to.value},
     )
     return was
+
+
+def _settled_values(verdict: Charged | Declined) -> tuple[ChargeStatus, dict[str, Any]]:
+    """The status a verdict makes a charge, and what of the answer its row keeps."""
+    if isinstance(verdict, Charged):
+        return ChargeStatus.SUCCEEDED, {"provider_charge_id": verdict.provider_charge_id}
+    return ChargeStatus.FAILED, {
+        "provider_charge_id": verdict.provider_charge_id,
+        "decline_code": verdict.code,
+        "last_error": verdict.message,
+        "last_error_class": CardDeclined.error_class,
+    }
 
 
 def _check_agrees(

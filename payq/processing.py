@@ -26,11 +26,12 @@ import datetime as dt
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (
+    CTE,
     CompoundSelect,
     Connection,
     Integer,
@@ -318,42 +319,49 @@ def _move_statement(
     ]
     ctes = [ours]
     if status in _SETTLED:
-        old = charges.alias("old")  # the row as it was: what the audit says it came from
-        settled = (
-            update(charges)
-            .where(
-                charges.c.id == bindparam("charge_id"),
-                charges.c.id == old.c.id,
-                # (No IN list: an expanding parameter cannot be prepared.)
-                *(charges.c.status != s for s in _SETTLED),
-                ~exists(select(ours.c.id)),
-            )
-            .values(**values)
-            .returning(charges.c.id, old.c.status.label("was"))
-            .cte("settled")
-        )
-        why = "the provider's answer to a call that had lost its claim"
-        audit = insert(operator_actions).from_select(
-            ["actor", "action", "params", "charge_ids", "count"],
-            select(
-                literal(SYSTEM_ACTOR),
-                literal("settle"),
-                func.jsonb_build_object(
-                    *("from", settled.c.was, "to", status.value, "why", why),
-                    *("attempt", bindparam("attempt", type_=Integer)),
-                ),
-                pg_array([settled.c.id]),
-                literal(1),
-            ),
-        )
+        settled, audit = _settle_anyway(status, values, ours)
         moves.append(select(literal_column("false"), settled.c.was))
-        ctes += [settled, audit.cte("audit")]
+        ctes += [settled, audit]
     if attempt:
         ctes.append(_ATTEMPT.cte("attempt"))
     statement = union_all(*moves)
     for cte in ctes:
         statement = statement.add_cte(cte)
     return statement
+
+
+def _settle_anyway(status: ChargeStatus, values: dict[str, Any], ours: CTE) -> tuple[CTE, CTE]:
+    """The provider's answer settles the charge even when the call lost its claim (from
+    any status but settled), and the change is audited under ``payq``: two CTEs."""
+    old = charges.alias("old")  # the row as it was: what the audit says it came from
+    settled = (
+        update(charges)
+        .where(
+            charges.c.id == bindparam("charge_id"),
+            charges.c.id == old.c.id,
+            # (No IN list: an expanding parameter cannot be prepared.)
+            *(charges.c.status != s for s in _SETTLED),
+            ~exists(select(ours.c.id)),
+        )
+        .values(**values)
+        .returning(charges.c.id, old.c.status.label("was"))
+        .cte("settled")
+    )
+    why = "the provider's answer to a call that had lost its claim"
+    audit = insert(operator_actions).from_select(
+        ["actor", "action", "params", "charge_ids", "count"],
+        select(
+            literal(SYSTEM_ACTOR),
+            literal("settle"),
+            func.jsonb_build_object(
+                *("from", settled.c.was, "to", status.value, "why", why),
+                *("attempt", bindparam("attempt", type_=Integer)),
+            ),
+            pg_array([settled.c.id]),
+            literal(1),
+        ),
+    )
+    return settled, audit.cte("audit")
 
 
 _ERRORS = ("last_error", "last_error_class")
@@ -435,85 +443,120 @@ def process_charge(
     A lookup by key before the charge goes dead uses the same fleet slot as the call.
     """
     settings = settings or get_settings()
-    try:
-        cid = uuid.UUID(charge_id)
-    except (ValueError, TypeError, AttributeError):
-        raise UnknownCharge(f"message names no charge: {charge_id!r} is not a charge id") from None
-
+    cid = _charge_id(charge_id)
     gate = gate or get_gate()
     entry = gate.enter()
     if isinstance(entry, Wait):
         return _defer(cid, message_id, entry.cause, entry.delay_ms, entry.detail)
-    outcome: Outcome | None = None
-    lookup: ledger.Lookup | None = None
-    elapsed_s = 0.0
+    attempt = _Attempt()
     try:
-        try:
-            claimed_at = time.monotonic()  # before the claim: a freeze during it counts
-            with autocommit() as conn:  # each statement is atomic on its own
-                claim = _claim(conn, cid, settings)
-                if claim is None:
-                    result, redo_in_ms = _not_claimed(conn, cid, message_id)
-        except PoolTimeout:
-            _pool_exhausted(cid, settings)
-            delay_ms = jitter_ms(500, 2000)
-            return _defer(cid, message_id, Cause.DB_POOL, delay_ms, "no database connection")
-        except DB_UNAVAILABLE as exc:
-            log.warning(
-                "database unavailable at claim (%s); charge deferred",
-                _first_line(exc),
-                extra={"charge_id": str(cid), "cause": Cause.DATABASE},
-            )
-            delay_ms = jitter_ms(1000, 3000)
-            return _defer(cid, message_id, Cause.DATABASE, delay_ms, "database unavailable")
-        if claim is None:
-            if redo_in_ms is not None and message_id is not None:
-                # The scheduled retry itself came early (clocks differ between hosts): send
-                # it again for when it is due rather than call before Retry-After.
-                return _defer(cid, message_id, Cause.EARLY_MESSAGE, redo_in_ms, "retry came early")
-            return result
-
+        claimed_at = time.monotonic()  # before the claim: a freeze during it counts
+        claim = _claim_or_result(cid, message_id, settings)
+        if not isinstance(claim, _Claim):
+            return claim
         tag_charge(str(claim.id), claim.attempt)
         provider = provider or get_provider()
-        started_at = dt.datetime.now(dt.UTC)
+        attempt.started_at = dt.datetime.now(dt.UTC)
         if claim.sendable and not gate.confirm(entry):
             return _unclaim(claim)
-        if claim.sendable:
-            t0 = time.monotonic()
-            try:
-                outcome = provider.create_charge(
-                    claim.key, claim.body, send_by=claimed_at + _send_window_s(settings)
-                )
-            except ProviderError as exc:
-                outcome = exc
-            except RequestNotSent:
-                return _not_sent(claim, settings)
-            elapsed_s = time.monotonic() - t0
-        decision = _decide(claim, outcome, RetryPolicy.from_settings(settings), settings)
-        if decision.result is Result.DEAD and _uncertain(claim, outcome):
+        if claim.sendable and not _send(claim, provider, attempt, claimed_at, settings):
+            return _not_sent(claim, settings)
+        decision = _decide(claim, attempt.outcome, RetryPolicy.from_settings(settings), settings)
+        if decision.result is Result.DEAD and _uncertain(claim, attempt.outcome):
             stalled = _stalled(claimed_at, settings) or not gate.confirm(entry)
-            if claim.past_retention or stalled:
-                decision = _after_lookup(decision, None)
-            else:
-                lookup = ledger.look_up(provider, claim.key)  # the same slot as the call
-                decision = _after_lookup(decision, lookup, _pending_calls_s(claim))
+            decision = _look_up_before_dead(decision, claim, attempt, provider, stalled)
     finally:
-        gate.leave(entry, outcome, int(elapsed_s * 1000))
-    if outcome is not None:
-        metrics.PROVIDER_LATENCY.observe(elapsed_s)
-        metrics.ATTEMPTS.labels(
-            "none" if isinstance(outcome, ProviderCharge) else outcome.error_class
-        ).inc()
-    return _record(
-        claim,
-        outcome,
-        lookup,
-        decision,
-        started_at,
-        int(elapsed_s * 1000),
-        settings,
-        (provider, gate),
-    )
+        gate.leave(entry, attempt.outcome, attempt.latency_ms)
+    attempt.count()
+    return _record(claim, attempt, decision, settings, (provider, gate))
+
+
+@dataclass(slots=True)
+class _Attempt:
+    """One claimed charge's call: what came back, and the lookup made before dead."""
+
+    outcome: Outcome | None = None
+    lookup: ledger.Lookup | None = None
+    elapsed_s: float = 0.0
+    started_at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
+
+    @property
+    def latency_ms(self) -> int:
+        return int(self.elapsed_s * 1000)
+
+    def count(self) -> None:
+        if self.outcome is not None:
+            metrics.PROVIDER_LATENCY.observe(self.elapsed_s)
+            metrics.ATTEMPTS.labels(
+                "none" if isinstance(self.outcome, ProviderCharge) else self.outcome.error_class
+            ).inc()
+
+
+def _charge_id(charge_id: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(charge_id)
+    except (ValueError, TypeError, AttributeError):
+        raise UnknownCharge(f"message names no charge: {charge_id!r} is not a charge id") from None
+
+
+def _claim_or_result(cid: uuid.UUID, message_id: str | None, settings: Settings) -> _Claim | Result:
+    """The charge claimed for one attempt, or what this message comes to without one: a
+    deferral (no database connection, or the retry came early) or nothing to do."""
+    try:
+        with autocommit() as conn:  # each statement is atomic on its own
+            claim = _claim(conn, cid, settings)
+            if claim is not None:
+                return claim
+            result, redo_in_ms = _not_claimed(conn, cid, message_id)
+    except PoolTimeout:
+        _pool_exhausted(cid, settings)
+        delay_ms = jitter_ms(500, 2000)
+        return _defer(cid, message_id, Cause.DB_POOL, delay_ms, "no database connection")
+    except DB_UNAVAILABLE as exc:
+        log.warning(
+            "database unavailable at claim (%s); charge deferred",
+            _first_line(exc),
+            extra={"charge_id": str(cid), "cause": Cause.DATABASE},
+        )
+        delay_ms = jitter_ms(1000, 3000)
+        return _defer(cid, message_id, Cause.DATABASE, delay_ms, "database unavailable")
+    if redo_in_ms is not None and message_id is not None:
+        # The scheduled retry itself came early (clocks differ between hosts): send it
+        # again for when it is due rather than call before Retry-After.
+        return _defer(cid, message_id, Cause.EARLY_MESSAGE, redo_in_ms, "retry came early")
+    return result
+
+
+def _send(
+    claim: _Claim,
+    provider: ProviderClient,
+    attempt: _Attempt,
+    claimed_at: float,
+    settings: Settings,
+) -> bool:
+    """Make the call; ``False`` if the request could not be sent in time (nothing went out)."""
+    t0 = time.monotonic()
+    try:
+        attempt.outcome = provider.create_charge(
+            claim.key, claim.body, send_by=claimed_at + _send_window_s(settings)
+        )
+    except ProviderError as exc:
+        attempt.outcome = exc
+    except RequestNotSent:
+        return False
+    attempt.elapsed_s = time.monotonic() - t0
+    return True
+
+
+def _look_up_before_dead(
+    decision: _Decision, claim: _Claim, attempt: _Attempt, provider: ProviderClient, stalled: bool
+) -> _Decision:
+    """A charge whose call may have charged is looked up by key (in the call's slot)
+    before it is called dead, unless the key is past retention or the process stalled."""
+    if claim.past_retention or stalled:
+        return _after_lookup(decision, None)
+    attempt.lookup = ledger.look_up(provider, claim.key)
+    return _after_lookup(decision, attempt.lookup, _pending_calls_s(claim))
 
 
 def _defer(
@@ -810,31 +853,29 @@ class _Moved:
 
 def _record(
     claim: _Claim,
-    outcome: Outcome | None,
-    lookup: ledger.Lookup | None,
+    attempt: _Attempt,
     decision: _Decision,
-    started_at: dt.datetime,
-    latency_ms: int,
     settings: Settings,
     way: tuple[ProviderClient, ProviderGate],
 ) -> Result:
     """Record the call and move the charge on. ``way``: the client and gate to look the
     charge up with, should its answer prove impossible to store."""
+    outcome, latency_ms, started_at = attempt.outcome, attempt.latency_ms, attempt.started_at
     error = outcome if isinstance(outcome, ProviderError) else None
     extra = _extra(claim, "recording", latency_ms=latency_ms, error=error)
     try:
-        for attempt in Retrying(
+        for trying in Retrying(
             retry=retry_if_exception_type((PoolTimeout, *DB_UNAVAILABLE)),
             stop=stop_after_delay(RECORD_RETRY_S) | stop_after_attempt(5),
             wait=wait_exponential(multiplier=0.2, max=1.0),
             reraise=True,
         ):
-            with attempt:
-                if attempt.retry_state.attempt_number > 1:
+            with trying:
+                if trying.retry_state.attempt_number > 1:
                     log.warning("database unavailable: recording the attempt again", extra=extra)
                 try:
                     row = None if outcome is None else _attempt_row(claim, outcome, latency_ms)
-                    moved = _save(claim, row, started_at, lookup, decision)
+                    moved = _save(claim, row, started_at, attempt.lookup, decision)
                 except (PoolTimeout, *DB_UNAVAILABLE):
                     raise
                 except Exception as exc:  # the database refused what it was given
@@ -853,8 +894,17 @@ def _record(
             extra={**extra, "outcome": "unrecorded"},
         )
         return Result.UNRECORDED
+    return _moved_on(
+        claim,
+        decision,
+        moved,
+        _extra(claim, decision.result.value, latency_ms=latency_ms, error=error),
+    )
+
+
+def _moved_on(claim: _Claim, decision: _Decision, moved: _Moved, extra: dict[str, Any]) -> Result:
+    """What the recorded move comes to: counted, logged, a retry published."""
     result = decision.result
-    extra = _extra(claim, result.value, latency_ms=latency_ms, error=error)
     if not moved.ours:
         _fenced(claim, decision, moved, extra)
         return Result.LEASE_LOST
@@ -881,9 +931,9 @@ def _save(
     """Record the call's ``row`` (``None``: no call was made) and the lookup, and move the
     charge on, in one statement after the lookup's."""
     values = dict(decision.values)
-    for field in ("last_error", "dead_reason"):
-        if isinstance(values.get(field), str):
-            values[field] = clean_text(claim.masked(values[field]), 2000)
+    for name in ("last_error", "dead_reason"):
+        if isinstance(values.get(name), str):
+            values[name] = clean_text(claim.masked(values[name]), 2000)
     if decision.result is Result.RETRYING:
         values["retry_in"] = dt.timedelta(milliseconds=values.pop("delay_ms"))
     if decision.result is Result.DEAD:

@@ -20,7 +20,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import DateTime, Engine, Select, func, literal, select, update
+from sqlalchemy import Connection, DateTime, Engine, Select, func, literal, select, update
 from sqlalchemy.sql.elements import ColumnElement
 
 from payq import ledger, metrics
@@ -173,56 +173,9 @@ def resolve(
         lookup = ledger.look_up(provider or get_provider(), key)
     finally:
         gate.leave(entry, lookup.error if lookup is not None else None, 0)
-    verdict = lookup.verdict
     with transaction() as conn:
         ledger.record_lookup(conn, charge_id, attempts, lookup)
-        if isinstance(verdict, ledger.Charged | ledger.Declined):
-            was = ledger.settle(conn, charge_id, verdict, why="looked up by key", looked_up=True)
-            to = _settled_as(verdict)
-            resolution = (
-                Resolution("settled", f"{was.value} -> {to.value}", to)
-                if was is not None
-                else Resolution("changed", "already settled")
-            )
-        elif isinstance(verdict, ledger.NotCharged):
-            settings = get_settings()
-            pending_s = ledger.pending_calls_s(conn, charge_id, settings.charge_lease_s)
-            done = 0
-            if not pending_s:  # no earlier call can still reach the provider
-                done = conn.execute(
-                    update(charges)
-                    .where(
-                        charges.c.id == charge_id,
-                        charges.c.status == ChargeStatus.DEAD,
-                        charges.c.attempts == attempts,  # not replayed meanwhile
-                        # A "not found" proves something only while the key is kept.
-                        ~ledger.key_forgotten(ledger.retention(settings)),
-                    )
-                    .values(
-                        dead_outcome=DeadOutcome.VERIFIED_NOT_CHARGED,
-                        reconciled_at=func.now(),
-                        next_lookup_at=None,
-                        dead_reason=func.concat(
-                            charges.c.dead_reason,
-                            "; looked up by key: not charged at the provider",
-                        ),
-                    )
-                ).rowcount
-            if done:
-                resolution = Resolution("verified", "not charged at the provider")
-            elif pending_s:
-                conn.execute(
-                    update(charges)
-                    .where(charges.c.id == charge_id)
-                    .values(next_lookup_at=func.now() + dt.timedelta(seconds=pending_s))
-                )
-                resolution = Resolution(
-                    "unknown", f"an earlier call may still reach the provider for {pending_s:.0f} s"
-                )
-            else:
-                resolution = Resolution("changed", "changed while it was looked up (replayed?)")
-        else:
-            resolution = Resolution("unknown", verdict.reason)
+        resolution = _settle_by(conn, charge_id, attempts, lookup.verdict)
     metrics.LOOKUPS.labels(resolution.result).inc()
     log.log(
         logging.INFO if resolution.result != "unknown" else logging.WARNING,
@@ -232,6 +185,52 @@ def resolve(
         extra={"charge_id": str(charge_id), "lookup": resolution.result},
     )
     return resolution
+
+
+def _settle_by(
+    conn: Connection, charge_id: uuid.UUID, attempts: int, verdict: ledger.Verdict
+) -> Resolution:
+    """What a dead charge becomes by the lookup's verdict, in the caller's transaction."""
+    if isinstance(verdict, ledger.Charged | ledger.Declined):
+        was = ledger.settle(conn, charge_id, verdict, why="looked up by key", looked_up=True)
+        if was is None:
+            return Resolution("changed", "already settled")
+        to = _settled_as(verdict)
+        return Resolution("settled", f"{was.value} -> {to.value}", to)
+    if not isinstance(verdict, ledger.NotCharged):
+        return Resolution("unknown", verdict.reason)
+    settings = get_settings()
+    pending_s = ledger.pending_calls_s(conn, charge_id, settings.charge_lease_s)
+    if pending_s:  # an earlier call can still reach the provider: ask again after it
+        conn.execute(
+            update(charges)
+            .where(charges.c.id == charge_id)
+            .values(next_lookup_at=func.now() + dt.timedelta(seconds=pending_s))
+        )
+        return Resolution(
+            "unknown", f"an earlier call may still reach the provider for {pending_s:.0f} s"
+        )
+    done = conn.execute(
+        update(charges)
+        .where(
+            charges.c.id == charge_id,
+            charges.c.status == ChargeStatus.DEAD,
+            charges.c.attempts == attempts,  # not replayed meanwhile
+            # A "not found" proves something only while the key is kept.
+            ~ledger.key_forgotten(ledger.retention(settings)),
+        )
+        .values(
+            dead_outcome=DeadOutcome.VERIFIED_NOT_CHARGED,
+            reconciled_at=func.now(),
+            next_lookup_at=None,
+            dead_reason=func.concat(
+                charges.c.dead_reason, "; looked up by key: not charged at the provider"
+            ),
+        )
+    ).rowcount
+    if done:
+        return Resolution("verified", "not charged at the provider")
+    return Resolution("changed", "changed while it was looked up (replayed?)")
 
 
 def _settled_as(verdict: ledger.Charged | ledger.Declined) -> ChargeStatus:

@@ -81,6 +81,31 @@ def validate_charge(
     max_amount: int,
 ) -> ChargeRequest:
     """Return the normalised request or raise ``ChargeInputError`` naming the field."""
+    amount = _checked_amount(amount, max_amount)
+    if not isinstance(currency, str) or currency.lower() not in ISO_4217:
+        raise ChargeInputError(
+            "currency", "must be a three-letter ISO 4217 code such as 'usd' or 'eur'"
+        )
+    source = _checked_source(source)
+    idempotency_key = _checked_key(idempotency_key)
+    if description is not None:
+        if not isinstance(description, str) or len(description) > DESCRIPTION_MAX_CHARS:
+            raise ChargeInputError(
+                "description", f"must be a string of at most {DESCRIPTION_MAX_CHARS} characters"
+            )
+        _refuse_unstorable("description", description)
+        _refuse_card("description", description)
+    return ChargeRequest(
+        amount=amount,
+        currency=currency.lower(),
+        source=source,
+        idempotency_key=idempotency_key,
+        description=description,
+        metadata=_validate_metadata(metadata),
+    )
+
+
+def _checked_amount(amount: object, max_amount: int) -> int:
     if isinstance(amount, bool) or not isinstance(amount, int):
         raise ChargeInputError(
             "amount",
@@ -92,12 +117,10 @@ def validate_charge(
             f"must be between 1 and {max_amount} minor units, got "
             + ("less" if amount < 1 else "more"),
         )
+    return amount
 
-    if not isinstance(currency, str) or currency.lower() not in ISO_4217:
-        raise ChargeInputError(
-            "currency", "must be a three-letter ISO 4217 code such as 'usd' or 'eur'"
-        )
 
+def _checked_source(source: object) -> str:
     if not isinstance(source, str):
         raise ChargeInputError("source", "must be a payment token string such as 'tok_visa'")
     _refuse_card("source", source, strict=True)  # a token has no reason to hold one
@@ -107,7 +130,10 @@ def validate_charge(
             "must be a payment token issued by the provider (3-255 letters, digits, '_', '-', "
             "'.', ':')",
         )
+    return source
 
+
+def _checked_key(idempotency_key: object) -> str:
     if isinstance(idempotency_key, str):
         _refuse_card("idempotency_key", idempotency_key, whole=True)
     if not isinstance(idempotency_key, str) or not _KEY.fullmatch(idempotency_key):
@@ -120,23 +146,7 @@ def validate_charge(
             "starts or ends with a space; send the key without it (HTTP would drop it, and "
             "the provider would then see another key)",
         )
-
-    if description is not None:
-        if not isinstance(description, str) or len(description) > DESCRIPTION_MAX_CHARS:
-            raise ChargeInputError(
-                "description", f"must be a string of at most {DESCRIPTION_MAX_CHARS} characters"
-            )
-        _refuse_unstorable("description", description)
-        _refuse_card("description", description)
-
-    return ChargeRequest(
-        amount=amount,
-        currency=currency.lower(),
-        source=source,
-        idempotency_key=idempotency_key,
-        description=description,
-        metadata=_validate_metadata(metadata),
-    )
+    return idempotency_key
 
 
 def _validate_metadata(metadata: object) -> dict[str, str]:
