@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 import uuid
 from collections.abc import Iterable
@@ -23,7 +22,8 @@ from dramatiq.middleware import Middleware, TimeLimit, default_middleware
 from payq.constants import ACTOR_NAME, QUEUE_NAME, UNDECODABLE_ACTOR_NAME
 from payq.dramatiq_redis import Layout
 from payq.errors import ServiceUnavailable
-from payq.settings import Settings, get_settings
+from payq.runtime import Part, Runtime, runtime
+from payq.settings import Settings
 
 __all__ = [
     "ChargeBroker",
@@ -41,9 +41,6 @@ log = logging.getLogger(__name__)
 
 REDIS_SOCKET_TIMEOUT_S = 5.0
 REDIS_CONNECT_TIMEOUT_S = 2.0
-
-_lock = threading.Lock()
-_broker: RedisBroker | None = None
 
 
 class SafeJSONEncoder(JSONEncoder):
@@ -146,16 +143,21 @@ def make_broker(settings: Settings) -> RedisBroker:
     )
 
 
+def _installed_broker(rt: Runtime) -> RedisBroker:
+    broker = make_broker(rt.settings)
+    dramatiq.set_broker(broker)
+    dramatiq.set_encoder(SafeJSONEncoder(broker.client, broker.namespace))
+    return broker
+
+
+#: This process's broker (``payq.runtime``), installed as Dramatiq's global broker. A
+#: forked child keeps it: redis-py's pool opens new connections in a new process.
+BROKER: Part[RedisBroker] = Part("broker", build=_installed_broker)
+
+
 def get_broker() -> RedisBroker:
     """This process's broker, made once and installed as Dramatiq's global broker."""
-    global _broker
-    if _broker is None:
-        with _lock:
-            if _broker is None:
-                _broker = make_broker(get_settings())
-                dramatiq.set_broker(_broker)
-                dramatiq.set_encoder(SafeJSONEncoder(_broker.client, _broker.namespace))
-    return _broker
+    return runtime().get(BROKER)
 
 
 def charge_message(charge_id: uuid.UUID | str) -> dramatiq.Message[Any]:

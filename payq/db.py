@@ -20,7 +20,6 @@ import logging
 import math
 import os
 import re
-import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -34,7 +33,8 @@ from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.expression import ClauseElement
 
-from payq.settings import Settings, get_settings
+from payq.runtime import Part, runtime
+from payq.settings import Settings
 
 __all__ = [
     "PING_AFTER_IDLE_S",
@@ -49,10 +49,6 @@ __all__ = [
     "transaction",
 ]
 
-_lock = threading.Lock()
-_engine: Engine | None = None
-_engine_pid: int | None = None
-_role = "payq"
 log = logging.getLogger("payq.db")
 
 #: A pooled connection idle for longer than this is pinged before it is handed out.
@@ -104,35 +100,29 @@ def _ping_after_idle(engine: Engine) -> None:
             raise DisconnectionError(f"idle connection did not answer a ping: {exc}") from exc
 
 
+#: This process's engine (``payq.runtime``): anew after a fork, dropping the parent's
+#: connections without closing its sockets.
+ENGINE: Part[Engine] = Part(
+    "engine",
+    build=lambda rt: make_engine(rt.settings, rt.role),
+    after_fork=lambda engine: engine.dispose(close=False),
+    close=lambda engine: engine.dispose(),
+)
+
+
 def set_role(role: str) -> None:
     """Name this process's connections (``payq-worker-123``) before the first use."""
-    global _role
-    _role = role
+    runtime().role = role
 
 
 def get_engine() -> Engine:
     """This process's engine, created on first use (and anew after a fork)."""
-    global _engine, _engine_pid
-    pid = os.getpid()
-    if _engine is None or _engine_pid != pid:
-        with _lock:
-            if _engine is None or _engine_pid != pid:
-                if _engine is not None:
-                    # Inherited from the parent: drop its connections without closing
-                    # the parent's sockets.
-                    _engine.dispose(close=False)
-                _engine = make_engine(get_settings(), _role)
-                _engine_pid = pid
-    return _engine
+    return runtime().get(ENGINE)
 
 
 def reset_engine() -> None:
     """Close this process's pool (tests; shutdown)."""
-    global _engine, _engine_pid
-    with _lock:
-        if _engine is not None:
-            _engine.dispose()
-        _engine, _engine_pid = None, None
+    runtime().discard(ENGINE)
 
 
 @contextmanager

@@ -32,7 +32,8 @@ from payq.errors import (
     ProviderUnavailable,
     RequestNotSent,
 )
-from payq.settings import Settings, get_settings
+from payq.runtime import Part, runtime
+from payq.settings import Settings
 
 __all__ = [
     "ProviderCharge",
@@ -401,15 +402,16 @@ def _classify(response: httpx.Response) -> ProviderCharge:
     raise ProviderUnavailable(f"unexpected status {status}: {_cut(response)}", status=status)
 
 
-_lock = threading.Lock()
-_provider: ProviderClient | None = None
+#: This process's provider client (``payq.runtime``): one pool shared by its threads; a
+#: forked child drops its parent's (its sockets are the parent's) and makes its own.
+PROVIDER: Part[ProviderClient] = Part(
+    "provider",
+    build=lambda rt: ProviderClient(rt.settings),
+    after_fork=lambda client: None,
+    close=lambda client: client.close(),
+)
 
 
 def get_provider() -> ProviderClient:
     """This process's provider client (one pool shared by its threads)."""
-    global _provider
-    if _provider is None:
-        with _lock:
-            if _provider is None:
-                _provider = ProviderClient(get_settings())
-    return _provider
+    return runtime().get(PROVIDER)

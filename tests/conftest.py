@@ -134,9 +134,11 @@ def clean(database: str) -> Iterator[None]:
 @pytest.fixture(scope="session", autouse=True)
 def _namespace_cleanup() -> Iterator[None]:
     yield
-    from payq.gate import gate
+    from payq.gate import GATE
+    from payq.runtime import runtime
 
-    if gate._gate is not None:  # its renewal would write the fleet's epoch back
-        gate._gate.stop_keeping()
-        gate._gate.fleet.stop_renewing(wait_s=5)
+    gate = runtime().built(GATE)
+    if gate is not None:  # its renewal would write the fleet's epoch back
+        gate.stop_keeping()
+        gate.fleet.stop_renewing(wait_s=5)
     _clear_namespace(settle=False)  # the shared Redis keeps nothing of this run

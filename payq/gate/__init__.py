@@ -12,10 +12,11 @@ lua/        the scripts: enter, settle (the gate's two round trips), the breaker
 
 from payq.gate.breaker import BreakerSnapshot, BreakerState, CallOutcome, FleetBreaker
 from payq.gate.fleet import FleetLimit, SlotRefused
-from payq.gate.gate import Pass, ProviderGate, Wait, call_outcome, get_gate, jitter_ms
+from payq.gate.gate import GATE, Pass, ProviderGate, Wait, call_outcome, get_gate, jitter_ms
 from payq.gate.kept import KEEP_EVERY_S, REUSE_FOR_S
 
 __all__ = [
+    "GATE",
     "KEEP_EVERY_S",
     "REUSE_FOR_S",
     "BreakerSnapshot",

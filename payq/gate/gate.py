@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import logging
 import random
-import threading
 import time
 from dataclasses import dataclass
 
 import redis
 
+from payq.broker import BROKER
 from payq.constants import DeferralCause
 from payq.errors import IdempotencyKeyInUse, ProviderError, RetryableProviderError
 from payq.gate.breaker import BreakerState, CallOutcome, FleetBreaker
@@ -29,7 +29,8 @@ from payq.gate.fleet import FleetLimit, SlotRefused
 from payq.gate.kept import KEEP_EVERY_S, REUSE_FOR_S, KeptSlots
 from payq.gate.scripts import EnterArgs, Release, SettleArgs, gate_scripts
 from payq.provider import ProviderCharge
-from payq.settings import Settings, get_settings
+from payq.runtime import Part, runtime
+from payq.settings import Settings
 
 __all__ = ["Pass", "ProviderGate", "Wait", "call_outcome", "get_gate", "jitter_ms"]
 
@@ -253,17 +254,19 @@ class ProviderGate:
                 log.exception("the gate thread failed a round; it goes on")
 
 
-_lock = threading.Lock()
-_gate: ProviderGate | None = None
+def _stop(gate: ProviderGate) -> None:
+    gate.flush()
+    gate.stop_keeping()
+    gate.fleet.stop_renewing()
+
+
+#: This process's gate (``payq.runtime``), over the broker's Redis connection pool. A
+#: forked child keeps it: it holds none of its parent's slots (``FleetLimit.after_fork``).
+GATE: Part[ProviderGate] = Part(
+    "gate", build=lambda rt: ProviderGate(rt.get(BROKER).client, rt.settings), close=_stop
+)
 
 
 def get_gate() -> ProviderGate:
     """This process's gate, over the broker's Redis connection pool."""
-    global _gate
-    if _gate is None:
-        with _lock:
-            if _gate is None:
-                from payq.broker import get_broker
-
-                _gate = ProviderGate(get_broker().client, get_settings())
-    return _gate
+    return runtime().get(GATE)

@@ -157,16 +157,12 @@ def test_redis_losing_every_key_loses_no_charge() -> None:
         sim = Sim(thread.url)
         sim.faults(latency_ms=100)
         env = {"REDIS_URL": throwaway.url, "PAYMENT_PROVIDER_URL": sim.url}
-        import payq.broker
-        from payq.broker import make_broker
+        from payq.broker import BROKER, make_broker
+        from payq.runtime import runtime
         from payq.settings import load_settings
 
-        broker = make_broker(load_settings(redis_url=throwaway.url))
-        saved, payq.broker._broker = payq.broker._broker, broker
-        try:
+        with runtime().replaced(BROKER, make_broker(load_settings(redis_url=throwaway.url))):
             ids = enqueue(60, "flush")
-        finally:
-            payq.broker._broker = saved
         with PayqProcess("worker", "--processes", "1", "--threads", "2", env=env):
             wait_until(lambda: sim.stats()["requests"] >= 5, 20, "some charges to start")
             throwaway.restart(wipe=True)  # every queued and in-flight message is gone

@@ -9,10 +9,11 @@ import redis
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
-from payq.broker import make_broker
+from payq.broker import BROKER, make_broker
 from payq.db import get_engine, transaction
 from payq.errors import ChargeInputError, IdempotencyConflict, RawCardNumberError
 from payq.models import charges
+from payq.runtime import runtime
 from payq.settings import load_settings
 from producers import enqueue_charge, enqueue_charges, get_charge
 from producers.relay import relay_once
@@ -166,15 +167,10 @@ def test_a_16_digit_number_failing_luhn_is_not_mistaken_for_a_card() -> None:
     assert c.idempotency_key == "order-1234567890123456"
 
 
-def test_redis_down_at_enqueue_keeps_the_charge_and_the_relay_publishes_it(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    import payq.broker
-
+def test_redis_down_at_enqueue_keeps_the_charge_and_the_relay_publishes_it() -> None:
     down = make_broker(load_settings(redis_url="redis://127.0.0.1:9/0"))
-    monkeypatch.setattr(payq.broker, "_broker", down)
-    c = enqueue_charge(700, "usd", "tok_visa", "order-redis-down")
-    monkeypatch.undo()
+    with runtime().replaced(BROKER, down):
+        c = enqueue_charge(700, "usd", "tok_visa", "order-redis-down")
     assert get_charge(c.id).status == "pending" and queued_ids() == []
     with transaction() as conn:  # let the relay's grace period pass
         conn.execute(text("UPDATE charges SET created_at = now() - interval '1 minute'"))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -208,10 +207,10 @@ async def test_unknown_charge_and_route_and_method(api: httpx.AsyncClient) -> No
 
 
 async def test_postgres_down_is_503_with_nothing_written(
-    serve: Callable[..., httpx.AsyncClient], monkeypatch: pytest.MonkeyPatch
+    serve: Callable[..., httpx.AsyncClient],
 ) -> None:
-    import payq.db
-    from payq.db import make_engine
+    from payq.db import ENGINE, make_engine
+    from payq.runtime import runtime
     from payq.settings import get_settings
 
     app = make_app()
@@ -221,13 +220,11 @@ async def test_postgres_down_is_503_with_nothing_written(
             update={"database_url": "postgresql+psycopg2://postgres@127.0.0.1:9/payq"}
         )
     )
-    monkeypatch.setattr(payq.db, "_engine", dead)
-    monkeypatch.setattr(payq.db, "_engine_pid", os.getpid())
     try:
-        response = await post(api, CHARGE)
-        healthz = await anonymous.get("/healthz")
+        with runtime().replaced(ENGINE, dead):
+            response = await post(api, CHARGE)
+            healthz = await anonymous.get("/healthz")
     finally:
-        monkeypatch.undo()
         dead.dispose()
     assert response.status_code == 503, response.text
     assert response.headers["retry-after"] == "1"
