@@ -126,7 +126,7 @@ def _middleware() -> list[Middleware]:
     its lease and then thawed wedged every thread this way). payq bounds every step
     itself (``PAYMENT_TIMEOUT_MS`` with its own deadline, ``DB_TIMEOUT_MS``,
     ``DB_STATEMENT_TIMEOUT_MS``, Redis socket timeouts), and the worker's watchdog ends a
-    process whose threads stop making progress (``workers.middleware.Watchdog``).
+    process whose threads stop making progress (``workers.watchdog.Watchdog``).
     """
     return [m() for m in default_middleware if m is not TimeLimit]
 

@@ -1,7 +1,7 @@
 """Start-time guard: a worker group must fit in what PostgreSQL has left.
 
 Each worker process may open up to ``DATABASE_POOL_MAX_CONNECTIONS`` pooled connections
-plus one of its own for the periodic health checks (``workers/middleware.py``), so a
+plus one of its own for the periodic health checks (``workers/middleware/health.py``), so a
 group of N processes may need ``N x (pool + 1)``. PostgreSQL refuses a connection past
 ``max_connections`` minus its reserved slots (``superuser_reserved_connections``, and
 ``reserved_connections`` on 16+); a fleet that would need more than that fails later,

@@ -7,18 +7,16 @@ import os
 import sys
 
 import dramatiq
-import redis
 from dramatiq.middleware import CurrentMessage
 
 from payq import processing
 from payq.broker import get_broker
 from payq.constants import ACTOR_NAME, QUEUE_NAME
 from payq.errors import ConfigError
-from payq.gate import get_gate
 from payq.logs import configure_logging
 from payq.sentry import init_sentry, tag_charge
 from payq.settings import get_settings
-from workers.middleware import DrainOnce, PoolGuard, WorkerReport
+from workers.middleware import BusyCount, DrainOnce, FleetMember, PoolGuard, Reporter
 from workers.watchdog import Watchdog
 
 __all__ = ["broker", "process_charge"]
@@ -38,21 +36,17 @@ broker = get_broker()
 broker.add_middleware(CurrentMessage())
 broker.add_middleware(PoolGuard(settings))
 broker.add_middleware(DrainOnce())
-report = WorkerReport(settings)
-broker.add_middleware(report)
+busy = BusyCount()
+broker.add_middleware(busy)
+broker.add_middleware(FleetMember())
+reporter = Reporter(settings, busy)
+broker.add_middleware(reporter)
 broker.add_middleware(
     Watchdog(
         settings.watchdog_s,
-        tell=lambda wedged: report.publish(wedged_s=round(max(wedged.values()), 1)),
+        tell=lambda wedged: reporter.report.publish(wedged_s=round(max(wedged.values()), 1)),
     )
 )
-try:
-    # Join the fleet's slot accounting at boot, not at the first charge: on a new (or
-    # emptied) Redis the short grace for re-registering slots then passes while we boot.
-    get_gate().fleet.renew()
-    get_gate().fleet.start_renewing()
-except redis.RedisError as exc:
-    log.warning("fleet slots not registered at start (%s); retried by the renewer", exc)
 if os.environ.get("dramatiq_prom_host"):  # noqa: SIM112 - Dramatiq reads this lower-case name
     # `payq worker` sets the address (METRICS_HOST, 127.0.0.1 unless told otherwise) and
     # a fresh multiprocess directory; Dramatiq's own default would listen on 0.0.0.0.
