@@ -130,7 +130,7 @@ class PayqSystem(System):
         return [Child("payq worker", argv, self.setup.child_env(threads), log).start()]
 
     def ready(self, children: list[Child], processes: int) -> bool:
-        # Each worker process reports itself in Redis once it has booted (workers.middleware.Reporter).
+        # Each worker process reports itself in Redis once booted (workers.middleware.Reporter).
         reports = self.setup.redis.scan_iter(match=f"{PAYQ_NAMESPACE}:payq:workers:*", count=100)
         return sum(1 for _ in reports) >= processes
 

@@ -1,18 +1,14 @@
 """Throwaway Redis and PostgreSQL servers for tests, ``make demo`` and chaos runs.
 
-Why this is our own code: we found no library that starts throwaway servers straight
-from the system binaries without Docker and also covers what we need (initdb as the
-``postgres`` OS user when we are root, restart on the same port, Redis wiped on
-restart).  ``pytest-postgresql``/``pytest-redis`` do run real binaries, but they are
-pytest plugins (fixture factories on top of mirakuru and port-for), whereas ``make
-demo`` and the chaos suite need the servers outside pytest; ``testing.postgresql``
-has been unmaintained since 2016.  This module needs only stdlib ``subprocess``,
-psycopg2 and redis.
+They start straight from the system binaries, without Docker and outside pytest: initdb
+as the ``postgres`` OS user when run as root, restart on the same port, Redis wiped on
+restart. Needs only stdlib ``subprocess``, psycopg2 and redis. (No library covered this:
+``pytest-postgresql``/``pytest-redis`` are pytest-only, ``testing.postgresql`` unmaintained.)
 
-Both servers bind 127.0.0.1 only, keep everything in a temporary directory that is
-removed on ``stop()`` (and at interpreter exit, via ``atexit``), and never touch the
-shared servers on 5432/6379 unless you pass those ports explicitly (and then
-``start()`` refuses because the port is taken).
+Both servers bind 127.0.0.1 only and keep everything in a temporary directory removed on
+``stop()`` (and at interpreter exit, via ``atexit``). They never touch the shared servers
+on 5432/6379 unless those ports are passed explicitly (and then ``start()`` refuses
+because the port is taken).
 """
 
 from __future__ import annotations

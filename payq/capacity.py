@@ -1,23 +1,17 @@
 """Start-time guard: a worker group must fit in what PostgreSQL has left.
 
 Each worker process may open up to ``DATABASE_POOL_MAX_CONNECTIONS`` pooled connections
-plus one of its own for the periodic health checks (``workers/middleware/health.py``), so a
-group of N processes may need ``N x (pool + 1)``. PostgreSQL refuses a connection past
+plus one for its health checks (``workers/middleware/health.py``), so a group of N
+processes may need ``N x (pool + 1)``. PostgreSQL refuses a connection past
 ``max_connections`` minus its reserved slots (``superuser_reserved_connections``, and
-``reserved_connections`` on 16+); a fleet that would need more than that fails later,
-under load, with "too many clients" in the middle of charges. ``payq worker`` refuses
-to start such a group, with the arithmetic in the message.
+``reserved_connections`` on 16+); a fleet over that fails under load, mid-charge, with
+"too many clients". ``payq worker`` refuses to start such a group, with the arithmetic.
 
-This is a start-time guard, not a reservation:
-
-- Pools open lazily, so "already open" counts what other groups, relays and apps hold
-  now, not what they may open later; a fleet started all at once can still add up to
-  more. Size the fleet so ``sum(processes x (pool + 1))`` plus everyone else fits.
-- A supervisor restarting a killed group is not refused because of the dead group: its
-  processes are gone and PostgreSQL drops their connections as the sockets close. A host
-  that vanished without closing them holds them until PostgreSQL's TCP keepalive notices.
-- Behind a pooler (PgBouncer) the workers' connections are the pooler's, not the
-  server's, and the check is stricter than it needs to be.
+It is a check, not a reservation. Pools open lazily, so "already open" is what others
+hold now, not what they may open later: size the fleet so ``sum(processes x (pool + 1))``
+plus everyone else fits. A restarted group is not refused for the group that died: its
+connections close with its sockets (a vanished host's when TCP keepalive notices).
+Behind a pooler (PgBouncer) the check is stricter than it needs to be.
 """
 
 from __future__ import annotations

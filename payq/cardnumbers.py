@@ -1,23 +1,19 @@
 """Finding raw card numbers in text: one detector for the door and for every scrubber.
 
 payq never takes a card number (only the provider's tokens) and never lets one out in a
-log line, a Sentry event or an error. People paste numbers in many shapes, so the text is
-read the way they write it: NFKC-normalized (full-width and other digits become digits),
-invisible marks dropped (soft hyphens, zero-width and direction marks, combining marks),
-and any short run of characters that are neither letters nor digits between digit groups
-taken as a separator (spaces of every kind, tabs, dots, dashes, slashes, colons, pipes).
+log line, a Sentry event or an error. Text is read as people paste it: NFKC-normalized
+(full-width and other digits become digits), invisible marks dropped (soft hyphen,
+zero-width, direction, combining), and a short run of non-letter, non-digit characters
+between digit groups taken as a separator (spaces, tabs, dots, dashes, slashes, colons).
 
-What counts is what card numbers really are: digits of a length a card network issues
-for its prefix (Visa 4…: 13, 16 or 19; Amex 34/37: 15; Mastercard 51-55 and 2221-2720:
-16; …), passing the Luhn check, written as one group or in groups of three digits or
-more (as printed on cards: 4-4-4-4, 4-6-5; a list of short numbers is not a card), and
-standing alone: not the tail of an identifier such as ``order-1733400000000`` (joined to
-a word by ``-``, ``_``, ``.``, ``/`` or glued to letters), judged at the edges of the
-digits that would be the card. Within a run of digit groups every stretch of whole
-groups is tried, so a number next to its expiry, its CVV or another reference is still
-found. ``strict`` (for a payment token, which has no reason to hold one) drops the
-stands-alone rule. A UUID, a ULID, a millisecond timestamp or a snowflake id of this era
-is none of these, which keeps false alarms away from valid charges.
+A card number has a length its network issues for its prefix (Visa 4…: 13, 16 or 19;
+Amex 34/37: 15; Mastercard 51-55 and 2221-2720: 16; …), passes Luhn, is one group or
+groups of three digits or more (4-4-4-4, 4-6-5; a list of short numbers is not a card),
+and stands alone: not the tail of an identifier like ``order-1733400000000`` (joined by
+``-``, ``_``, ``.``, ``/`` or glued to letters), judged at the card's edges. Every stretch
+of whole groups in a run is tried, so a number beside its expiry or CVV is found.
+``strict`` (for a payment token) drops the stands-alone rule. UUIDs, ULIDs, millisecond
+timestamps and current snowflake ids never match.
 """
 
 from __future__ import annotations

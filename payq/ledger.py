@@ -5,15 +5,14 @@ charge it belongs to, whoever asked and however late it came:
 
 * a worker whose lease was taken over is fenced from *moving* the charge through its
   claim, not from telling what the provider did: its 200 or 402 settles the charge
-  here, from ``pending``, ``processing``, ``retrying`` or ``dead`` alike;
-* a charge about to go dead after an attempt that got no clear answer is looked up by
-  key first (``look_up``), and so is every dead charge of unknown outcome, by the
-  relay's sweep and by ``payq reconcile``.
+  from ``pending``, ``processing``, ``retrying`` or ``dead`` alike;
+* a charge about to go dead after an attempt with no clear answer is looked up by key
+  first (``look_up``), as is every dead charge of unknown outcome (the relay's sweep,
+  ``payq reconcile``).
 
-Every such change is written to ``operator_actions`` under the actor ``payq``, with
-where the charge came from and why. A charge already settled by the provider's answer
-(``succeeded``, ``failed``) never moves again; an answer that disagrees with it is
-logged as an error for a person, never applied.
+Every such change is written to ``operator_actions`` under the actor ``payq``, with the
+charge's former state and why. A settled charge (``succeeded``, ``failed``) never moves
+again; an answer that disagrees with it is logged as an error for a person, never applied.
 """
 
 from __future__ import annotations

@@ -1,24 +1,18 @@
 """Sentry for payq: errors and alerts, with secrets and card data scrubbed out.
 
 Call ``init_sentry`` once per process, at start and **before the Dramatiq broker is
-created** (before ``payq.broker.get_broker()``): sentry-sdk's Dramatiq integration
-patches ``Broker.__init__`` to put its middleware first, so a broker made earlier
-reports nothing. Without ``SENTRY_DSN`` every function here does nothing.
+created** (``payq.broker.get_broker()``): sentry-sdk's Dramatiq integration patches
+``Broker.__init__``, so a broker made earlier reports nothing. Without ``SENTRY_DSN``
+every function here does nothing.
 
-What reaches Sentry: exceptions an actor raises (except its ``throws`` and
-``dramatiq.Retry``, on every attempt), ERROR log lines (sentry-sdk's logging
-integration; INFO and WARNING lines become breadcrumbs), and ``capture_alert``. A log
-line carrying ``extra={"alert": True}`` is left to ``capture_alert``, so one alert
-makes one event. The ``charge_id`` and ``attempt`` a log line carries in ``extra`` are
-also set as tags; ``tag_charge`` sets them for everything else in a message's scope.
-
-Message payloads are never attached (``max_request_body_size="never"``), local
-variables are never collected, trace headers are never sent to other hosts (the
-payment provider), and every event and breadcrumb goes through ``scrub`` on the way
-out. sentry-sdk's own ``EventScrubber`` stays on, but it matches exact key names in a
-few parts of an event only: it cannot find an API key, a ``Bearer`` token, a URL
-password or a card number inside a message, an exception's text or a context, hence
-the scrubber of our own.
+Sent: exceptions an actor raises (on every attempt; not its ``throws`` nor
+``dramatiq.Retry``), ERROR log lines (INFO and WARNING become breadcrumbs) and
+``capture_alert``; a line with ``extra={"alert": True}`` is left to ``capture_alert``, so
+one alert is one event. ``charge_id`` and ``attempt`` in a line's ``extra`` become tags;
+``tag_charge`` sets them for the rest of a message's scope. Never sent: message payloads,
+local variables, trace headers to other hosts (the provider). Every event and breadcrumb
+passes ``scrub``, which finds API keys, ``Bearer`` tokens, URL passwords and card numbers
+inside text (sentry-sdk's ``EventScrubber``, also on, matches key names only).
 """
 
 from __future__ import annotations

@@ -212,7 +212,7 @@ def _writing(requests: Sequence[ChargeRequest]) -> Iterator[Connection]:
 
     One request is one ``INSERT``, atomic on its own: it runs in autocommit, so that
     PostgreSQL commits it as it answers, without the BEGIN and COMMIT round trips of an
-    explicit transaction. The row is committed before anything is published, as before.
+    explicit transaction. The row is committed before anything is published.
     A batch may take several statements (``insertmanyvalues`` pages), so it keeps its
     transaction.
     """

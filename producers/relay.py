@@ -1,27 +1,21 @@
 """The relay: whatever the database says should be queued, is queued.
 
-Redis is transport, not truth. Each pass looks at charges that are not final and
-due, under ``FOR UPDATE SKIP LOCKED`` so several relays can run side by side:
+Redis is transport, not truth. Each pass takes non-final, due charges under ``FOR UPDATE
+SKIP LOCKED`` (relays can run side by side), stamps each ``published_at = now()`` (so
+each is checked about once per ``RELAY_STALE_AFTER_S``) and publishes again:
 
-- ``pending`` or overdue ``retrying`` charges whose last message is no longer in
-  Redis (never published, lost with Redis's data, or dead-lettered after the
-  database blinked), or is a delayed message overdue by ``RELAY_STALE_AFTER_S``
-  (lost in a live worker's memory, see ``payq.broker.queued``), are published again;
-- ``processing`` charges whose lease ran out (their worker died) are published at
-  once, and again every ``RELAY_STALE_AFTER_S`` while nobody takes them over.
+- ``pending`` or overdue ``retrying`` charges whose last message is not in Redis (never
+  published, lost with Redis's data, dead-lettered while the database blinked) or is a
+  delayed message overdue by ``RELAY_STALE_AFTER_S`` (lost in a live worker's memory,
+  see ``payq.broker.queued``);
+- ``processing`` charges whose lease ran out: at once, then every ``RELAY_STALE_AFTER_S``
+  while nobody takes them over.
 
-Every charge a pass looks at is stamped ``published_at = now()``, so the next pass
-looks at others and each is checked about once every ``RELAY_STALE_AFTER_S``.
-
-Each pass ends with the sweep (``payq.sweep``): dead charges of unknown outcome are looked
-up by key, at most ``SWEEP_LOOKUPS_PER_S`` a second.
-
-Messages a worker had fetched but not finished when it died sit in that worker's
-Redis ack set, where Dramatiq recovers them only after a 60 s heartbeat timeout *and*
-a random maintenance pass (minutes, unbounded when idle). Each pass therefore also
-puts back the ack sets of workers silent for ``RELAY_DEAD_WORKER_S``, as Dramatiq's
-maintenance would; a worker wrongly thought dead costs at most a duplicate delivery,
-which the guarded claim turns into a no-op.
+A pass also puts back the ack sets of workers silent for ``RELAY_DEAD_WORKER_S``
+(Dramatiq would only after a 60 s heartbeat timeout and a random, unbounded maintenance
+pass); a worker wrongly thought dead costs at most a duplicate delivery, which the
+guarded claim makes a no-op. A pass ends with the sweep (``payq.sweep``): dead charges
+of unknown outcome looked up by key, at most ``SWEEP_LOOKUPS_PER_S`` a second.
 """
 
 from __future__ import annotations

@@ -1,27 +1,19 @@
 """The payment provider simulator: the provider's HTTP contract (provider-api.md) plus faults.
 
-Why aiohttp: the simulator has to abort a connection without answering (a reset,
-with SO_LINGER 0), stream a body that trickles one byte at a time, and hold
-hundreds of slow requests in flight on one event loop; aiohttp gives access to the
-transport and to streamed responses, and runs all of it in one thread.
+(aiohttp: it can reset a connection unanswered, trickle a body, and hold hundreds of slow
+requests on one event loop in one thread.)
 
-Order of events for ``POST /v1/charges``: authentication, then an outage window
-(neither consumes a script step), then one script step (or, without a script,
-the random faults in the order reset, rate_limit, error), then validation and the
-idempotency check, then the outcome (decline or success, stored) and its delivery
-(normal, timeout, trickle). Replays and 409s are decided on arrival. Latency is
-slept just before answering; a new charge claims its key before that sleep, so
-requests pile up in flight and a second request with the key gets a 409.
-
-The timeout fault charges and stores the outcome *first*, then waits
-``timeout_delay_s`` before answering. The key is no longer in flight during the
-wait: a retry with the same key gets the idempotent replay (200,
-``Idempotent-Replayed: true``) and a lookup by key finds the charge. The wait ends
-early when the client hangs up.
-
-Random faults (reset, rate_limit, error, decline, timeout, trickle) and script
-steps apply to ``POST /v1/charges`` only; latency and outages apply to every /v1
-request.
+``POST /v1/charges``, in order: authentication; an outage window (neither uses a script
+step); one script step (without a script, the random faults reset, rate_limit, error);
+validation and the idempotency check, decided on arrival (replays, 409s); the outcome
+(decline or success, stored); its delivery (normal, timeout, trickle). Latency is slept
+just before answering, after a new charge claims its key: requests pile up in flight,
+and a second one with the key meanwhile gets a 409. The timeout fault stores the charge
+*first*, releases the key, then waits ``timeout_delay_s`` (less if the client hangs up):
+a retry with the key meanwhile gets the idempotent replay (200, ``Idempotent-Replayed:
+true``) and a lookup by key finds the charge. Random faults (reset, rate_limit, error,
+decline, timeout, trickle) and script steps apply to ``POST /v1/charges`` only; latency
+and outages, to every /v1 request.
 """
 
 from __future__ import annotations

@@ -1,18 +1,16 @@
 """The watchdog: a worker process whose threads stop making progress ends, to be restarted.
 
-Every step of a charge is bounded by payq itself (the provider deadline, the database and
-Redis timeouts), so a message in progress for longer than ``WORKER_WATCHDOG_S`` means a
-thread is wedged: a lock a library never released, a driver stuck in a read. Such a
-process would keep heartbeating to Redis, report itself healthy and hold its prefetched
-messages while serving nothing. The watchdog makes it visible and short-lived: it logs
-where each wedged thread hangs, marks the process's report ``wedged`` for ``payq health``,
-raises an alert, and ends the process. The ``dramatiq`` master then stops its group,
-the supervisor (systemd, Kubernetes, compose's ``restart:``, ``payq demo``) starts it
-again, and the relay puts the messages it held back on the queue.
+payq bounds every step of a charge (provider deadline, database and Redis timeouts), so
+a message in progress longer than ``WORKER_WATCHDOG_S`` means a wedged thread (a lock
+never released, a driver stuck in a read). Such a process would keep heartbeating, look
+healthy and hold its prefetched messages while serving nothing. The watchdog logs where
+each wedged thread hangs, marks the process's report ``wedged`` for ``payq health``,
+raises an alert and ends the process. The ``dramatiq`` master then stops its group, the
+supervisor (systemd, Kubernetes, compose's ``restart:``, ``payq demo``) starts it again,
+and the relay puts its held messages back on the queue.
 
-Time the whole process was frozen (a VM pause, SIGSTOP) does not count: the watchdog's
-own clock only moves while it runs, so a thawed process gets the time to finish what it
-was doing, and is judged by what it does afterwards.
+Time the whole process was frozen (VM pause, SIGSTOP) does not count: the watchdog's clock
+moves only while it runs, so a thawed process is judged by what it does afterwards.
 """
 
 from __future__ import annotations

@@ -1,22 +1,21 @@
 """Dramatiq's Redis broker as payq reads and writes it: every key and structure, here only.
 
-payq publishes charge messages itself (a pipeline: one round trip for a batch), tells a
+payq publishes charge messages itself (one pipelined round trip per batch), tells a
 queued message from a lost one, puts back what a dead worker had fetched, drains the
-dead-letter set and counts the queues; each needs Dramatiq's private layout. Dramatiq
-2.2 keeps, in a namespace ``ns``, for a queue ``q`` (its ``brokers/redis/dispatch.lua``):
+dead-letter set and counts the queues; each needs Dramatiq's private layout. Dramatiq 2.2
+keeps, in namespace ``ns``, for queue ``q`` (its ``brokers/redis/dispatch.lua``):
 
-- ``ns:q``: a list of message ids, ready; ``ns:q.msgs``: a hash, message id → payload;
-- ``ns:q.DQ`` and ``ns:q.DQ.msgs``: the same for delayed messages (the payload's
-  ``options.eta`` says when), moved to ``ns:q`` by a worker when due;
+- ``ns:q``: a list of ready message ids; ``ns:q.msgs``: a hash, message id → payload;
+- ``ns:q.DQ`` and ``ns:q.DQ.msgs``: the same for delayed messages (due at the payload's
+  ``options.eta``), moved to ``ns:q`` by a worker when due;
 - ``ns:q.XQ`` (a sorted set, id by dead-letter time) and ``ns:q.XQ.msgs``: dead letters,
   delayed ones included under the queue's own name;
 - ``ns:__heartbeats__``: a sorted set, worker id by its last command's time (ms);
-- ``ns:__acks__.<worker id>.<queue>``: a set of the ids a worker fetched and has not
-  acknowledged.
+- ``ns:__acks__.<worker id>.<queue>``: a set of ids a worker fetched and has not acked.
 
-The two scripts that move messages between these are ``lua/``. ``tests/test_dramatiq_redis.py``
-pins all of it against the installed Dramatiq: an upgrade that changes it fails there, and
-this package is the one place to change.
+The two scripts that move messages between these are in ``lua/``.
+``tests/test_dramatiq_redis.py`` pins all of it against the installed Dramatiq: an upgrade
+that changes it fails there, and this package is the one place to change.
 """
 
 from __future__ import annotations

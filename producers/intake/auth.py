@@ -1,40 +1,29 @@
 """Bearer tokens: who may call which route, checked before any route runs.
 
-Two kinds of token, from two settings: ``PAYQ_API_TOKENS`` for the web apps that
-enqueue (``/v1/...``), ``PAYQ_OPERATOR_TOKENS`` for the ops routes (``/metrics``,
-the dashboard under ``/ops``). A token is of one kind only (settings refuse a token
-in both lists). Each list may hold several tokens, so one can be rotated: add the
-new token, move the callers over, remove the old one.
+``PAYQ_API_TOKENS`` are for the web apps that enqueue (``/v1/...``),
+``PAYQ_OPERATOR_TOKENS`` for the ops routes (``/metrics``, the dashboard under ``/ops``);
+settings refuse a token in both. Each list may hold several, for rotation.
 
-The check is a middleware rather than a per-route dependency so that nothing,
-not even whether a path exists (404 vs 401), is told to a caller without a valid
-token. Tokens are compared as SHA-256 digests with ``hmac.compare_digest``, against
-every known token without stopping at a match: the time taken says nothing about
-how close a guess was, nor about which token matched. A missing, malformed or wrong
-token gets the same 401 answer, byte for byte.
+A middleware checks before routing, so a caller without a valid token learns nothing,
+not even whether a path exists (404 vs 401). Tokens are compared as SHA-256 digests with
+``hmac.compare_digest`` against every known token, without stopping at a match: timing
+tells neither how close a guess was nor which token matched. A missing, malformed or
+wrong token gets the same 401, byte for byte. A valid token is held to its rate
+(``TokenRateLimit``): 429 with Retry-After.
 
-A valid token is then held to its rate (``TokenRateLimit``): 429 with Retry-After.
-
-**The dashboard's session.** A browser must never hold a bearer token, so an operator
-signs in once at ``/ops/login`` (token and name) and gets a session cookie instead;
-``/ops`` routes take either. The cookie never carries the token: it is a timestamped
-value signed by ``itsdangerous`` (HMAC-SHA256) holding the token's id, the operator's
-name (for the audit table) and a per-session CSRF token that every form posts back.
-It is ``HttpOnly`` (no script reads it), ``SameSite=Strict`` (no other site's page
-sends it), ``Path=/ops``, and ``Secure`` when the request came over https as uvicorn
-sees it (directly, or ``X-Forwarded-Proto`` from a proxy in ``FORWARDED_ALLOW_IPS``).
-
-The signing key is derived from the operator tokens themselves, not drawn per process:
-every ``payq serve`` behind one load balancer accepts the others' sessions without
-sticky routing, and changing ``PAYQ_OPERATOR_TOKENS`` (a rotation, a removal) signs
-everyone out. Whoever could forge a session already holds an operator token: the very
-power a session grants. A session lasts ``SESSION_MAX_AGE_S`` (a shift); signing
-out deletes the cookie, and a restart leaves sessions valid. Without operator tokens no
-session is ever accepted.
-
-A browser that asks for a page without a valid session is sent to the sign-in form
-(htmx's polling gets a 401 with ``HX-Redirect``); every other caller still gets the one
-401 above.
+**Dashboard sessions.** A browser never holds a bearer token: an operator signs in at
+``/ops/login`` (token and name) and gets a session cookie; ``/ops`` takes either. The
+cookie, signed by ``itsdangerous`` (HMAC-SHA256) and timestamped, holds the token's id
+(never the token), the operator's name (for the audit table) and a per-session CSRF
+token every form posts back. It is ``HttpOnly``, ``SameSite=Strict``, ``Path=/ops``, and
+``Secure`` when uvicorn sees https (directly, or ``X-Forwarded-Proto`` from a proxy in
+``FORWARDED_ALLOW_IPS``). The signing key is derived from the operator tokens: every
+``payq serve`` behind one balancer accepts the others' sessions, a restart keeps them,
+and changing ``PAYQ_OPERATOR_TOKENS`` signs everyone out (forging a session takes an
+operator token, the very power it grants). A session lasts ``SESSION_MAX_AGE_S`` (a
+shift); signing out deletes the cookie; without operator tokens none is accepted. A
+browser asking for a page without a session is sent to the sign-in form (htmx polling
+gets a 401 with ``HX-Redirect``); every other caller gets the one 401 above.
 """
 
 from __future__ import annotations

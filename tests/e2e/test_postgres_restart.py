@@ -7,7 +7,6 @@ disturbs nothing else on the machine.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -17,10 +16,10 @@ from collections.abc import Iterator
 import pytest
 from sqlalchemy import Engine, func, select
 
-import payq.db
 from devservices import ThrowawayPostgres
-from payq.db import make_engine, transaction
+from payq.db import ENGINE, make_engine, transaction
 from payq.models import charges
+from payq.runtime import runtime
 from payq.settings import load_settings
 from producers import enqueue_charges
 from provider_sim import SimulatorThread
@@ -60,9 +59,7 @@ def test_a_postgres_restart_mid_run_loses_doubles_and_kills_nothing(
     with SimulatorThread(api_key=API_KEY) as thread:
         sim = Sim(thread.url)
         sim.faults(latency_ms=400)
-        saved = payq.db._engine, payq.db._engine_pid
-        payq.db._engine, payq.db._engine_pid = engine, os.getpid()  # enqueue into it
-        try:
+        with runtime().replaced(ENGINE, engine):  # enqueue into it
             tag = uuid.uuid4().hex[:6]
             enqueue_charges(
                 [
@@ -75,8 +72,6 @@ def test_a_postgres_restart_mid_run_loses_doubles_and_kills_nothing(
                     for i in range(40)
                 ]
             )
-        finally:
-            payq.db._engine, payq.db._engine_pid = saved
         env = {"DATABASE_URL": dsn, "PAYMENT_PROVIDER_URL": sim.url}
         worker = PayqProcess("worker", "--processes", "1", "--threads", "4", env=env)
         with worker, PayqProcess("relay", env=env):

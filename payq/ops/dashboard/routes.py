@@ -1,22 +1,19 @@
 """The operators' dashboard, under ``/ops``: live figures, the dead-letter list, a
 charge's history, and replay / reconcile / purge.
 
-Every path under ``/ops`` but the sign-in form and its static files needs an operator:
-a bearer token of ``PAYQ_OPERATOR_TOKENS`` or the session cookie that signing in with
-one gives (``auth``, ``signin``); the middleware refuses anyone else before routing. Like the
-intake's routes, these call the same functions as ``payq status`` and ``payq dlq``
-(``payq.ops.status``, ``payq.ops.dlq``, ``payq.ops.reconcile``) and add no rule of
-their own: a page parses its input, calls one of them, renders the answer.
+Every ``/ops`` path but the sign-in form and its static files needs an operator (a
+``PAYQ_OPERATOR_TOKENS`` bearer token or the session cookie from signing in: ``auth``,
+``signin``); the middleware refuses anyone else before routing. Pages add no rule of
+their own: they parse input, call what ``payq status`` and ``payq dlq`` call
+(``payq.ops.status``, ``payq.ops.dlq``, ``payq.ops.reconcile``) and render the answer as
+HTML (``pages``); htmx, vendored in ``static/`` for offline machines, refetches a page's
+live fragment every few seconds.
 
-Server-rendered HTML (``pages``) and htmx, vendored in ``static/`` so an offline
-machine serves it: the live part of a page is a fragment that htmx fetches every few
-seconds and swaps in.
-
-A change is two steps: a confirmation page that runs the function as a dry run and
-shows what would change (count, ids, amounts), then a form POST that carries the
-session's CSRF token and runs it for real, written to ``operator_actions`` with the
-name the operator signed in with. A filtered change is bounded to the charges dead
-when it was confirmed (``until``), so what runs is what was shown, or less.
+A change is two steps: a confirmation page that dry-runs the function and shows what
+would change (count, ids, amounts), then a form POST with the session's CSRF token that
+runs it, written to ``operator_actions`` under the operator's signed-in name. A filtered
+change is bounded to the charges dead when confirmed (``until``): what runs is what was
+shown, or less.
 """
 
 from __future__ import annotations

@@ -1,18 +1,16 @@
 """Signing in to the dashboard and out of it, and the check every change passes.
 
-``/ops/login`` takes an operator token and the operator's name (for the audit table)
-and answers with the session cookie described in ``auth``. A wrong token, an intake
-token and a malformed one all get the same form back with the same neutral line, and
-nothing is logged but the refusal and the caller's address. Tokens are long and
-random, so guessing is hopeless; still, an address that failed
-``SIGN_IN_FAILURES_PER_MIN`` times in a minute is refused (429) before its next token
-is even looked at, so a script hammering the form gets nowhere and stays quiet.
+``/ops/login`` takes an operator token and the operator's name (for the audit table) and
+answers with the session cookie described in ``auth``. A wrong, intake or malformed token
+gets the same form back with the same neutral line; only the refusal and the caller's
+address are logged. An address that failed ``SIGN_IN_FAILURES_PER_MIN`` times in a minute
+is refused (429) before its next token is looked at, so a script hammering the form
+gets nowhere and stays quiet.
 
-A change (replay, reconcile, purge, signing out) must come from a signed-in session
-(the audit needs a name), carry that session's CSRF token (compared in constant
-time), and, when the browser names the page it was sent from (``Origin``), come from
-this server. SameSite=Strict already keeps other sites' pages from sending the cookie;
-the token is the second lock, for browsers or proxies that get SameSite wrong.
+A change (replay, reconcile, purge, signing out) must come from a signed-in session (the
+audit needs a name), carry that session's CSRF token (compared in constant time), and,
+when the browser sends ``Origin``, come from this server. The token backs up
+SameSite=Strict for browsers or proxies that get SameSite wrong.
 """
 
 from __future__ import annotations

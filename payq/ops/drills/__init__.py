@@ -1,20 +1,18 @@
 """Incident drills: ``payq simulate payment_timeout | database_pool_exhaustion | connection_error``.
 
-payq exists because of one incident: the payment provider timed out after 5000 ms,
-HTTPS connection pools timed out, and the database pool ran dry. Each drill
-reproduces one of those errors against the provider simulator and live payq
-processes, then tells in numbered lines, with the figures it measured, what
-happened and why nothing was lost. A drill is ok only if every charge ended final,
-the provider made one charge per succeeded charge and none twice
+Each drill reproduces one error of the incident payq is built for (the provider timing
+out after 5000 ms, HTTPS pools timing out, the database pool running dry) against the
+provider simulator and live payq processes, then tells in numbered lines, with measured
+figures, what happened and why nothing was lost. A drill is ok only if every charge
+ended final, the provider made one charge per succeeded charge and none twice
 (``duplicate_charges`` 0), and the error it is about really happened.
 
-A drill points payq's workers at a simulator: never run one against a live
-system. It refuses to start while the database holds unfinished charges that are
-not a drill's, since its worker and relay would send those to the simulator.
+Never run a drill against a live system: it points payq's workers at a simulator. It
+refuses to start while the database holds unfinished charges that are not a drill's
+(its worker and relay would send them to the simulator).
 
-`run` holds the entry point, `orchestration` what every drill shares (its
-processes, its counts, its verdict), one module per drill tells that drill's
-story, and `cli` registers ``payq simulate``.
+`run` holds the entry point, `orchestration` what every drill shares (processes, counts,
+verdict), one module per drill tells its story, and `cli` registers ``payq simulate``.
 """
 
 from __future__ import annotations
