@@ -83,15 +83,16 @@ def check_postgres(engine: Engine | None = None) -> Check:
 def check_provider(client: ProviderClient | None = None, gate: ProviderGate | None = None) -> Check:
     """Look a random key up at the provider: it answers and accepts our API key; no charge.
 
-    The lookup is a provider call like any other, so it goes through the gate: it holds
-    a fleet slot (else every worker's check and every ``payq health`` would call on top
-    of a fleet already at ``PAYMENT_MAX_CONCURRENCY``), and a failure counts in the
-    breaker's window. When the gate says wait, the provider is not probed:
+    The lookup is a provider call, so it goes through the gate and holds a fleet slot
+    while it runs (else every worker's check and every ``payq health`` would call on top
+    of a fleet already at ``PAYMENT_MAX_CONCURRENCY``), given back at once after. It
+    tells the breaker nothing: the breaker judges charges, and a check every 30 s
+    would only tip it one way. When the gate says wait, the provider is not probed:
 
     - the fleet is full, or its slots are being registered (a new or emptied Redis): OK.
       Calls are in flight or about to be; the breaker and error_rate checks judge them.
-    - the breaker is open or half-open with its probes out: DEGRADED, as the breaker
-      check says; calling past it is what it exists to stop.
+    - the breaker is open, or half-open (its probes are for charges): DEGRADED, as the
+      breaker check says; calling past it is what it exists to stop.
     - Redis does not answer: DEGRADED. A call without a slot could be the one over the
       limit; the redis check already says DOWN, this one says why the provider is unknown.
     """
@@ -100,37 +101,36 @@ def check_provider(client: ProviderClient | None = None, gate: ProviderGate | No
     if isinstance(entry, Wait):
         level = Level.OK if entry.cause in _FLEET_BUSY else Level.DEGRADED
         return Check("provider", level, f"not probed: {entry.detail}")
-    outcome: ProviderError | None = None
+    if entry.probe:
+        gate.leave(entry, None, keep=False)  # the probe goes back to the charges
+        return Check("provider", Level.DEGRADED, "not probed: the circuit breaker is half-open")
     try:
-        check, outcome = _lookup(client)
-        return check
+        return _lookup(client)
     finally:
-        gate.leave(entry, outcome)
+        gate.leave(entry, None, keep=False)
 
 
 #: A wait for these is the fleet at work, not trouble (``check_provider``).
 _FLEET_BUSY = frozenset({DeferralCause.FLEET_FULL, DeferralCause.FLEET_STARTING})
 
 
-def _lookup(client: ProviderClient | None) -> tuple[Check, ProviderError | None]:
-    """The check, and the provider's error if the lookup failed (for the breaker)."""
+def _lookup(client: ProviderClient | None) -> Check:
     started = time.monotonic()
     try:
         found = (client or get_provider()).find_charge(f"payq-health-{uuid.uuid4().hex}")
     except ConfigError as exc:
-        return Check("provider", Level.DEGRADED, str(exc)), None
-    except AuthenticationFailed as exc:
-        return Check("provider", Level.DOWN, "the provider refused PAYMENT_PROVIDER_API_KEY"), exc
+        return Check("provider", Level.DEGRADED, str(exc))
+    except AuthenticationFailed:
+        return Check("provider", Level.DOWN, "the provider refused PAYMENT_PROVIDER_API_KEY")
     except RetryableProviderError as exc:
-        detail = f"{exc.error_class}: {str(exc)[:160]}"
         if exc.status is not None and exc.status < 500:  # it answered: busy, not down
-            return Check("provider", Level.DEGRADED, detail), exc
-        return Check("provider", Level.DOWN, detail), exc
+            return Check("provider", Level.DEGRADED, f"{exc.error_class}: {str(exc)[:160]}")
+        return Check("provider", Level.DOWN, f"{exc.error_class}: {str(exc)[:160]}")
     except ProviderError as exc:
-        return Check("provider", Level.DOWN, f"{exc.error_class}: {str(exc)[:160]}"), exc
+        return Check("provider", Level.DOWN, f"{exc.error_class}: {str(exc)[:160]}")
     ms = (time.monotonic() - started) * 1000
     detail = "answered a lookup" if found is None else "answered (unexpected charge found)"
-    return Check("provider", Level.OK, f"{detail} in {ms:.0f} ms"), None
+    return Check("provider", Level.OK, f"{detail} in {ms:.0f} ms")
 
 
 def check_breaker(gate: ProviderGate | None = None) -> Check:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ class Runtime:
         self._built: dict[Part[Any], Any] = {}
         self._pid = os.getpid()
         self._lock = threading.RLock()  # a part's build may get another part
+        _renew_lock_in_children(self)
 
     @property
     def settings(self) -> Settings:
@@ -53,8 +55,7 @@ class Runtime:
         return self._settings
 
     def get(self, part: Part[T]) -> T:
-        if self._pid != os.getpid():
-            self._forked()
+        self._forked()
         if part not in self._built:
             with self._lock:
                 if part not in self._built:
@@ -63,6 +64,7 @@ class Runtime:
 
     def built(self, part: Part[T]) -> T | None:
         """The part if it was built, without building it."""
+        self._forked()
         return self._built.get(part)
 
     def provide(self, part: Part[T], value: T) -> None:
@@ -87,6 +89,7 @@ class Runtime:
 
     def discard(self, part: Part[T]) -> None:
         """Close the part and forget it: the next ``get`` builds it again."""
+        self._forked()
         with self._lock:
             value = self._built.pop(part, None)
         if value is not None and part.close is not None:
@@ -98,6 +101,9 @@ class Runtime:
             self.discard(part)
 
     def _forked(self) -> None:
+        """In a forked child, first: the parent's parts that must not be shared go."""
+        if self._pid == os.getpid():
+            return
         with self._lock:
             if self._pid == os.getpid():
                 return
@@ -106,6 +112,18 @@ class Runtime:
                     part.after_fork(value)
                     del self._built[part]
             self._pid = os.getpid()
+
+
+def _renew_lock_in_children(rt: Runtime) -> None:
+    """A child forked while a thread held the lock would wait for it for ever."""
+    ref = weakref.ref(rt)
+
+    def renew() -> None:
+        live = ref()
+        if live is not None:
+            live._lock = threading.RLock()
+
+    os.register_at_fork(after_in_child=renew)
 
 
 _current = Runtime()

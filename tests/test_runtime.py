@@ -4,6 +4,7 @@ test put its own in place for a while."""
 from __future__ import annotations
 
 import os
+import signal
 import threading
 
 from payq.runtime import Part, Runtime
@@ -70,3 +71,30 @@ def test_a_test_replaces_a_part_for_a_block_and_close_closes_them() -> None:
     built = rt.get(part), rt.get(other)
     rt.close()
     assert all(thing.closed for thing in built) and rt.built(part) is None
+
+
+def test_a_child_forked_while_a_part_is_being_built_does_not_hang() -> None:
+    rt = Runtime(load_settings())
+    building, release = threading.Event(), threading.Event()
+
+    def slow(rt: Runtime) -> Thing:
+        building.set()
+        release.wait(5)
+        return Thing()
+
+    part, (other, _, _) = Part("slow", build=slow), parts()
+    builder = threading.Thread(target=lambda: rt.get(part))
+    builder.start()
+    building.wait(5)  # the builder holds the runtime's lock now
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        signal.alarm(5)  # a hang ends the child, and the test sees no byte
+        rt.get(other)
+        os.write(write, b"1")
+        os._exit(0)
+    release.set()
+    builder.join()
+    os.waitpid(pid, 0)
+    os.close(write)
+    assert os.read(read, 1) == b"1"

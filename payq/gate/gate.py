@@ -166,17 +166,23 @@ class ProviderGate:
             return False
 
     def leave(
-        self, passed: Pass, outcome: ProviderCharge | ProviderError | None, latency_ms: int = 0
+        self,
+        passed: Pass,
+        outcome: ProviderCharge | ProviderError | None,
+        latency_ms: int = 0,
+        *,
+        keep: bool = True,
     ) -> None:
         """Free the slot and tell the breaker how the call went (``None``: no call was made).
 
         A call that did not fail, while the breaker is known closed, leaves its slot and
-        its count with this process (module docstring); anything else is sent at once,
-        with the counts not yet sent. If Redis does not answer, the slot's lease frees it.
+        its count with this process (module docstring) unless ``keep`` is false (a process
+        about to exit); anything else is sent at once, with the counts not yet sent. If
+        Redis does not answer, the slot's lease frees it.
         """
         call = None if outcome is None else call_outcome(outcome)
         slow = call is not None and self.breaker.slow(latency_ms)
-        keepable = not passed.probe and call is not CallOutcome.FAILURE
+        keepable = keep and not passed.probe and call is not CallOutcome.FAILURE
         if keepable and self._kept.keep(passed.token, counted=call is not None, slow=slow):
             self._kept.start_keeping(self._keep_forever)
             return

@@ -84,6 +84,8 @@ def _names(kind: type) -> tuple[list[str], list[str]]:
     if kind not in _NAMES:
         found = fields(kind)
         keys = [f.name for f in found if f.metadata.get("key")]
+        if any(f.name == "keys" for f in found):
+            raise TypeError(f"{kind.__name__}: 'keys' names the key list; name the field else")
         _NAMES[kind] = keys, [f.name for f in found if f.name not in keys]
     return _NAMES[kind]
 

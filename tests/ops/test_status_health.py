@@ -292,8 +292,7 @@ def test_the_provider_check_holds_a_fleet_slot_and_never_calls_over_the_limit(
         [done] = checked
         assert done.level is Level.OK and done.detail.startswith("answered a lookup in ")
         assert sim.stats()["requests"] == before + 1
-        # Kept for the process's next call a moment, then given back to the fleet.
-        wait_until(lambda: gate.fleet.in_use() == 19, 2, "the check's slot given back")
+        assert gate.fleet.in_use() == 19  # given back at once: `payq health` exits after
 
         # Redis (the fleet limit) does not answer: no call without a slot.
         gone = redis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0")
@@ -313,3 +312,32 @@ def test_health_says_which_checks_it_could_not_run_when_a_service_is_down() -> N
     lines = {line.split()[1]: line for line in down.stdout.splitlines()[:-1]}
     for name in ("error_rate", "dead_letters", "unknown_outcomes", "pools"):
         assert name in lines and "not checked: redis did not answer" in lines[name], down.stdout
+
+
+def test_the_provider_check_leaves_the_breaker_alone_and_its_probes_to_charges(
+    sim: Sim, client: redis.Redis
+) -> None:
+    settings = load_settings(
+        payment_provider_url=sim.url,
+        breaker_min_calls=4,
+        breaker_open_s=1,
+        breaker_half_open_probes=1,
+    )
+    gate = ProviderGate(client, settings)
+    with ProviderClient(settings) as provider, contextlib.ExitStack() as after:
+        after.callback(gate.fleet.stop_renewing)
+        after.callback(gate.stop_keeping)
+        sim.faults(error_rate=1.0, lookup_error_rate=1.0)
+        for _ in range(3):
+            assert check_provider(provider, gate).level is Level.DOWN
+        assert gate.breaker.snapshot().window_calls == 0  # the checks are not charges
+        for _ in range(4):
+            call(gate, TIMED_OUT)  # charges' calls open it
+        time.sleep(gate.breaker.snapshot().open_for_ms / 1000 + 0.05)
+        before = sim.stats()["requests"]
+        half_open = check_provider(provider, gate)  # the one probe place: not the check's
+        assert half_open == Check(
+            "provider", Level.DEGRADED, "not probed: the circuit breaker is half-open"
+        )
+        assert sim.stats()["requests"] == before
+        assert passed(gate.enter()).probe  # still there for a charge
