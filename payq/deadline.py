@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import re
 import ssl
 import time
 import typing
@@ -59,18 +60,37 @@ def _capped(timeout: float | None, on_expiry: type[Exception]) -> float | None:
 
 
 class _DeadlineStream(httpcore.NetworkStream):
+    """A socket whose operations end by the call's deadline, and whose requests go out
+    whole: httpcore writes a request's head and its body apart, and a process frozen
+    between the two would hold a half-sent request open at the provider for as long as
+    it is frozen, past its fleet slot. So a request is held until it is complete (by its
+    ``Content-Length``) and written in one go; a chunked one goes as it comes."""
+
     def __init__(self, inner: httpcore.NetworkStream) -> None:
         self._inner = inner
+        self._pending = b""
+        self._chunked = False
 
     def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         return self._inner.read(max_bytes, _capped(timeout, httpcore.ReadTimeout))
 
     def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        if self._chunked:
+            self._chunked = not buffer.endswith(b"0\r\n\r\n")
+            self._send(buffer, timeout)
+            return
+        self._pending += buffer
+        complete, self._chunked = _request_state(self._pending)
+        if complete or self._chunked:
+            data, self._pending = self._pending, b""
+            self._send(data, timeout)
+
+    def _send(self, data: bytes, timeout: float | None) -> None:
         send_by = _send_by.get()
         if send_by is not None and time.monotonic() > send_by:
             self._inner.close()  # a request cut short is never processed: no half of it goes
             raise SendWindowClosed("the request's send-by time passed before it was sent")
-        self._inner.write(buffer, _capped(timeout, httpcore.WriteTimeout))
+        self._inner.write(data, _capped(timeout, httpcore.WriteTimeout))
 
     def close(self) -> None:
         self._inner.close()
@@ -89,6 +109,23 @@ class _DeadlineStream(httpcore.NetworkStream):
 
     def get_extra_info(self, info: str) -> typing.Any:
         return self._inner.get_extra_info(info)
+
+
+_CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d+)", re.IGNORECASE)
+_CHUNKED = re.compile(rb"\r\ntransfer-encoding:[^\r]*chunked", re.IGNORECASE)
+
+
+def _request_state(data: bytes) -> tuple[bool, bool]:
+    """Whether ``data`` holds a whole request (head, and the body its length says), and
+    whether its body is chunked (its head is then complete, and the body streams)."""
+    end = data.find(b"\r\n\r\n")
+    if end < 0:
+        return False, False
+    head = data[:end]
+    if _CHUNKED.search(head):
+        return False, True
+    length = _CONTENT_LENGTH.search(head)
+    return len(data) >= end + 4 + (int(length.group(1)) if length else 0), False
 
 
 class _DeadlineBackend(httpcore.NetworkBackend):

@@ -10,6 +10,7 @@ import pytest
 from pydantic import SecretStr
 
 from payq import errors
+from payq.deadline import SendWindowClosed
 from payq.provider import ProviderClient, charge_body
 from payq.settings import load_settings
 from provider_sim import SimulatorThread
@@ -237,3 +238,44 @@ def test_a_malformed_retry_after_is_ignored_or_bounded(retry_after: str) -> None
 
     seconds = _retry_after_s(retry_after)
     assert seconds is None or 0 <= seconds <= 3600
+
+
+class _Recorded:
+    """What a socket was asked to write, write by write (a pure unit test of the stream)."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self.writes.append(buffer)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_a_request_goes_out_whole_in_one_write_or_not_at_all() -> None:
+    """A process frozen between a request's head and its body must not hold a half-sent
+    request open at the provider past its fleet slot: the head waits for the body."""
+    from payq.deadline import _DeadlineStream, deadline
+
+    inner = _Recorded()
+    stream = _DeadlineStream(inner)  # type: ignore[arg-type]
+    head = b"POST /v1/charges HTTP/1.1\r\nHost: p\r\nContent-Length: 11\r\n\r\n"
+    stream.write(head)
+    assert inner.writes == []  # held: the body is not there yet
+    stream.write(b'{"amount":1')
+    assert inner.writes == [head + b'{"amount":1']
+    lookup = b"GET /v1/charges?idempotency_key=k HTTP/1.1\r\nHost: p\r\n\r\n"
+    stream.write(lookup)  # no body: out at once
+    assert inner.writes[-1] == lookup
+    chunked = b"POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+    stream.write(chunked)
+    stream.write(b"5\r\nhello\r\n")
+    stream.write(b"0\r\n\r\n")
+    assert inner.writes[-3:] == [chunked, b"5\r\nhello\r\n", b"0\r\n\r\n"]
+    # Frozen past the send window between head and body: nothing of it was sent.
+    with deadline(5, send_by=time.monotonic() - 1), pytest.raises(SendWindowClosed):
+        stream.write(head)
+        stream.write(b'{"amount":1')
+    assert inner.writes[-1] == b"0\r\n\r\n" and inner.closed
