@@ -1,7 +1,11 @@
 """payq: a worker queue for payment charges.
 
-The core both sides share: settings, database, provider client, broker setup,
-logging and the ``payq`` command line. It imports no producer or worker code.
+The core every side shares: settings, the schema and database, the broker and
+Dramatiq's Redis layout, the way to the provider (``gate``) and its client, one
+attempt at a charge (``processing``), the ledger and the sweep, health and figures,
+logging and metrics. It imports nothing above it: no producer, worker, operator tool
+(``payq.ops``), simulator, dev tooling or the ``payq`` command (``payq_cli``);
+``tests/test_layering.py`` holds it to that.
 """
 
 __version__ = "0.1.0"
