@@ -9,14 +9,16 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from payq.endpoints import DEFAULT_ENDPOINT, EndpointSpec, parse_endpoints
 from payq.errors import ConfigError
 
-__all__ = ["DEFAULT_APP", "Settings", "get_settings", "load_settings"]
+__all__ = ["DEFAULT_APP", "Endpoint", "Settings", "get_settings", "load_settings"]
 
 # Values of these variables never appear in an error message: they may hold secrets.
 _SECRET_FIELDS = frozenset(
@@ -27,6 +29,7 @@ _SECRET_FIELDS = frozenset(
         "redis_url",
         "payq_api_tokens",
         "payq_operator_tokens",
+        "payment_endpoints",
     }
 )
 # A bearer token of the HTTP intake: long enough that guessing is hopeless, and no
@@ -61,6 +64,10 @@ class Settings(BaseSettings):
     payment_max_concurrency: int = Field(20, ge=1, le=100_000)
     fleet_slot_lease_s: float = Field(5.0, ge=0.5, le=300)
     provider_idempotency_ttl_s: int = Field(86_400, ge=60)
+    # Several endpoints (payq.endpoints): a JSON list; unset, the two above make one.
+    payment_endpoints: SecretStr | None = None
+    # Decline codes after which a charge may move to another ledger group (off: none).
+    payment_soft_declines: str = Field("", pattern=r"^[a-z0-9_, ]*$")
 
     # PostgreSQL.
     db_timeout_ms: int = Field(3000, ge=100, le=600_000)
@@ -125,23 +132,11 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
-        if self.payment_connect_timeout_ms > self.payment_timeout_ms:
-            raise ValueError(
-                "PAYMENT_CONNECT_TIMEOUT_MS: must not exceed PAYMENT_TIMEOUT_MS "
-                f"({self.payment_connect_timeout_ms} > {self.payment_timeout_ms})"
-            )
+        self.check_provider_settings()
         if self.retry_backoff_min_s > self.retry_backoff_max_s:
             raise ValueError(
                 "RETRY_BACKOFF_MIN_S: must not exceed RETRY_BACKOFF_MAX_S "
                 f"({self.retry_backoff_min_s} > {self.retry_backoff_max_s})"
-            )
-        # A lease must outlast one whole attempt.
-        attempt_s = self.attempt_worst_case_ms / 1000
-        if self.charge_lease_s <= attempt_s:
-            raise ValueError(
-                f"CHARGE_LEASE_S: must exceed one attempt's worst case, PAYMENT_TIMEOUT_MS + "
-                f"2 x (DB_TIMEOUT_MS + DB_STATEMENT_TIMEOUT_MS) = {attempt_s:g} s "
-                f"(got {self.charge_lease_s})"
             )
         if self.worker_watchdog_s and self.worker_watchdog_s < 2 * self.charge_lease_s:
             raise ValueError(
@@ -149,18 +144,7 @@ class Settings(BaseSettings):
                 f"({2 * self.charge_lease_s} s), or 0 for three leases (got "
                 f"{self.worker_watchdog_s:g}); a charge may rightly take a lease and a lookup"
             )
-        if self.key_send_window_s <= 0:
-            raise ValueError(
-                "PROVIDER_IDEMPOTENCY_TTL_S: must exceed CHARGE_LEASE_S + PAYMENT_TIMEOUT_MS, "
-                "the margin kept so that no request reaches the provider after it forgot the "
-                f"key (got {self.provider_idempotency_ttl_s} s)"
-            )
-        key = self.payment_provider_api_key
-        if key is not None and not re.fullmatch(r"[\x21-\x7e]*", key.get_secret_value()):
-            raise ValueError(
-                "PAYMENT_PROVIDER_API_KEY: contains a space, newline or other control "
-                "character (a secret file's trailing newline?); set the bare key"
-            )
+        self.endpoints  # noqa: B018  (resolving them checks each one's settings)
         for name, tokens in (
             ("PAYQ_API_TOKENS", tuple(token for _, token in self.intake_apps)),
             ("PAYQ_OPERATOR_TOKENS", self.operator_tokens),
@@ -176,6 +160,63 @@ class Settings(BaseSettings):
                 "tokens of their own"
             )
         return self
+
+    def check_provider_settings(self) -> None:
+        """The rules between the provider's settings and the lease (``ValueError``); each
+        endpoint's own settings are checked by them too (``payq.endpoints``)."""
+        if self.payment_connect_timeout_ms > self.payment_timeout_ms:
+            raise ValueError(
+                "PAYMENT_CONNECT_TIMEOUT_MS: must not exceed PAYMENT_TIMEOUT_MS "
+                f"({self.payment_connect_timeout_ms} > {self.payment_timeout_ms})"
+            )
+        # A lease must outlast one whole attempt.
+        attempt_s = self.attempt_worst_case_ms / 1000
+        if self.charge_lease_s <= attempt_s:
+            raise ValueError(
+                f"CHARGE_LEASE_S: must exceed one attempt's worst case, PAYMENT_TIMEOUT_MS + "
+                f"2 x (DB_TIMEOUT_MS + DB_STATEMENT_TIMEOUT_MS) = {attempt_s:g} s "
+                f"(got {self.charge_lease_s})"
+            )
+        if self.key_send_window_s <= 0:
+            raise ValueError(
+                "PROVIDER_IDEMPOTENCY_TTL_S: must exceed CHARGE_LEASE_S + PAYMENT_TIMEOUT_MS, "
+                "the margin kept so that no request reaches the provider after it forgot the "
+                f"key (got {self.provider_idempotency_ttl_s} s)"
+            )
+        key = self.payment_provider_api_key
+        if key is not None and not re.fullmatch(r"[\x21-\x7e]*", key.get_secret_value()):
+            raise ValueError(
+                "PAYMENT_PROVIDER_API_KEY: contains a space, newline or other control "
+                "character (a secret file's trailing newline?); set the bare key"
+            )
+
+    @property
+    def endpoints(self) -> tuple[Endpoint, ...]:
+        """The provider endpoints, highest priority first (``payq.endpoints``); each one's
+        settings are these with its own overrides, checked by the same rules. Made anew on
+        each read (a copy of these settings must not see this one's): read it once."""
+        raw = self.payment_endpoints
+        specs = parse_endpoints(None if raw is None else raw.get_secret_value())
+        if not specs:
+            return (Endpoint(DEFAULT_ENDPOINT, DEFAULT_ENDPOINT, 1, 1, self, key_scope=None),)
+        return tuple(sorted((self._endpoint(spec) for spec in specs), key=lambda e: e.priority))
+
+    def _endpoint(self, spec: EndpointSpec) -> Endpoint:
+        own = self.model_copy(update=spec.overrides)
+        try:
+            own.check_provider_settings()
+        except ValueError as exc:
+            raise ValueError(
+                f"PAYMENT_ENDPOINTS: entry {spec.index} ({spec.name}): {exc}"
+            ) from None
+        return Endpoint(
+            spec.name, spec.group, spec.priority, spec.weight, own, key_scope=f"ep:{spec.name}"
+        )
+
+    @property
+    def soft_declines(self) -> frozenset[str]:
+        """Decline codes after which a charge may move to another ledger group."""
+        return frozenset(c.strip() for c in self.payment_soft_declines.split(",") if c.strip())
 
     @property
     def intake_apps(self) -> tuple[tuple[str, str], ...]:
@@ -248,6 +289,24 @@ class Settings(BaseSettings):
             )
 
 
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One provider endpoint, resolved: ``settings`` are the process's settings as its
+    client and gate read them (its URL, key, timeouts, pool, fleet limit, breaker)."""
+
+    name: str
+    group: str  # its ledger group: the books its charges are in
+    priority: int  # lower first
+    weight: int  # among endpoints of equal priority
+    settings: Settings = field(repr=False)
+    #: Its gate's Redis keys go under this (``None``: the namespace's own, one endpoint).
+    key_scope: str | None
+
+    @property
+    def url(self) -> str:
+        return self.settings.payment_provider_url
+
+
 def _split_tokens(value: SecretStr | None) -> tuple[str, ...]:
     if value is None:
         return ()
@@ -259,6 +318,7 @@ _PATTERN_HINTS = {
     "database_url": "must be a postgresql:// or postgresql+psycopg2:// URL",
     "payment_provider_url": "must be an http:// or https:// URL",
     "payq_namespace": "must be 1-64 letters, digits, '_', '.' or '-'",
+    "payment_soft_declines": "must be decline codes separated by commas (card_declined,...)",
 }
 
 
