@@ -85,7 +85,7 @@ class PayqSystem(System):
         from sqlalchemy import text
 
         from payq.db import transaction
-        from payq.gate import get_gate
+        from payq.routing import get_gate
 
         super().purge()
         with transaction() as conn:

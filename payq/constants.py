@@ -4,6 +4,7 @@ from enum import StrEnum
 
 __all__ = [
     "ACTOR_NAME",
+    "CHARGED_NOTHING",
     "FINAL_STATUSES",
     "QUEUE_NAME",
     "SETTLED_STATUSES",
@@ -60,6 +61,7 @@ class AttemptOutcome(StrEnum):
     REJECTED = "rejected"  # 400, 401, 409 reused: refused before charging
     NO_CHARGE = "no_charge"  # 429: charged nothing, by the contract
     UNCLEAR = "unclear"  # 5xx, 409 in use, an odd status or body: an answer that does not say
+    REFUSED = "refused"  # no connection could be made: not one byte of the request left
     NO_ANSWER = "no_answer"  # timeout, reset, connection error: no answer at all
     UNRECORDED = "unrecorded"  # an answer came but could not be stored as it was
     NOT_FOUND = "not_found"  # a lookup: the provider has no charge with this key
@@ -76,6 +78,18 @@ UNCERTAIN_OUTCOMES = frozenset(
         AttemptOutcome.UNCLEAR,
         AttemptOutcome.NO_ANSWER,
         AttemptOutcome.UNRECORDED,
+    }
+)
+
+
+#: Requests that charged nothing, as the contract says: after one of these, and none of
+#: ``UNCERTAIN_OUTCOMES`` in the same ledger group, the charge may go to another group.
+CHARGED_NOTHING = frozenset(
+    {
+        AttemptOutcome.REJECTED,
+        AttemptOutcome.NO_CHARGE,
+        AttemptOutcome.REFUSED,
+        AttemptOutcome.NOT_SENT,
     }
 )
 
@@ -101,6 +115,7 @@ class DeferralCause(StrEnum):
     DATABASE = "database"  # PostgreSQL did not answer the claim
     EARLY_MESSAGE = "early_message"  # a retry's message came before its time
     FLEET_SLOT_LOST = "fleet_slot_lost"  # the slot lapsed before the call (a frozen process)
+    PINNED = "pinned"  # pinned to another ledger group than the endpoint picked: picked again
 
 
 #: Who ``operator_actions`` names when payq itself changed a charge (a late answer, a lookup).

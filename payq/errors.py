@@ -145,6 +145,11 @@ class ProviderConnectionError(RetryableProviderError):
     error_class = "connection_error"
 
 
+class ProviderConnectionRefused(ProviderConnectionError):
+    """No connection could be made (refused, unreachable, a failed handshake): not one
+    byte of the request left, so it charged nothing."""
+
+
 class ProviderUnavailable(RetryableProviderError):
     error_class = "provider_unavailable"
 

@@ -30,8 +30,9 @@ from payq.figures import (
     describe_breaker,
     worker_reports,
 )
-from payq.gate import BreakerState, ProviderGate, Wait, get_gate
-from payq.provider import ProviderClient, get_provider
+from payq.gate import BreakerState, ProviderGate, Wait
+from payq.provider import ProviderClient
+from payq.routing import get_gate, get_provider
 from payq.settings import Settings
 from payq.sweep import backlog
 

@@ -200,13 +200,23 @@ def pending_calls_s(
     return max(0.0, float(left)) if left is not None else 0.0
 
 
-def record_lookup(conn: Connection, charge_id: uuid.UUID, number: int, lookup: Lookup) -> None:
-    """Every request sent leaves a row: a lookup is one, of kind ``lookup``."""
+def record_lookup(
+    conn: Connection,
+    charge_id: uuid.UUID,
+    number: int,
+    lookup: Lookup,
+    endpoint: str | None = None,
+    group: str | None = None,
+) -> None:
+    """Every request sent leaves a row: a lookup is one, of kind ``lookup``, with the
+    endpoint it went to."""
     conn.execute(
         insert(charge_attempts).values(
             charge_id=charge_id,
             number=number,
             kind=AttemptKind.LOOKUP,
+            endpoint=endpoint,
+            ledger_group=group,
             started_at=lookup.started_at,
             finished_at=dt.datetime.now(dt.UTC),
             outcome=lookup.outcome,

@@ -93,6 +93,11 @@ charges = Table(
     Column("next_lookup_at", DateTime(timezone=True)),
     # The web app whose intake token made it (None: enqueued from Python).
     Column("app", String(32)),
+    # The ledger group the charge is pinned to: the one its last request went to, until
+    # that group is proven not to have charged it (None: sent nowhere, or proven).
+    Column("ledger_group", String(32)),
+    # The endpoint whose answer (or lookup) said charged or declined.
+    Column("charged_endpoint", String(32)),
     CheckConstraint("amount > 0", name="amount_positive"),
     CheckConstraint(f"status IN ({_STATUSES})", name="status_known"),
     CheckConstraint("attempts >= 0", name="attempts_not_negative"),
@@ -140,6 +145,9 @@ charge_attempts = Table(
     # charge object: what an operator needs to read an odd answer.
     Column("answer", Text),
     Column("latency_ms", Integer),
+    # Where the request went (None: before there were several endpoints).
+    Column("endpoint", String(32)),
+    Column("ledger_group", String(32)),
     UniqueConstraint("call_id", name="uq_charge_attempts_call_id"),
     Index("ix_charge_attempts_charge_id", "charge_id", "number"),
     # Status and health read the last 5 and 60 minutes by when calls started: a column the
@@ -213,6 +221,8 @@ class Charge:
     dead_outcome: DeadOutcome | None
     next_lookup_at: dt.datetime | None
     app: str | None
+    ledger_group: str | None
+    charged_endpoint: str | None
 
     def __repr__(self) -> str:
         """The payment token is masked: a repr ends up in logs and tracebacks."""

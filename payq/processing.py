@@ -37,6 +37,7 @@ from sqlalchemy import (
     Integer,
     Interval,
     Select,
+    String,
     and_,
     bindparam,
     exists,
@@ -66,6 +67,7 @@ from tenacity import (
 from payq import ledger, metrics
 from payq.broker import new_message_id, publish_or_leave_to_relay, queued
 from payq.constants import (
+    CHARGED_NOTHING,
     FINAL_STATUSES,
     SYSTEM_ACTOR,
     UNCERTAIN_OUTCOMES,
@@ -80,14 +82,16 @@ from payq.errors import (
     CardDeclined,
     FinalProviderError,
     PayqError,
+    ProviderConnectionRefused,
     ProviderError,
     RequestNotSent,
     RetryableProviderError,
 )
-from payq.gate import ProviderGate, Wait, get_gate, jitter_ms
+from payq.gate import ProviderGate, Wait, jitter_ms
 from payq.models import charge_attempts, charges, operator_actions
-from payq.provider import ProviderCharge, ProviderClient, charge_body, clean_text, get_provider
+from payq.provider import ProviderCharge, ProviderClient, charge_body, clean_text
 from payq.retry_policy import RetryPolicy
+from payq.routing import Route, Routes, get_gate, get_routes
 from payq.sentry import tag_charge
 from payq.settings import Settings, get_settings
 
@@ -145,10 +149,13 @@ _CLAIMED = (
             and_(charges.c.status == S.RETRYING, charges.c.next_attempt_at <= func.now()),
             and_(charges.c.status == S.PROCESSING, charges.c.lease_expires_at < func.now()),
         ),
+        # Pinned to another ledger group: not this call's to make (``payq.routing``).
+        or_(charges.c.ledger_group.is_(None), charges.c.ledger_group == bindparam("group")),
     )
     .values(
         status=S.PROCESSING,
         attempts=charges.c.attempts + 1,
+        ledger_group=bindparam("group"),  # pinned before the request can leave
         lease_expires_at=func.now() + bindparam("lease", type_=Interval),
         call_id=func.gen_random_uuid(),
         updated_at=func.now(),
@@ -184,7 +191,16 @@ _SENDABLE = and_(
 _WRITE_AHEAD = (
     pg_insert(charge_attempts)
     .from_select(
-        ["charge_id", "number", "call_id", "kind", "started_at", "outcome"],
+        [
+            "charge_id",
+            "number",
+            "call_id",
+            "kind",
+            "started_at",
+            "outcome",
+            "endpoint",
+            "ledger_group",
+        ],
         select(
             _CLAIMED.c.id,
             _CLAIMED.c.attempts,
@@ -192,6 +208,8 @@ _WRITE_AHEAD = (
             literal_column(f"'{AttemptKind.CHARGE}'"),
             func.now(),
             literal_column(f"'{A.IN_FLIGHT}'"),
+            bindparam("endpoint", type_=String(32)),
+            bindparam("group", type_=String(32)),
         ).where(_SENDABLE),
     )
     .cte("written")
@@ -223,6 +241,8 @@ _CLAIM = Prepared(
 _NOT_CLAIMED = select(
     charges.c.status,
     charges.c.message_id,
+    charges.c.ledger_group,
+    (charges.c.lease_expires_at < func.now()).label("lease_over"),
     (func.extract("epoch", charges.c.next_attempt_at - func.now()) * 1000).label("due_in_ms"),
 ).where(charges.c.id == bindparam("charge_id"))
 
@@ -260,6 +280,8 @@ _ATTEMPT_INSERT = pg_insert(charge_attempts).values(
     kind=AttemptKind.CHARGE,
     started_at=bindparam("started_at"),
     finished_at=func.now(),
+    endpoint=bindparam("endpoint", type_=String(32)),
+    ledger_group=bindparam("group", type_=String(32)),
     **{name: bindparam(name) for name in _ATTEMPT_FIELDS},
 )
 #: One provider call's row, completed (or written, if its claim was lost in a crash): by
@@ -367,16 +389,20 @@ def _settle_anyway(status: ChargeStatus, values: dict[str, Any], ours: CTE) -> t
 _ERRORS = ("last_error", "last_error_class")
 #: Where each result takes the charge: the columns it sets.
 _MOVES: dict[Result, tuple[ChargeStatus, tuple[str, ...], dict[str, Any]]] = {
-    Result.SUCCEEDED: (S.SUCCEEDED, ("provider_charge_id",), {}),
-    Result.FAILED: (S.FAILED, ("provider_charge_id", "decline_code", *_ERRORS), {}),
+    Result.SUCCEEDED: (S.SUCCEEDED, ("provider_charge_id", "charged_endpoint"), {}),
+    Result.FAILED: (
+        S.FAILED,
+        ("provider_charge_id", "decline_code", "charged_endpoint", *_ERRORS),
+        {},
+    ),
     Result.DEAD: (
         S.DEAD,
-        ("dead_reason", "dead_outcome", *_ERRORS),
+        ("dead_reason", "dead_outcome", "ledger_group", *_ERRORS),
         {"next_lookup_at": func.now() + bindparam("lookup_in", type_=Interval)},
     ),
     Result.RETRYING: (
         S.RETRYING,
-        ("message_id", *_ERRORS),
+        ("message_id", "ledger_group", *_ERRORS),
         {
             "next_attempt_at": func.now() + bindparam("retry_in", type_=Interval),
             "published_at": func.now(),
@@ -410,6 +436,8 @@ class _Claim:
     key: str
     source: str
     body: bytes
+    endpoint: str  # where the call goes
+    group: str  # its ledger group: the charge is pinned to it from the claim on
     sendable: bool  # False: no request may be sent (window passed, attempts ran out)
     past_window: bool
     past_retention: bool
@@ -435,40 +463,77 @@ def process_charge(
     settings: Settings | None = None,
     provider: ProviderClient | None = None,
     gate: ProviderGate | None = None,
+    routes: Routes | None = None,
 ) -> Result:
     """Make at most one provider attempt for this charge and record what happened.
 
-    The breaker and the fleet limit are asked first, the database second: a charge
-    that must wait is deferred before it is claimed, so waiting never uses an attempt.
-    A lookup by key before the charge goes dead uses the same fleet slot as the call.
+    The endpoint is picked first (``payq.routing``: one whose breaker and fleet limit
+    admit the call, within the charge's ledger group if it is pinned), the database
+    second: a charge that must wait is deferred before it is claimed, so waiting never
+    uses an attempt. A lookup by key before the charge goes dead uses the same slot.
+    ``provider`` or ``gate``: one endpoint made of them (tests); else the process's.
     """
     settings = settings or get_settings()
     cid = _charge_id(charge_id)
-    gate = gate or get_gate()
-    entry = gate.enter()
-    if isinstance(entry, Wait):
-        return _defer(cid, message_id, entry.cause, entry.delay_ms, entry.detail)
-    attempt = _Attempt()
+    routes = routes or _routes(settings, provider, gate)
+    routed = routes.enter(_pinned_group(cid) if routes.several_groups else None)
+    if isinstance(routed, Wait):
+        return _defer(cid, message_id, routed.cause, routed.delay_ms, routed.detail)
+    route, entry, attempt = routed.route, routed.entry, _Attempt()
     try:
         claimed_at = time.monotonic()  # before the claim: a freeze during it counts
-        claim = _claim_or_result(cid, message_id, settings)
+        claim = _claim_or_result(cid, message_id, settings, route)
         if not isinstance(claim, _Claim):
             return claim
         tag_charge(str(claim.id), claim.attempt)
-        provider = provider or get_provider()
         attempt.started_at = dt.datetime.now(dt.UTC)
-        if claim.sendable and not gate.confirm(entry):
+        if claim.sendable and not route.gate.confirm(entry):
             return _unclaim(claim)
-        if claim.sendable and not _send(claim, provider, attempt, claimed_at, settings):
+        if claim.sendable and not _send(claim, route.provider, attempt, claimed_at, settings):
             return _not_sent(claim, settings)
         decision = _decide(claim, attempt.outcome, RetryPolicy.from_settings(settings), settings)
         if decision.result is Result.DEAD and _uncertain(claim, attempt.outcome):
-            stalled = _stalled(claimed_at, settings) or not gate.confirm(entry)
-            decision = _look_up_before_dead(decision, claim, attempt, provider, stalled)
+            stalled = _stalled(claimed_at, settings) or not route.gate.confirm(entry)
+            decision = _look_up_before_dead(decision, claim, attempt, route.provider, stalled)
+        elif routes.several_groups:
+            decision = _unpin_if_proven(decision, claim, attempt.outcome)
     finally:
-        gate.leave(entry, attempt.outcome, attempt.latency_ms)
+        route.gate.leave(entry, attempt.outcome, attempt.latency_ms)
     attempt.count()
-    return _record(claim, attempt, decision, settings, (provider, gate))
+    return _record(claim, attempt, decision, settings, (route.provider, route.gate))
+
+
+def _routes(
+    settings: Settings, provider: ProviderClient | None, gate: ProviderGate | None
+) -> Routes:
+    """The process's routes, or one made of the client and gate given (tests)."""
+    if provider is None and gate is None:
+        return get_routes()
+    return Routes([Route(settings.endpoints[0], gate or get_gate(), provider)])
+
+
+#: The ledger group a charge is pinned to, read before an endpoint is picked; the claim
+#: checks it again (``_CLAIMED``), so a pin that changes in between is never crossed.
+_PIN = select(charges.c.ledger_group).where(charges.c.id == bindparam("charge_id"))
+
+
+def _pinned_group(cid: uuid.UUID) -> str | None:
+    try:
+        with autocommit() as conn:
+            group: str | None = conn.execute(_PIN, {"charge_id": cid}).scalar()
+            return group
+    except (PoolTimeout, *DB_UNAVAILABLE):
+        return None  # the claim meets the same trouble, and its guard keeps the pin
+
+
+def _unpin_if_proven(decision: _Decision, claim: _Claim, outcome: Outcome | None) -> _Decision:
+    """A charge moving on unsettled stays pinned to this call's group unless this call
+    charged nothing by the contract and no earlier call there may have (``CHARGED_NOTHING``)."""
+    if decision.result not in (Result.RETRYING, Result.DEAD) or outcome is None:
+        return decision
+    if _attempt_outcome(outcome) not in CHARGED_NOTHING or _uncertain(claim, None):
+        return decision
+    return _Decision(decision.result, {**decision.values, "ledger_group": None})
 
 
 @dataclass(slots=True)
@@ -499,15 +564,18 @@ def _charge_id(charge_id: str) -> uuid.UUID:
         raise UnknownCharge(f"message names no charge: {charge_id!r} is not a charge id") from None
 
 
-def _claim_or_result(cid: uuid.UUID, message_id: str | None, settings: Settings) -> _Claim | Result:
-    """The charge claimed for one attempt, or what this message comes to without one: a
-    deferral (no database connection, or the retry came early) or nothing to do."""
+def _claim_or_result(
+    cid: uuid.UUID, message_id: str | None, settings: Settings, route: Route
+) -> _Claim | Result:
+    """The charge claimed for one attempt on ``route``, or what this message comes to
+    without one: a deferral (no database connection, the retry came early, the charge
+    is pinned to another ledger group) or nothing to do."""
     try:
         with autocommit() as conn:  # each statement is atomic on its own
-            claim = _claim(conn, cid, settings)
+            claim = _claim(conn, cid, settings, route)
             if claim is not None:
                 return claim
-            result, redo_in_ms = _not_claimed(conn, cid, message_id)
+            result, redo_in_ms, cause = _not_claimed(conn, cid, message_id, route.group)
     except PoolTimeout:
         _pool_exhausted(cid, settings)
         delay_ms = jitter_ms(500, 2000)
@@ -522,8 +590,9 @@ def _claim_or_result(cid: uuid.UUID, message_id: str | None, settings: Settings)
         return _defer(cid, message_id, Cause.DATABASE, delay_ms, "database unavailable")
     if redo_in_ms is not None and message_id is not None:
         # The scheduled retry itself came early (clocks differ between hosts): send it
-        # again for when it is due rather than call before Retry-After.
-        return _defer(cid, message_id, Cause.EARLY_MESSAGE, redo_in_ms, "retry came early")
+        # again for when it is due rather than call before Retry-After. Or the charge's
+        # pin changed since it was read: its endpoint is picked again.
+        return _defer(cid, message_id, cause, redo_in_ms, f"not claimed ({cause})")
     return result
 
 
@@ -643,9 +712,11 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0][:200] if text else ''}"
 
 
-def _claim(conn: Connection, cid: uuid.UUID, settings: Settings) -> _Claim | None:
+def _claim(conn: Connection, cid: uuid.UUID, settings: Settings, route: Route) -> _Claim | None:
     params = {
         "charge_id": cid,
+        "group": route.group,
+        "endpoint": route.name,
         "lease": dt.timedelta(seconds=settings.charge_lease_s),
         "send_window": dt.timedelta(seconds=settings.key_send_window_s),
         "retention": ledger.retention(settings),
@@ -669,6 +740,8 @@ def _claim(conn: Connection, cid: uuid.UUID, settings: Settings) -> _Claim | Non
             description=row["description"],
             metadata=row["metadata"],
         ),
+        endpoint=route.name,
+        group=route.group,
         sendable=bool(row["sendable"]),
         past_window=bool(row["past_window"]),
         past_retention=bool(row["past_retention"]),
@@ -677,21 +750,28 @@ def _claim(conn: Connection, cid: uuid.UUID, settings: Settings) -> _Claim | Non
 
 
 def _not_claimed(
-    conn: Connection, cid: uuid.UUID, message_id: str | None
-) -> tuple[Result, int | None]:
-    """Why a charge could not be claimed, and when to try again if this message is early."""
+    conn: Connection, cid: uuid.UUID, message_id: str | None, group: str
+) -> tuple[Result, int | None, DeferralCause]:
+    """Why a charge could not be claimed, and when to try again if this message is the
+    charge's own and came early, or picked an endpoint outside the charge's pin."""
     row = conn.execute(_NOT_CLAIMED, {"charge_id": cid}).mappings().first()
     if row is None:
         raise UnknownCharge(f"no charge with id {cid}")
+    own = message_id is not None and message_id == row["message_id"]
     early = row["status"] == S.RETRYING and (row["due_in_ms"] or 0) > 0
-    if early and message_id is not None and message_id == row["message_id"]:
-        return Result.DEFERRED, int(row["due_in_ms"]) + 1
+    if early and own:
+        return Result.DEFERRED, int(row["due_in_ms"]) + 1, Cause.EARLY_MESSAGE
+    claimable = row["status"] in (S.PENDING, S.RETRYING) or (
+        row["status"] == S.PROCESSING and row["lease_over"]
+    )
+    if own and claimable and row["ledger_group"] not in (None, group):
+        return Result.DEFERRED, jitter_ms(50, 250), Cause.PINNED
     log.info(
         "message skipped: charge is %s",
         row["status"],
         extra={"charge_id": str(cid), "status": row["status"]},
     )
-    return Result.SKIPPED, None
+    return Result.SKIPPED, None, Cause.EARLY_MESSAGE
 
 
 # --- where an outcome takes the charge ------------------------------------------------
@@ -830,6 +910,7 @@ def _after_lookup(
         )
     if isinstance(verdict, ledger.NotCharged):
         values["dead_outcome"] = DeadOutcome.VERIFIED_NOT_CHARGED
+        values["ledger_group"] = None  # proven: a replay may go to any group
         values["dead_reason"] += "; looked up by key: not charged at the provider"
     else:
         values["dead_outcome"] = DeadOutcome.UNKNOWN
@@ -939,9 +1020,13 @@ def _save(
     if decision.result is Result.DEAD:
         values["lookup_in"] = values.pop("lookup_in", None)
     values["attempt"] = claim.attempt
+    # Where the call went; the pin stays its group unless a proof cleared it.
+    values.update(endpoint=claim.endpoint, group=claim.group)
+    values.setdefault("ledger_group", claim.group)
+    values.setdefault("charged_endpoint", claim.endpoint)
     with autocommit() as conn:
         if lookup is not None:
-            ledger.record_lookup(conn, claim.id, claim.attempt, lookup)
+            ledger.record_lookup(conn, claim.id, claim.attempt, lookup, claim.endpoint, claim.group)
         if row is None:
             statement = _NO_CALL[decision.result]
             values["attempts"] = claim.attempt - 1
@@ -1085,6 +1170,8 @@ def _not_sent(claim: _Claim, settings: Settings) -> Result:
                     "charge_id": claim.id,
                     "call_id": claim.call_id,
                     "attempt": claim.attempt,
+                    "endpoint": claim.endpoint,
+                    "group": claim.group,
                     "started_at": dt.datetime.now(dt.UTC),
                     "outcome": A.NOT_SENT,
                     "http_status": None,
@@ -1167,6 +1254,8 @@ def _attempt_outcome(outcome: Outcome) -> AttemptOutcome:
         return A.DECLINED
     if isinstance(outcome, FinalProviderError):
         return A.REJECTED
+    if isinstance(outcome, ProviderConnectionRefused):
+        return A.REFUSED
     if outcome.status is None:
         return A.NO_ANSWER
     # 429 charges nothing by the contract; a 5xx, a 409 "in use" or an odd answer does

@@ -26,13 +26,13 @@ from payq.errors import (
     IdempotencyKeyReused,
     InvalidRequest,
     ProviderConnectionError,
+    ProviderConnectionRefused,
     ProviderError,
     ProviderRateLimited,
     ProviderTimeout,
     ProviderUnavailable,
     RequestNotSent,
 )
-from payq.runtime import Part, runtime
 from payq.settings import Settings
 
 __all__ = [
@@ -41,7 +41,6 @@ __all__ = [
     "charge_body",
     "classify",
     "clean_text",
-    "get_provider",
     "lookup_answer",
 ]
 
@@ -176,6 +175,11 @@ class ProviderClient:
             raise ProviderTimeout(
                 f"no answer within {self.timeout_s * 1000:.0f} ms ({type(exc).__name__})"
                 + _MAYBE_CHARGED.get(method, "")
+            ) from exc
+        except httpx.ConnectError as exc:
+            raise ProviderConnectionRefused(
+                f"no connection to the provider ({type(exc).__name__}: {str(exc)[:200]}); "
+                "nothing was sent"
             ) from exc
         except httpx.LocalProtocolError as exc:
             # Its text can quote our own request headers, the API key among them.
@@ -400,18 +404,3 @@ def _classify(response: httpx.Response) -> ProviderCharge:
     if 500 <= status <= 599:
         raise ProviderUnavailable(f"provider error {status}: {_cut(response)}", status=status)
     raise ProviderUnavailable(f"unexpected status {status}: {_cut(response)}", status=status)
-
-
-#: This process's provider client (``payq.runtime``): one pool shared by its threads; a
-#: forked child drops its parent's (its sockets are the parent's) and makes its own.
-PROVIDER: Part[ProviderClient] = Part(
-    "provider",
-    build=lambda rt: ProviderClient(rt.settings),
-    after_fork=lambda client: None,
-    close=lambda client: client.close(),
-)
-
-
-def get_provider() -> ProviderClient:
-    """This process's provider client (one pool shared by its threads)."""
-    return runtime().get(PROVIDER)

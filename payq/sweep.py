@@ -26,9 +26,10 @@ from sqlalchemy.sql.elements import ColumnElement
 from payq import ledger, metrics
 from payq.constants import ChargeStatus, DeadOutcome
 from payq.db import transaction
-from payq.gate import ProviderGate, Wait, get_gate
+from payq.gate import ProviderGate, Wait
 from payq.models import charges
-from payq.provider import ProviderClient, get_provider
+from payq.provider import ProviderClient
+from payq.routing import get_gate, get_provider
 from payq.settings import Settings, get_settings
 
 __all__ = ["Resolution", "SweepPass", "backlog", "resolve", "sweep_once", "unknown_outcomes"]

@@ -167,7 +167,7 @@ class _Pace:
 def _sweeping(settings: Settings) -> bool:
     """The sweep needs the provider's API key; without it the relay only relays."""
     try:
-        from payq.provider import get_provider
+        from payq.routing import get_provider
 
         get_provider()
     except ConfigError as exc:

@@ -134,11 +134,11 @@ def clean(database: str) -> Iterator[None]:
 @pytest.fixture(scope="session", autouse=True)
 def _namespace_cleanup() -> Iterator[None]:
     yield
-    from payq.gate import GATE
+    from payq.routing import ROUTES
     from payq.runtime import runtime
 
-    gate = runtime().built(GATE)
-    if gate is not None:  # its renewal would write the fleet's epoch back
-        gate.stop_keeping()
-        gate.fleet.stop_renewing(wait_s=5)
+    routes = runtime().built(ROUTES)
+    for route in routes.all if routes is not None else ():
+        route.gate.stop_keeping()  # its renewal would write the fleet's epoch back
+        route.gate.fleet.stop_renewing(wait_s=5)
     _clear_namespace(settle=False)  # the shared Redis keeps nothing of this run

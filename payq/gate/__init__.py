@@ -1,6 +1,7 @@
 """The way to the provider: the fleet's circuit breaker and concurrency slots.
 
-gate.py     ProviderGate: enter() → Pass | Wait, confirm(), leave(); get_gate()
+gate.py     ProviderGate: enter() → Pass | Wait, confirm(), leave() (one per endpoint:
+            payq.routing)
 breaker.py  the breaker's thresholds, its answers read, its changes logged; snapshot
 fleet.py    the fleet's slots: tokens held, renewed by one thread, confirmed
 kept.py     slots and counts a busy process keeps between calls
@@ -12,11 +13,10 @@ lua/        the scripts: enter, settle (the gate's two round trips), the breaker
 
 from payq.gate.breaker import BreakerSnapshot, BreakerState, CallOutcome, FleetBreaker
 from payq.gate.fleet import FleetLimit, SlotRefused
-from payq.gate.gate import GATE, Pass, ProviderGate, Wait, call_outcome, get_gate, jitter_ms
+from payq.gate.gate import Pass, ProviderGate, Wait, call_outcome, jitter_ms
 from payq.gate.kept import KEEP_EVERY_S, REUSE_FOR_S
 
 __all__ = [
-    "GATE",
     "KEEP_EVERY_S",
     "REUSE_FOR_S",
     "BreakerSnapshot",
@@ -29,6 +29,5 @@ __all__ = [
     "SlotRefused",
     "Wait",
     "call_outcome",
-    "get_gate",
     "jitter_ms",
 ]

@@ -85,10 +85,12 @@ class BreakerSnapshot:
 class FleetBreaker:
     """One breaker for the provider, its state in Redis under the payq namespace."""
 
-    def __init__(self, scripts: Scripts, namespace: str, settings: Settings) -> None:
+    def __init__(
+        self, scripts: Scripts, namespace: str, settings: Settings, scope: tuple[str, ...] = ()
+    ) -> None:
         self.scripts = scripts
-        self.state_key = redis_key(namespace, "breaker")
-        self.window_prefix = redis_key(namespace, "breaker", "w") + ":"
+        self.state_key = redis_key(namespace, *scope, "breaker")
+        self.window_prefix = redis_key(namespace, *scope, "breaker", "w") + ":"
         self.slow_call_ms = settings.breaker_slow_call_ms
         self.rules = BreakerRules(
             window_s=settings.breaker_window_s,

@@ -47,7 +47,14 @@ class FleetLimit:
     """At most ``limit`` provider calls at once across every process that shares Redis."""
 
     def __init__(
-        self, scripts: Scripts, client: redis.Redis, namespace: str, *, limit: int, lease_s: float
+        self,
+        scripts: Scripts,
+        client: redis.Redis,
+        namespace: str,
+        *,
+        limit: int,
+        lease_s: float,
+        scope: tuple[str, ...] = (),
     ) -> None:
         self.scripts = scripts
         self.client = client
@@ -55,8 +62,8 @@ class FleetLimit:
         self.lease_ms = int(lease_s * 1000)
         self.renew_every_s = lease_s / 3
         self.grace_ms = int(self.renew_every_s * 1000) + 1000
-        self.slots_key = redis_key(namespace, "fleet", "slots")
-        self.epoch_key = redis_key(namespace, "fleet", "epoch")
+        self.slots_key = redis_key(namespace, *scope, "fleet", "slots")
+        self.epoch_key = redis_key(namespace, *scope, "fleet", "epoch")
         self._held: set[str] = set()
         # token -> time.monotonic() before which its lease surely still runs: taken just
         # before the request that set the lease, so it errs on the early side.

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 import redis
 
-from payq.broker import BROKER
 from payq.constants import DeferralCause
 from payq.errors import IdempotencyKeyInUse, ProviderError, RetryableProviderError
 from payq.gate.breaker import BreakerState, CallOutcome, FleetBreaker
@@ -29,10 +28,9 @@ from payq.gate.fleet import FleetLimit, SlotRefused
 from payq.gate.kept import KEEP_EVERY_S, REUSE_FOR_S, KeptSlots
 from payq.gate.scripts import EnterArgs, Release, SettleArgs, gate_scripts
 from payq.provider import ProviderCharge
-from payq.runtime import Part, runtime
 from payq.settings import Settings
 
-__all__ = ["Pass", "ProviderGate", "Wait", "call_outcome", "get_gate", "jitter_ms"]
+__all__ = ["Pass", "ProviderGate", "Wait", "call_outcome", "jitter_ms"]
 
 log = logging.getLogger("payq.gate")
 
@@ -68,15 +66,18 @@ def jitter_ms(low_ms: int, high_ms: int) -> int:
 class ProviderGate:
     """The breaker and the fleet's slots for one process: ``enter``, ``confirm``, ``leave``."""
 
-    def __init__(self, client: redis.Redis, settings: Settings) -> None:
-        ns = settings.payq_namespace
+    def __init__(self, client: redis.Redis, settings: Settings, scope: str | None = None) -> None:
+        """``settings``: the endpoint's (its limit and breaker); ``scope``: where its keys
+        go under the namespace (``Endpoint.key_scope``; ``None``: one endpoint's place)."""
+        parts = tuple(scope.split(":")) if scope else ()
         self.settings = settings
         self.scripts = gate_scripts(client)
-        self.breaker = FleetBreaker(self.scripts, ns, settings)
+        self.breaker = FleetBreaker(self.scripts, settings.payq_namespace, settings, scope=parts)
         self.fleet = FleetLimit(
             self.scripts,
             client,
-            ns,
+            settings.payq_namespace,
+            scope=parts,
             limit=settings.payment_max_concurrency,
             lease_s=settings.fleet_slot_lease_s,
         )
@@ -199,6 +200,12 @@ class ProviderGate:
                 type(exc).__name__,
             )
 
+    def close(self) -> None:
+        """Give back what this process keeps and stop its threads (shutdown; tests)."""
+        self.flush()
+        self.stop_keeping()
+        self.fleet.stop_renewing()
+
     def stop_keeping(self) -> None:
         """Stop the gate thread (tests); ``flush()`` first to give the slots back."""
         self._kept.stopped.set()
@@ -258,21 +265,3 @@ class ProviderGate:
                 self._give_back(now - REUSE_FOR_S if self._kept.trusted(now) else now)
             except Exception:  # the thread must go on
                 log.exception("the gate thread failed a round; it goes on")
-
-
-def _stop(gate: ProviderGate) -> None:
-    gate.flush()
-    gate.stop_keeping()
-    gate.fleet.stop_renewing()
-
-
-#: This process's gate (``payq.runtime``), over the broker's Redis connection pool. A
-#: forked child keeps it: it holds none of its parent's slots (``FleetLimit.after_fork``).
-GATE: Part[ProviderGate] = Part(
-    "gate", build=lambda rt: ProviderGate(rt.get(BROKER).client, rt.settings), close=_stop
-)
-
-
-def get_gate() -> ProviderGate:
-    """This process's gate, over the broker's Redis connection pool."""
-    return runtime().get(GATE)

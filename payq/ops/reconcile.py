@@ -20,7 +20,8 @@ from payq.db import transaction
 from payq.ledger import audit
 from payq.models import charges
 from payq.ops.dlq import DeadFilter, key_may_be_forgotten
-from payq.provider import ProviderClient, get_provider
+from payq.provider import ProviderClient
+from payq.routing import get_provider
 from payq.settings import Settings, get_settings
 from payq.sweep import resolve
 

@@ -8,7 +8,7 @@ from typing import Any
 import redis
 from dramatiq.middleware import Middleware
 
-from payq.gate import get_gate
+from payq.routing import get_routes
 
 __all__ = ["FleetMember"]
 
@@ -19,14 +19,21 @@ class FleetMember(Middleware):
     def after_process_boot(self, broker: Any) -> None:
         # Join at boot, not at the first charge: on a new (or emptied) Redis the short
         # grace for re-registering slots then passes while the process boots.
-        fleet = get_gate().fleet
-        try:
-            fleet.renew()
-        except redis.RedisError as exc:
-            log.warning("fleet slots not registered at start (%s); retried by the renewer", exc)
-        fleet.start_renewing()
+        for route in get_routes().all:
+            fleet = route.gate.fleet
+            try:
+                fleet.renew()
+            except redis.RedisError as exc:
+                log.warning(
+                    "fleet slots of endpoint %s not registered at start (%s); retried by the "
+                    "renewer",
+                    route.name,
+                    exc,
+                )
+            fleet.start_renewing()
 
     def after_worker_shutdown(self, broker: Any, worker: Any) -> None:
         # Every thread has finished its message: give back the slots this process kept
         # and send the calls it counted (their leases would free the slots in seconds).
-        get_gate().flush()
+        for route in get_routes().all:
+            route.gate.flush()

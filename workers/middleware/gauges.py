@@ -7,7 +7,8 @@ import logging
 import redis
 
 from payq import metrics
-from payq.gate import BreakerState, get_gate
+from payq.gate import BreakerState
+from payq.routing import get_gate
 
 __all__ = ["BREAKER_GAUGE", "set_gate_gauges"]
 

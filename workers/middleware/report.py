@@ -12,7 +12,7 @@ from typing import Any
 from payq import db, metrics
 from payq.broker import get_broker
 from payq.constants import redis_key
-from payq.provider import get_provider
+from payq.routing import get_provider
 from workers.middleware.busy import BusyCount
 
 __all__ = ["REPORT_INTERVAL_S", "ProcessReport"]

@@ -1,0 +1,162 @@
+"""Which provider endpoint a call goes to: one gate and one client per endpoint.
+
+Each endpoint (``Settings.endpoints``) is a ``Route``: its own HTTP client (pool,
+timeouts, key) and its own gate (breaker and fleet slots in Redis, shared by the fleet),
+so one endpoint's trouble never blocks another's calls.
+
+``Routes.enter(group)`` asks the endpoints' gates in order, highest priority first
+(weights shuffle endpoints of equal priority), and returns the first that admits the
+call, or the shortest wait if none does. ``group``: the ledger group the charge is
+pinned to (``charges.ledger_group``): endpoints of one group share its books, so a
+charge may go to any of them with its key; it may go to another group only once the
+group it was sent to is proven not to have charged it (``payq.processing`` clears the
+pin on that proof), so while pinned it is offered its group's endpoints only.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import redis
+
+from payq.broker import BROKER
+from payq.gate import Pass, ProviderGate, Wait
+from payq.provider import ProviderClient
+from payq.runtime import Part, Runtime, runtime
+from payq.settings import Endpoint, Settings
+
+__all__ = ["ROUTES", "Route", "Routed", "Routes", "get_gate", "get_provider", "get_routes"]
+
+
+class Route:
+    """One endpoint, the client that calls it (made on first use: it needs the endpoint's
+    API key, which a process that only reads the gates may not have) and its gate."""
+
+    def __init__(
+        self, endpoint: Endpoint, gate: ProviderGate, provider: ProviderClient | None = None
+    ) -> None:
+        self.endpoint = endpoint
+        self.gate = gate
+        self._provider = provider
+        self._lock = threading.Lock()
+
+    @property
+    def provider(self) -> ProviderClient:
+        if self._provider is None:
+            with self._lock:
+                if self._provider is None:
+                    self._provider = ProviderClient(self.endpoint.settings)
+        return self._provider
+
+    def close(self) -> None:
+        self.gate.close()
+        if self._provider is not None:
+            self._provider.close()
+
+    @property
+    def name(self) -> str:
+        return self.endpoint.name
+
+    @property
+    def group(self) -> str:
+        return self.endpoint.group
+
+
+@dataclass(frozen=True, slots=True)
+class Routed:
+    """A call may go ahead on ``route``, with the slot ``entry`` its gate gave."""
+
+    route: Route
+    entry: Pass
+
+
+class Routes:
+    """Every endpoint of this process, highest priority first."""
+
+    def __init__(self, routes: Sequence[Route]) -> None:
+        if not routes:
+            raise ValueError("no provider endpoint")
+        self.all = tuple(sorted(routes, key=lambda r: r.endpoint.priority))
+        self.groups = tuple(dict.fromkeys(r.group for r in self.all))
+
+    @classmethod
+    def build(cls, settings: Settings, client: redis.Redis) -> Routes:
+        """A route per endpoint of ``settings``, its gate over this Redis client."""
+        return cls(
+            [
+                Route(ep, ProviderGate(client, ep.settings, ep.key_scope))
+                for ep in settings.endpoints
+            ]
+        )
+
+    @property
+    def primary(self) -> Route:
+        return self.all[0]
+
+    @property
+    def several_groups(self) -> bool:
+        return len(self.groups) > 1
+
+    def named(self, name: str | None) -> Route | None:
+        return next((r for r in self.all if r.name == name), None)
+
+    def in_group(self, group: str) -> tuple[Route, ...]:
+        return tuple(r for r in self.all if r.group == group)
+
+    def order(self, group: str | None = None) -> list[Route]:
+        """The routes a call may take, in the order to try them: ``group``'s only, if
+        given; by priority, and among equal priorities a weighted random order."""
+        routes = [r for r in self.all if group is None or r.group == group]
+        # Efraimidis-Spirakis: a random key u^(1/w) per route, larger first.
+        keyed = [
+            (r.endpoint.priority, random.random() ** (1 / r.endpoint.weight), r) for r in routes
+        ]
+        keyed.sort(key=lambda k: (k[0], -k[1]))
+        return [r for _, _, r in keyed]
+
+    def enter(self, group: str | None = None) -> Routed | Wait:
+        """The first route whose gate admits a call now (``group``: only its routes), or
+        the shortest of their waits. Never blocks."""
+        waits: list[Wait] = []
+        for route in self.order(group):
+            entry = route.gate.enter()
+            if isinstance(entry, Pass):
+                return Routed(route, entry)
+            waits.append(entry)
+        return min(waits, key=lambda w: w.delay_ms)
+
+    def close(self) -> None:
+        for route in self.all:
+            route.close()
+
+
+def _build(rt: Runtime) -> Routes:
+    client = rt.get(BROKER).client
+    return Routes(
+        [Route(ep, ProviderGate(client, ep.settings, ep.key_scope)) for ep in rt.settings.endpoints]
+    )
+
+
+#: This process's routes (``payq.runtime``). A forked child drops its parent's: their
+#: clients' sockets are the parent's, their gates hold none of the child's slots.
+ROUTES: Part[Routes] = Part(
+    "routes", build=_build, after_fork=lambda routes: None, close=lambda routes: routes.close()
+)
+
+
+def get_routes() -> Routes:
+    """This process's routes to the provider, one per endpoint."""
+    return runtime().get(ROUTES)
+
+
+def get_gate() -> ProviderGate:
+    """The highest-priority endpoint's gate (callers that know one endpoint only)."""
+    return get_routes().primary.gate
+
+
+def get_provider() -> ProviderClient:
+    """The highest-priority endpoint's client (callers that know one endpoint only)."""
+    return get_routes().primary.provider
