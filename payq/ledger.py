@@ -235,8 +235,10 @@ def settle(
     *,
     why: str,
     looked_up: bool = False,
+    endpoint: str | None = None,
 ) -> ChargeStatus | None:
     """Make the charge what the provider says it is, unless it already is; audited.
+    ``endpoint``: the one that answered (``charges.charged_endpoint``).
 
     Runs in the caller's transaction. Returns the status the charge came from, or
     ``None`` if it was already settled (then an answer that disagrees is logged).
@@ -264,6 +266,7 @@ def settle(
             lease_expires_at=None,
             updated_at=now,
             **({"reconciled_at": now} if looked_up else {}),
+            **({"charged_endpoint": endpoint} if endpoint else {}),
             **values,
         )
     )

@@ -64,7 +64,7 @@ from tenacity import (
     wait_exponential,
 )
 
-from payq import ledger, metrics
+from payq import failover, ledger, metrics
 from payq.broker import new_message_id, publish_or_leave_to_relay, queued
 from payq.constants import (
     CHARGED_NOTHING,
@@ -91,7 +91,7 @@ from payq.gate import ProviderGate, Wait, jitter_ms
 from payq.models import charge_attempts, charges, operator_actions
 from payq.provider import ProviderCharge, ProviderClient, charge_body, clean_text
 from payq.retry_policy import RetryPolicy
-from payq.routing import Route, Routes, get_gate, get_routes
+from payq.routing import Route, Routed, Routes, get_gate, get_routes
 from payq.sentry import tag_charge
 from payq.settings import Settings, get_settings
 
@@ -476,7 +476,9 @@ def process_charge(
     settings = settings or get_settings()
     cid = _charge_id(charge_id)
     routes = routes or _routes(settings, provider, gate)
-    routed = routes.enter(_pinned_group(cid) if routes.several_groups else None)
+    routed = _route(cid, routes, settings)
+    if isinstance(routed, Result):
+        return routed
     if isinstance(routed, Wait):
         return _defer(cid, message_id, routed.cause, routed.delay_ms, routed.detail)
     route, entry, attempt = routed.route, routed.entry, _Attempt()
@@ -512,18 +514,22 @@ def _routes(
     return Routes([Route(settings.endpoints[0], gate or get_gate(), provider)])
 
 
-#: The ledger group a charge is pinned to, read before an endpoint is picked; the claim
-#: checks it again (``_CLAIMED``), so a pin that changes in between is never crossed.
-_PIN = select(charges.c.ledger_group).where(charges.c.id == bindparam("charge_id"))
-
-
-def _pinned_group(cid: uuid.UUID) -> str | None:
-    try:
-        with autocommit() as conn:
-            group: str | None = conn.execute(_PIN, {"charge_id": cid}).scalar()
-            return group
-    except (PoolTimeout, *DB_UNAVAILABLE):
-        return None  # the claim meets the same trouble, and its guard keeps the pin
+def _route(cid: uuid.UUID, routes: Routes, settings: Settings) -> Routed | Wait | Result:
+    """The endpoint this call goes to, or why it waits. With several ledger groups the
+    charge's pin is read first (the claim checks it again, so a pin that changes in
+    between is never crossed); a pinned charge whose group takes no calls is asked for
+    there by key, and moves only if that proves its group did not charge it
+    (``payq.failover``), or is settled by the answer."""
+    pin = failover.read_pin(cid) if routes.several_groups else None
+    routed = routes.enter(pin.group if pin is not None else None)
+    if not isinstance(routed, Wait) or pin is None or pin.group is None:
+        return routed
+    asked = failover.free_or_settle(cid, pin, routes, settings.charge_lease_s)
+    if asked is True:
+        return routes.enter(None)
+    if isinstance(asked, ChargeStatus):
+        return Result(asked.value)
+    return routed
 
 
 def _unpin_if_proven(decision: _Decision, claim: _Claim, outcome: Outcome | None) -> _Decision:

@@ -16,11 +16,12 @@ from typing import Any
 import httpx
 import pytest
 import redis
-from sqlalchemy import text
+from sqlalchemy import any_, select, text
 
 from payq.constants import DeferralCause
 from payq.db import transaction
 from payq.gate import Wait
+from payq.models import operator_actions
 from payq.processing import Result, process_charge
 from payq.routing import Routes
 from payq.settings import Settings, load_settings
@@ -117,6 +118,14 @@ def enqueue() -> uuid.UUID:
     return enqueue_charge(1999, "usd", "tok_visa", unique_key("route")).id
 
 
+def audits(cid: uuid.UUID) -> list[dict[str, Any]]:
+    with transaction() as conn:
+        rows = conn.execute(
+            select(operator_actions).where(cid == any_(operator_actions.c.charge_ids))
+        )
+        return [dict(r) for r in rows.mappings()]
+
+
 def where(cid: uuid.UUID) -> list[tuple[str, str, str]]:
     """Each charge request's endpoint, ledger group and outcome, in order."""
     return [(a["endpoint"], a["ledger_group"], a["outcome"]) for a in attempts(cid)]
@@ -174,12 +183,13 @@ def test_after_an_answer_that_may_have_charged_the_charge_waits_for_its_group(
     providers: Providers, step: str
 ) -> None:
     routes = providers.routes()
-    providers.a.faults(script=[step], timeout_delay_s=2.5)
+    providers.a.faults(script=[step], timeout_delay_s=2.5, lookup_error_rate=1.0)
     cid = enqueue()
     assert providers.run(cid, routes) is Result.RETRYING
     open_breaker(routes, "a")
     before = charge(cid).attempts
-    assert providers.run(cid, routes) is Result.DEFERRED  # not to b: a may have charged
+    # Not to b: a may have charged, and a cannot say (its lookups fail too).
+    assert providers.run(cid, routes) is Result.DEFERRED
     assert charge(cid).attempts == before  # waiting used no attempt
     assert sent(providers.b, cid) == 0
 
@@ -187,6 +197,37 @@ def test_after_an_answer_that_may_have_charged_the_charge_waits_for_its_group(
     assert providers.run(cid, routes) is Result.SUCCEEDED
     assert len(books(providers.a, cid)) == 1 and sent(providers.b, cid) == 0
     assert providers.a.stats()["duplicate_charges"] == 0
+
+
+@pytest.mark.parametrize("step", ["error", "reset", "key_in_use"])
+def test_a_lookup_that_finds_nothing_in_its_group_frees_the_charge(
+    providers: Providers, step: str
+) -> None:
+    routes = providers.routes()
+    providers.a.faults(script=[step])  # each stores nothing at a
+    cid = enqueue()
+    assert providers.run(cid, routes) is Result.RETRYING
+    assert charge(cid).ledger_group == "a"
+    open_breaker(routes, "a")
+    assert providers.run(cid, routes) is Result.SUCCEEDED
+    assert (books(providers.a, cid), len(books(providers.b, cid))) == ([], 1)
+    assert [(a["endpoint"], a["outcome"]) for a in attempts(cid, kind="lookup")] == [
+        ("a", "not_found")
+    ]
+    assert charge(cid).charged_endpoint == "b"
+    assert [a["action"] for a in audits(cid)] == ["unpin"]
+
+
+def test_a_lookup_that_finds_the_charge_in_its_group_settles_it(providers: Providers) -> None:
+    routes = providers.routes()
+    providers.a.faults(script=["timeout"], timeout_delay_s=2.5)  # charged, then no answer
+    cid = enqueue()
+    assert providers.run(cid, routes) is Result.RETRYING
+    open_breaker(routes, "a")
+    assert providers.run(cid, routes) is Result.SUCCEEDED
+    [book] = books(providers.a, cid)
+    assert (charge(cid).provider_charge_id, charge(cid).charged_endpoint) == (book["id"], "a")
+    assert sent(providers.b, cid) == 0
 
 
 def test_a_request_that_charged_nothing_lets_the_charge_move(providers: Providers) -> None:
@@ -216,7 +257,12 @@ def test_a_refused_connection_sent_nothing_so_the_charge_may_move(providers: Pro
 def test_a_no_charge_answer_after_an_unclear_one_proves_nothing(providers: Providers) -> None:
     # a charges, then times out; the retry's 429 says nothing of the first request.
     routes = providers.routes()
-    providers.a.faults(script=["timeout", "rate_limit"], timeout_delay_s=2.5, retry_after_s=0)
+    providers.a.faults(
+        script=["timeout", "rate_limit"],
+        timeout_delay_s=2.5,
+        retry_after_s=0,
+        lookup_error_rate=1.0,
+    )
     cid = enqueue()
     assert providers.run(cid, routes) is Result.RETRYING
     assert providers.run(cid, routes) is Result.RETRYING

@@ -26,7 +26,7 @@ from payq.errors import IdempotencyKeyInUse, ProviderError, RetryableProviderErr
 from payq.gate.breaker import BreakerState, CallOutcome, FleetBreaker
 from payq.gate.fleet import FleetLimit, SlotRefused
 from payq.gate.kept import KEEP_EVERY_S, REUSE_FOR_S, KeptSlots
-from payq.gate.scripts import EnterArgs, Release, SettleArgs, gate_scripts
+from payq.gate.scripts import EnterArgs, LookupEnterArgs, Release, SettleArgs, gate_scripts
 from payq.provider import ProviderCharge
 from payq.settings import Settings
 
@@ -110,6 +110,33 @@ class ProviderGate:
         if isinstance(slot, SlotRefused):
             return self._refused_by_fleet(slot)
         return Pass(slot, admission.probe)
+
+    def enter_lookup(self) -> Pass | Wait:
+        """A fleet slot for a lookup by key, whatever the breaker says: a lookup charges
+        nothing, and may prove that a charge pinned here can go elsewhere. Leave it with
+        ``leave(passed, None, keep=False)``: the breaker is told nothing."""
+        token = self.fleet.register()
+        asked_at = time.monotonic()
+        fleet = self.fleet
+        try:
+            answer = self.scripts.run(
+                LookupEnterArgs(
+                    slots=fleet.slots_key,
+                    epoch=fleet.epoch_key,
+                    token=token,
+                    limit=fleet.limit,
+                    lease_ms=fleet.lease_ms,
+                    grace_ms=fleet.grace_ms,
+                )
+            )
+        except redis.RedisError as exc:
+            self.fleet.forget(token)
+            detail = f"Redis did not answer ({type(exc).__name__})"
+            return Wait(DeferralCause.REDIS, jitter_ms(1000, 3000), detail)
+        slot = self.fleet.granted(token, answer, asked_at)
+        if isinstance(slot, SlotRefused):
+            return self._refused_by_fleet(slot)
+        return Pass(slot, probe=False)
 
     def _enter_args(self, token: str) -> EnterArgs:
         fleet = self.fleet

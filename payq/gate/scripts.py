@@ -20,6 +20,7 @@ __all__ = [
     "EnterArgs",
     "GateScript",
     "InUseArgs",
+    "LookupEnterArgs",
     "Release",
     "RenewArgs",
     "SettleArgs",
@@ -68,6 +69,19 @@ class EnterArgs(GateScript):
     window: str  # the prefix of the breaker window's per-second buckets
     rules: BreakerRules
     token: str  # the slot asked for
+    limit: int
+    lease_ms: int
+    grace_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class LookupEnterArgs(GateScript):
+    script: ClassVar[str] = "enter_lookup"
+    uses: ClassVar[tuple[str, ...]] = ("_now", "_fleet")
+
+    slots: str = field(metadata=KEY)
+    epoch: str = field(metadata=KEY)
+    token: str
     limit: int
     lease_ms: int
     grace_ms: int
@@ -132,6 +146,7 @@ def gate_scripts(client: redis.Redis) -> Scripts:
 
 GATE_SCRIPTS: tuple[type[GateScript], ...] = (
     EnterArgs,
+    LookupEnterArgs,
     SettleArgs,
     SnapshotArgs,
     RenewArgs,
