@@ -25,7 +25,7 @@ from sqlalchemy import bindparam, select, update
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from payq import ledger
+from payq import ledger, metrics
 from payq.constants import SYSTEM_ACTOR, ChargeStatus
 from payq.db import autocommit, transaction
 from payq.gate import Pass
@@ -130,6 +130,7 @@ def _unpin(cid: uuid.UUID, pin: Pin, route: Route, lease_s: float) -> bool:
             params={"group": pin.group, "why": f"looked up at {route.name}: no charge"},
             ids=[cid],
         )
+    metrics.MOVED.labels(pin.group).inc()
     log.warning(
         "charge freed from ledger group %s: looked up by key at %s, no charge there; it may "
         "go to another group",

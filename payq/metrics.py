@@ -16,8 +16,14 @@ __all__ = [
     "CHARGES",
     "DEAD_LETTERS",
     "DEFERRALS",
+    "ENDPOINT_BREAKER_STATE",
+    "ENDPOINT_CALLS",
+    "ENDPOINT_LATENCY",
+    "ENDPOINT_SLOTS_IN_USE",
+    "FAILOVERS",
     "FLEET_SLOTS_IN_USE",
     "LOOKUPS",
+    "MOVED",
     "POOL_EXHAUSTED",
     "POOL_IN_USE",
     "POOL_SIZE",
@@ -70,5 +76,41 @@ UNKNOWN_OUTCOMES = Gauge(
     "Dead charges whose outcome is unknown: the sweep's backlog (within the key's retention) "
     "and those past it, left to a person",
     ["retention"],
+    multiprocess_mode="mostrecent",
+)
+
+# Several endpoints (payq.routing): each endpoint's own figures.
+ENDPOINT_CALLS = Counter(
+    "payq_endpoint_calls",
+    "Charge requests, by endpoint, its ledger group and how they ended (AttemptOutcome)",
+    ["endpoint", "group", "outcome"],
+)
+ENDPOINT_LATENCY = Histogram(
+    "payq_endpoint_latency_seconds",
+    "Charge request latency by endpoint, deadline included",
+    ["endpoint"],
+    buckets=(0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 8, 13),
+)
+FAILOVERS = Counter(
+    "payq_failovers",
+    "Calls that went to a later endpoint because the ones before it refused (their breaker "
+    "open or half-open), by the first endpoint in order and the one taken",
+    ["from_endpoint", "to_endpoint"],
+)
+MOVED = Counter(
+    "payq_moved",
+    "Charges freed from their ledger group by a lookup there that found no charge, by group",
+    ["group"],
+)
+ENDPOINT_BREAKER_STATE = Gauge(
+    "payq_endpoint_breaker_state",
+    "Each endpoint's circuit breaker: 0 closed, 1 half-open, 2 open",
+    ["endpoint"],
+    multiprocess_mode="mostrecent",
+)
+ENDPOINT_SLOTS_IN_USE = Gauge(
+    "payq_endpoint_slots_in_use",
+    "Each endpoint's calls in flight across the fleet (its max_concurrency slots)",
+    ["endpoint"],
     multiprocess_mode="mostrecent",
 )

@@ -501,7 +501,7 @@ def process_charge(
             decision = _unpin_if_proven(decision, claim, attempt.outcome)
     finally:
         route.gate.leave(entry, attempt.outcome, attempt.latency_ms)
-    attempt.count()
+    attempt.count(route)
     return _record(claim, attempt, decision, settings, (route.provider, route.gate))
 
 
@@ -555,12 +555,15 @@ class _Attempt:
     def latency_ms(self) -> int:
         return int(self.elapsed_s * 1000)
 
-    def count(self) -> None:
+    def count(self, route: Route) -> None:
         if self.outcome is not None:
             metrics.PROVIDER_LATENCY.observe(self.elapsed_s)
             metrics.ATTEMPTS.labels(
                 "none" if isinstance(self.outcome, ProviderCharge) else self.outcome.error_class
             ).inc()
+            outcome = _attempt_outcome(self.outcome).value
+            metrics.ENDPOINT_CALLS.labels(route.name, route.group, outcome).inc()
+            metrics.ENDPOINT_LATENCY.labels(route.name).observe(self.elapsed_s)
 
 
 def _charge_id(charge_id: str) -> uuid.UUID:

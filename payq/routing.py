@@ -15,6 +15,7 @@ pin on that proof), so while pinned it is offered its group's endpoints only.
 
 from __future__ import annotations
 
+import logging
 import random
 import threading
 from collections.abc import Sequence
@@ -23,10 +24,16 @@ from dataclasses import dataclass
 import redis
 
 from payq.broker import BROKER
+from payq.constants import DeferralCause
 from payq.gate import Pass, ProviderGate, Wait
 from payq.provider import ProviderClient
 from payq.runtime import Part, Runtime, runtime
 from payq.settings import Endpoint, Settings
+
+log = logging.getLogger("payq.routing")
+
+#: A route that refused for one of these is sick, not busy: taking the next is a failover.
+_SICK = frozenset({DeferralCause.BREAKER_OPEN, DeferralCause.BREAKER_HALF_OPEN})
 
 __all__ = ["ROUTES", "Route", "Routed", "Routes", "get_gate", "get_provider", "get_routes"]
 
@@ -81,6 +88,7 @@ class Routes:
             raise ValueError("no provider endpoint")
         self.all = tuple(sorted(routes, key=lambda r: r.endpoint.priority))
         self.groups = tuple(dict.fromkeys(r.group for r in self.all))
+        self._failing_over = False  # this process's calls go past the primary's breaker
 
     @classmethod
     def build(cls, settings: Settings, client: redis.Redis) -> Routes:
@@ -121,12 +129,40 @@ class Routes:
         """The first route whose gate admits a call now (``group``: only its routes), or
         the shortest of their waits. Never blocks."""
         waits: list[Wait] = []
-        for route in self.order(group):
+        order = self.order(group)
+        for route in order:
             entry = route.gate.enter()
             if isinstance(entry, Pass):
+                self._watch(order[0], route, waits)
                 return Routed(route, entry)
             waits.append(entry)
         return min(waits, key=lambda w: w.delay_ms)
+
+    def _watch(self, first: Route, taken: Route, refused: list[Wait]) -> None:
+        """Count a failover (the routes before ``taken`` refused: a breaker, not a full
+        fleet), and alert when this process's traffic starts failing over from the
+        first-priority endpoint and when it comes back to it."""
+        # Imported here: metrics and alerts are the worker's concern, and the routes are
+        # also read by `payq status`, which should not load Sentry.
+        from payq import metrics
+        from payq.sentry import alert
+
+        over = any(w.cause in _SICK for w in refused)
+        if over:
+            metrics.FAILOVERS.labels(first.name, taken.name).inc()
+        if taken is self.primary and self._failing_over:
+            self._failing_over = False
+            alert(log, f"provider traffic back on endpoint {taken.name}", endpoint=taken.name)
+        elif over and first is self.primary and not self._failing_over:
+            self._failing_over = True
+            alert(
+                log,
+                f"provider traffic failing over from endpoint {first.name} to {taken.name}: "
+                f"{first.name}'s circuit breaker refuses calls",
+                logging.ERROR,
+                endpoint=first.name,
+                to_endpoint=taken.name,
+            )
 
     def close(self) -> None:
         for route in self.all:

@@ -121,9 +121,12 @@ def test_reset_is_a_connection_error(sim: Sim) -> None:
 
 def test_nobody_listening_is_a_connection_error() -> None:
     c = client(Sim("http://127.0.0.1:9"))
-    with pytest.raises(errors.ProviderConnectionError) as charging:
+    with pytest.raises(errors.ProviderConnectionRefused) as charging:
         c.create_charge("k-refused", BODY)
-    assert "may or may not have happened" in str(charging.value)
+    # No connection: not one byte of the request left, so it charged nothing.
+    assert "nothing was sent" in str(charging.value)
+    assert "may or may not" not in str(charging.value)
+    assert charging.value.error_class == "connection_error"
     with pytest.raises(errors.ProviderConnectionError) as looking:
         c.find_charge("k-refused")  # a lookup charges nothing: it does not say it might have
     assert "may or may not" not in str(looking.value)
