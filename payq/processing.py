@@ -91,7 +91,7 @@ from payq.gate import ProviderGate, Wait, jitter_ms
 from payq.models import charge_attempts, charges, operator_actions
 from payq.provider import ProviderCharge, ProviderClient, charge_body, clean_text
 from payq.retry_policy import RetryPolicy
-from payq.routing import Route, Routed, Routes, get_gate, get_routes
+from payq.routing import Route, Routed, Routes, routes_for
 from payq.sentry import tag_charge
 from payq.settings import Settings, get_settings
 
@@ -475,7 +475,7 @@ def process_charge(
     """
     settings = settings or get_settings()
     cid = _charge_id(charge_id)
-    routes = routes or _routes(settings, provider, gate)
+    routes = routes or routes_for(settings, provider, gate)
     routed = _route(cid, routes, settings)
     if isinstance(routed, Result):
         return routed
@@ -503,15 +503,6 @@ def process_charge(
         route.gate.leave(entry, attempt.outcome, attempt.latency_ms)
     attempt.count(route)
     return _record(claim, attempt, decision, settings, (route.provider, route.gate))
-
-
-def _routes(
-    settings: Settings, provider: ProviderClient | None, gate: ProviderGate | None
-) -> Routes:
-    """The process's routes, or one made of the client and gate given (tests)."""
-    if provider is None and gate is None:
-        return get_routes()
-    return Routes([Route(settings.endpoints[0], gate or get_gate(), provider)])
 
 
 def _route(cid: uuid.UUID, routes: Routes, settings: Settings) -> Routed | Wait | Result:

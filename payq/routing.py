@@ -35,7 +35,16 @@ log = logging.getLogger("payq.routing")
 #: A route that refused for one of these is sick, not busy: taking the next is a failover.
 _SICK = frozenset({DeferralCause.BREAKER_OPEN, DeferralCause.BREAKER_HALF_OPEN})
 
-__all__ = ["ROUTES", "Route", "Routed", "Routes", "get_gate", "get_provider", "get_routes"]
+__all__ = [
+    "ROUTES",
+    "Route",
+    "Routed",
+    "Routes",
+    "get_gate",
+    "get_provider",
+    "get_routes",
+    "routes_for",
+]
 
 
 class Route:
@@ -186,6 +195,16 @@ ROUTES: Part[Routes] = Part(
 def get_routes() -> Routes:
     """This process's routes to the provider, one per endpoint."""
     return runtime().get(ROUTES)
+
+
+def routes_for(
+    settings: Settings, provider: ProviderClient | None = None, gate: ProviderGate | None = None
+) -> Routes:
+    """The process's routes; or, given a client or a gate (tests, a command with a client
+    of its own), one route of the first endpoint made of them."""
+    if provider is None and gate is None:
+        return get_routes()
+    return Routes([Route(settings.endpoints[0], gate or get_gate(), provider)])
 
 
 def get_gate() -> ProviderGate:

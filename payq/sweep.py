@@ -20,16 +20,26 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, DateTime, Engine, Select, func, literal, select, update
+from sqlalchemy import (
+    Connection,
+    DateTime,
+    Engine,
+    Select,
+    bindparam,
+    func,
+    literal,
+    select,
+    update,
+)
 from sqlalchemy.sql.elements import ColumnElement
 
 from payq import ledger, metrics
-from payq.constants import ChargeStatus, DeadOutcome
+from payq.constants import AttemptKind, ChargeStatus, DeadOutcome
 from payq.db import transaction
 from payq.gate import ProviderGate, Wait
-from payq.models import charges
+from payq.models import charge_attempts, charges
 from payq.provider import ProviderClient
-from payq.routing import get_gate, get_provider
+from payq.routing import Route, Routes, routes_for
 from payq.settings import Settings, get_settings
 
 __all__ = ["Resolution", "SweepPass", "backlog", "resolve", "sweep_once", "unknown_outcomes"]
@@ -103,6 +113,7 @@ def sweep_once(
     budget: int,
     provider: ProviderClient | None = None,
     gate: ProviderGate | None = None,
+    routes: Routes | None = None,
 ) -> SweepPass:
     """Look up at most ``budget`` due charges of unknown outcome, oldest due first."""
     settings = settings or get_settings()
@@ -131,7 +142,7 @@ def sweep_once(
     waited = None
     for row in rows:
         try:
-            resolution = resolve(row.id, row.idempotency_key, row.attempts, provider, gate)
+            resolution = resolve(row.id, row.idempotency_key, row.attempts, provider, gate, routes)
         except Exception:  # one odd charge must not stop the sweep, nor the relay
             log.exception(
                 "dead charge not looked up: the lookup failed unexpectedly; asked again "
@@ -161,22 +172,30 @@ def resolve(
     attempts: int,
     provider: ProviderClient | None = None,
     gate: ProviderGate | None = None,
+    routes: Routes | None = None,
 ) -> Resolution | None:
-    """Look one dead charge up by key and settle it by the answer; ``None`` if the gate
-    said wait (nothing was sent). ``attempts``: the count it had when it was picked (a
-    replay meanwhile changes it, and the answer then settles nothing here)."""
-    gate = gate or get_gate()
-    entry = gate.enter()
-    if isinstance(entry, Wait):
-        return None
-    lookup: ledger.Lookup | None = None
-    try:
-        lookup = ledger.look_up(provider or get_provider(), key)
-    finally:
-        gate.leave(entry, lookup.error if lookup is not None else None, 0)
+    """Look one dead charge up by key in every ledger group it was sent to, and settle it
+    by the answers; ``None`` if the first gate said wait (nothing was sent). A charge or a
+    decline in any group settles it; "not charged" needs every group to say so.
+    ``attempts``: the count it had when it was picked (a replay meanwhile changes it, and
+    the answer then settles nothing here)."""
+    routes = routes or routes_for(get_settings(), provider, gate)
+    groups = _groups_sent(charge_id, routes)
+    lookups: list[tuple[Route, ledger.Lookup]] = []
+    for group in groups:
+        asked = _look_up_in(routes, group, key)
+        if asked is None:
+            if not lookups:
+                return None
+            break  # this group cannot be asked now: the verdict stays unknown
+        lookups.append(asked)
+        if isinstance(asked[1].verdict, ledger.Charged | ledger.Declined):
+            break
+    route, verdict = _verdict(lookups, complete=len(lookups) == len(groups))
     with transaction() as conn:
-        ledger.record_lookup(conn, charge_id, attempts, lookup)
-        resolution = _settle_by(conn, charge_id, attempts, lookup.verdict)
+        for asked_at, lookup in lookups:
+            ledger.record_lookup(conn, charge_id, attempts, lookup, asked_at.name, asked_at.group)
+        resolution = _settle_by(conn, charge_id, attempts, verdict, route.name)
     metrics.LOOKUPS.labels(resolution.result).inc()
     log.log(
         logging.INFO if resolution.result != "unknown" else logging.WARNING,
@@ -188,12 +207,61 @@ def resolve(
     return resolution
 
 
+#: The ledger groups a charge's requests went to (NULL: sent before there were several
+#: endpoints, to the first endpoint's).
+_GROUPS_SENT = (
+    select(charge_attempts.c.ledger_group)
+    .where(
+        charge_attempts.c.charge_id == bindparam("charge_id"),
+        charge_attempts.c.kind == AttemptKind.CHARGE,
+    )
+    .distinct()
+)
+
+
+def _groups_sent(charge_id: uuid.UUID, routes: Routes) -> list[str]:
+    with transaction() as conn:
+        groups = conn.execute(_GROUPS_SENT, {"charge_id": charge_id}).scalars().all()
+    known = {g if g in routes.groups else routes.primary.group for g in groups}
+    return sorted(known, key=routes.groups.index) or [routes.primary.group]
+
+
+def _look_up_in(routes: Routes, group: str, key: str) -> tuple[Route, ledger.Lookup] | None:
+    """One lookup by key through the first of the group's gates that lets it through."""
+    routed = routes.enter(group)
+    if isinstance(routed, Wait):
+        return None
+    lookup: ledger.Lookup | None = None
+    try:
+        lookup = ledger.look_up(routed.route.provider, key)
+    finally:
+        routed.route.gate.leave(routed.entry, lookup.error if lookup is not None else None, 0)
+    return routed.route, lookup
+
+
+def _verdict(
+    lookups: list[tuple[Route, ledger.Lookup]], *, complete: bool
+) -> tuple[Route, ledger.Verdict]:
+    """What the groups' answers say together, and the route that said it."""
+    for route, lookup in lookups:
+        if isinstance(lookup.verdict, ledger.Charged | ledger.Declined):
+            return route, lookup.verdict
+    for route, lookup in lookups:
+        if not isinstance(lookup.verdict, ledger.NotCharged):
+            return route, lookup.verdict
+    if not complete:
+        return lookups[-1][0], ledger.Unknown("a group it was sent to cannot be asked now")
+    return lookups[-1][0], ledger.NotCharged()
+
+
 def _settle_by(
-    conn: Connection, charge_id: uuid.UUID, attempts: int, verdict: ledger.Verdict
+    conn: Connection, charge_id: uuid.UUID, attempts: int, verdict: ledger.Verdict, endpoint: str
 ) -> Resolution:
-    """What a dead charge becomes by the lookup's verdict, in the caller's transaction."""
+    """What a dead charge becomes by the lookups' verdict, in the caller's transaction."""
     if isinstance(verdict, ledger.Charged | ledger.Declined):
-        was = ledger.settle(conn, charge_id, verdict, why="looked up by key", looked_up=True)
+        was = ledger.settle(
+            conn, charge_id, verdict, why="looked up by key", looked_up=True, endpoint=endpoint
+        )
         if was is None:
             return Resolution("changed", "already settled")
         to = _settled_as(verdict)
@@ -224,6 +292,7 @@ def _settle_by(
             dead_outcome=DeadOutcome.VERIFIED_NOT_CHARGED,
             reconciled_at=func.now(),
             next_lookup_at=None,
+            ledger_group=None,  # not charged in any group: a replay may go anywhere
             dead_reason=func.concat(
                 charges.c.dead_reason, "; looked up by key: not charged at the provider"
             ),

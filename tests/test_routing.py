@@ -22,9 +22,11 @@ from payq.constants import DeferralCause
 from payq.db import transaction
 from payq.gate import Wait
 from payq.models import operator_actions
+from payq.ops.dlq import DeadFilter, replay
 from payq.processing import Result, process_charge
 from payq.routing import Routes
 from payq.settings import Settings, load_settings
+from payq.sweep import sweep_once
 from producers import enqueue_charge
 from provider_sim import SimulatorThread
 from tests.conftest import API_KEY, REDIS_URL
@@ -293,3 +295,57 @@ def test_the_claim_refuses_an_endpoint_outside_the_charges_pin(providers: Provid
     assert providers.run(cid, only_b) is Result.DEFERRED
     assert charge(cid).attempts == before
     assert sent(providers.b, cid) == 0
+
+
+def dead_unknown_sent_to_both(providers: Providers, routes: Routes, b_step: str) -> uuid.UUID:
+    """A charge a refused with a 429 (moved on), then b got with ``b_step`` and could not
+    be asked about (its lookups fail): dead of unknown outcome, sent to both groups."""
+    providers.a.faults(script=["rate_limit"], retry_after_s=0)
+    providers.b.faults(script=[b_step], timeout_delay_s=2.5, lookup_error_rate=1.0)
+    cid = enqueue()
+    assert providers.run(cid, routes) is Result.RETRYING
+    open_breaker(routes, "a")
+    assert providers.run(cid, routes) is Result.DEAD
+    assert charge(cid).dead_outcome == "unknown"
+    providers.client.delete(routes.all[0].gate.breaker.state_key)
+    providers.b.faults(lookup_error_rate=0.0)
+    return cid
+
+
+def test_the_sweep_settles_a_charge_by_the_group_that_charged_it(providers: Providers) -> None:
+    routes = providers.routes(attempts=2)
+    cid = dead_unknown_sent_to_both(providers, routes, "timeout")  # b charged it
+    swept = sweep_once(routes.settings, budget=5, routes=routes)  # type: ignore[attr-defined]
+    assert swept.settled == 1
+    [book] = books(providers.b, cid)
+    assert books(providers.a, cid) == []
+    assert (charge(cid).status, charge(cid).provider_charge_id) == ("succeeded", book["id"])
+    assert charge(cid).charged_endpoint == "b"
+
+
+def test_not_charged_needs_every_group_it_was_sent_to(providers: Providers) -> None:
+    routes = providers.routes(attempts=2)
+    cid = dead_unknown_sent_to_both(providers, routes, "error")  # b stored nothing
+    swept = sweep_once(routes.settings, budget=5, routes=routes)  # type: ignore[attr-defined]
+    assert swept.verified == 1
+    assert [(a["endpoint"], a["outcome"]) for a in attempts(cid, kind="lookup")][-2:] == [
+        ("a", "not_found"),
+        ("b", "not_found"),
+    ]
+    assert (charge(cid).dead_outcome, charge(cid).ledger_group) == ("verified_not_charged", None)
+    assert books(providers.a, cid) == [] and books(providers.b, cid) == []
+
+
+def test_a_replayed_charge_keeps_its_pin(providers: Providers) -> None:
+    routes = providers.routes(attempts=1)
+    providers.a.faults(script=["timeout"], timeout_delay_s=2.5, lookup_error_rate=1.0)
+    cid = enqueue()
+    assert providers.run(cid, routes) is Result.DEAD  # a charged it; nobody could tell
+    assert (charge(cid).dead_outcome, charge(cid).ledger_group) == ("unknown", "a")
+    replay(DeadFilter(ids=[cid]), actor="test")
+    open_breaker(routes, "a")
+    assert providers.run(cid, routes) is Result.DEFERRED  # pinned: not to b
+    assert sent(providers.b, cid) == 0
+    providers.a.faults(lookup_error_rate=0.0)
+    assert providers.run(cid, routes) is Result.SUCCEEDED  # a's lookup settles it
+    assert len(books(providers.a, cid)) == 1 and sent(providers.b, cid) == 0

@@ -21,7 +21,6 @@ from payq.ledger import audit
 from payq.models import charges
 from payq.ops.dlq import DeadFilter, key_may_be_forgotten
 from payq.provider import ProviderClient
-from payq.routing import get_provider
 from payq.settings import Settings, get_settings
 from payq.sweep import resolve
 
@@ -70,7 +69,6 @@ def reconcile(
     if dry_run:
         report.planned = [c.id for c in candidates]
         return report
-    provider = provider or get_provider()
     for cid, key, attempts, too_old in candidates:
         if too_old:
             # A "not found" could mean the provider forgot the key, not that it never
