@@ -1,6 +1,7 @@
 """The system's figures, as status, health, the workers' reports and the dashboard read
 them: provider attempts over the last minutes (success rate, latency, errors by class),
-dead charges, the live workers' own reports, and the fleet's circuit breaker in words.
+the same by provider endpoint, dead charges, the live workers' own reports, and the
+fleet's circuit breaker in words.
 """
 
 from __future__ import annotations
@@ -21,12 +22,14 @@ from payq.models import charges
 
 __all__ = [
     "AttemptStats",
+    "EndpointStats",
     "MinuteStats",
     "attempt_series",
     "attempt_stats",
     "breaker_figures",
     "dead_count",
     "describe_breaker",
+    "endpoint_stats",
     "worker_reports",
 ]
 
@@ -74,6 +77,88 @@ def attempt_stats(minutes: int, engine: Engine | None = None) -> AttemptStats:
     stats.errors_by_class = {str(cls): int(n) for cls, n in by_class}
     stats.errors = sum(stats.errors_by_class.values())
     return stats
+
+
+@dataclass
+class EndpointStats:
+    """One endpoint's charge requests that started within the last ``minutes`` (recorded
+    ones for the counts and latency), the charges it charged that had a request there
+    then, and the charges whose request came to it from another endpoint's (a failover,
+    or a retry sent elsewhere by weight) or went from it to another: ``moved_in`` counts
+    those that came from another ledger group."""
+
+    name: str | None  # None: requests recorded before there were several endpoints
+    minutes: int
+    calls: int = 0
+    succeeded: int = 0
+    declined: int = 0
+    errors: int = 0
+    p50_ms: float | None = None
+    p95_ms: float | None = None
+    errors_by_class: dict[str, int] = field(default_factory=dict)
+    charged: int = 0
+    failovers_in: int = 0
+    failovers_out: int = 0
+    moved_in: int = 0
+
+
+def endpoint_stats(minutes: int, engine: Engine | None = None) -> dict[str | None, EndpointStats]:
+    """Each endpoint's figures over the last ``minutes``, by name, busiest first."""
+    window = {"since": dt.datetime.now(dt.UTC) - dt.timedelta(minutes=minutes)}
+    with transaction(engine) as conn:
+        rows = conn.execute(text(_ENDPOINT_CALLS), window).all()
+        by_class = conn.execute(text(_ENDPOINT_ERRORS), window).all()
+        switches = conn.execute(text(_ENDPOINT_SWITCHES), window).all()
+        charged: dict[str, int] = dict(conn.execute(text(_ENDPOINT_CHARGED), window).all())
+    stats: dict[str | None, EndpointStats] = {}
+    for name, calls, ok, declined, p50, p95 in rows:
+        stats[name] = EndpointStats(name, minutes, int(calls), int(ok), int(declined))
+        stats[name].p50_ms, stats[name].p95_ms = p50, p95
+    for name, cls, n in by_class:
+        stats[name].errors_by_class[str(cls)] = int(n)
+        stats[name].errors += int(n)
+    for name, n in charged.items():
+        stats.setdefault(name, EndpointStats(name, minutes)).charged = int(n)
+    for came_from, went_to, other_group, n in switches:
+        for name in (came_from, went_to):
+            stats.setdefault(name, EndpointStats(name, minutes))
+        stats[went_to].failovers_in += int(n)
+        stats[came_from].failovers_out += int(n)
+        stats[went_to].moved_in += int(n) if other_group else 0
+    return stats
+
+
+_ENDPOINT_CALLS = (
+    "SELECT endpoint, count(*), count(*) FILTER (WHERE outcome = 'succeeded'), "
+    "count(*) FILTER (WHERE outcome = 'declined'), "
+    "percentile_cont(0.5) WITHIN GROUP (ORDER BY latency_ms), "
+    "percentile_cont(0.95) WITHIN GROUP (ORDER BY latency_ms) "
+    "FROM charge_attempts WHERE started_at >= :since AND kind = 'charge' "
+    "AND finished_at IS NOT NULL GROUP BY endpoint ORDER BY count(*) DESC"
+)
+_ENDPOINT_ERRORS = (
+    "SELECT endpoint, error_class, count(*) FROM charge_attempts "
+    "WHERE started_at >= :since AND kind = 'charge' AND finished_at IS NOT NULL "
+    "AND outcome NOT IN ('succeeded', 'declined') "
+    "GROUP BY endpoint, error_class ORDER BY count(*) DESC"
+)
+#: Requests at another endpoint than the charge's request before them in the window: by
+#: that one's endpoint, this one's, and whether the ledger group changed too.
+_ENDPOINT_SWITCHES = (
+    "WITH a AS (SELECT endpoint, ledger_group, "
+    "lag(endpoint) OVER w AS prev_endpoint, lag(ledger_group) OVER w AS prev_group, "
+    "row_number() OVER w AS seq FROM charge_attempts "
+    "WHERE started_at >= :since AND kind = 'charge' "
+    "WINDOW w AS (PARTITION BY charge_id ORDER BY started_at, id)) "
+    "SELECT prev_endpoint, endpoint, prev_group IS DISTINCT FROM ledger_group, count(*) "
+    "FROM a WHERE seq > 1 AND prev_endpoint IS DISTINCT FROM endpoint GROUP BY 1, 2, 3"
+)
+#: Charges charged at an endpoint that had a request there in the window.
+_ENDPOINT_CHARGED = (
+    "SELECT c.charged_endpoint, count(DISTINCT c.id) FROM charges c "
+    "JOIN charge_attempts a ON a.charge_id = c.id AND a.endpoint = c.charged_endpoint "
+    "WHERE a.started_at >= :since AND c.status = 'succeeded' GROUP BY c.charged_endpoint"
+)
 
 
 @dataclass

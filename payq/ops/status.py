@@ -2,7 +2,8 @@
 
 Queue depths, charges by status and dead charges by what the provider did, provider
 success rate and latency over the last 5 and 60 minutes, errors by class, the fleet's
-circuit breaker and slots, deferrals, and each live worker's own report. The figures
+circuit breaker and slots (the first-priority endpoint's), each provider endpoint's own
+breaker, slots and figures, deferrals, and each live worker's own report. The figures
 themselves are ``payq.figures``'s, shared with health and the dashboard.
 """
 
@@ -19,15 +20,17 @@ from payq.constants import QUEUE_NAME, ChargeStatus, DeadOutcome
 from payq.db import transaction
 from payq.dramatiq_redis import Layout
 from payq.figures import (
+    EndpointStats,
     attempt_stats,
     breaker_figures,
     dead_count,
     describe_breaker,
+    endpoint_stats,
     worker_reports,
 )
-from payq.gate import ProviderGate
 from payq.models import charges
 from payq.ops.output import plural
+from payq.routing import Route, Routes
 from payq.settings import Settings, get_settings
 from payq.sweep import backlog
 
@@ -38,9 +41,10 @@ def snapshot(settings: Settings | None = None) -> dict[str, Any]:
     settings = settings or get_settings()
     broker = get_broker()
     ns, client = broker.namespace, broker.client
-    # Built here rather than taken from get_gate(): reading needs no renewal thread, and
-    # this follows the settings given (the same namespace and limit as the workers').
-    gate = ProviderGate(client, settings)
+    # Built here rather than taken from get_routes(): reading needs no renewal thread, and
+    # this follows the settings given (the same namespace and limits as the workers').
+    routes = Routes.build(settings, client)
+    gate = routes.primary.gate
     layout = Layout(ns)
     with client.pipeline(transaction=False) as pipe:
         pipe.llen(layout.queue(QUEUE_NAME))
@@ -78,17 +82,119 @@ def snapshot(settings: Settings | None = None) -> dict[str, Any]:
         "breaker": breaker_figures(gate.breaker),
         "fleet": {
             "slots_in_use": gate.fleet.in_use(),
-            "max_concurrency": settings.payment_max_concurrency,
+            "max_concurrency": gate.fleet.limit,
             "provider_calls_in_flight": sum(w["http_in_use"] for w in workers),
         },
+        "endpoints": endpoint_figures(routes),
         # Summed over the live workers' reports: since each process started.
         "deferrals": dict(sorted(deferrals.items(), key=lambda kv: -kv[1])),
         "workers": workers,
     }
 
 
+def endpoint_figures(routes: Routes) -> list[dict[str, Any]]:
+    """Each endpoint, highest priority first: its place, breaker, slots and figures over
+    the last 5 and 60 minutes; then any endpoint that is no longer configured but had
+    requests in the hour (``None``: recorded before requests named their endpoint)."""
+    windows = {"last_5_min": endpoint_stats(5), "last_60_min": endpoint_stats(60)}
+    listed = [_endpoint(route, windows) for route in routes.all]
+    configured = {route.name for route in routes.all}
+    for name in windows["last_60_min"]:
+        if name not in configured:
+            listed.append(_gone(name, windows))
+    return listed
+
+
+def _endpoint(route: Route, windows: dict[str, Any]) -> dict[str, Any]:
+    gate = route.gate
+    return {
+        "name": route.name,
+        "group": route.group,
+        "priority": route.endpoint.priority,
+        "weight": route.endpoint.weight,
+        "breaker": breaker_figures(gate.breaker),
+        "fleet": {"slots_in_use": gate.fleet.in_use(), "max_concurrency": gate.fleet.limit},
+        **_windows(route.name, windows),
+    }
+
+
+def _gone(name: str | None, windows: dict[str, Any]) -> dict[str, Any]:
+    """An endpoint with recent requests that the settings no longer list."""
+    return {
+        "name": name,
+        "group": None,
+        "priority": None,
+        "weight": None,
+        "breaker": None,
+        "fleet": None,
+        **_windows(name, windows),
+    }
+
+
+def _windows(name: str | None, windows: dict[str, Any]) -> dict[str, Any]:
+    empty = {"last_5_min": EndpointStats(name, 5), "last_60_min": EndpointStats(name, 60)}
+    return {key: asdict(stats.get(name, empty[key])) for key, stats in windows.items()}
+
+
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f} ms"
+
+
+#: The endpoints table's columns: heading, width (a negative one: left-aligned).
+_COLUMNS = (
+    ("GROUP", -10), ("PRI", 3), ("BREAKER", -9), ("SLOTS", 9), ("CALLS 5m", 8),
+    ("OK% 5m", 6), ("ERR 5m", 6), ("P50 5m", 8), ("P95 5m", 8), ("CALLS 60m", 9),
+    ("ERR 60m", 7), ("CHARGED 60m", 11), ("OVER IN/OUT", 11), ("MOVED IN", 8),
+)  # fmt: skip
+
+
+def render_endpoints(endpoints: list[dict[str, Any]]) -> list[str]:
+    """The endpoints as a table (highest priority first), then each one's breaker and
+    errors by class. Failovers: a charge's request at another endpoint than its request
+    before (within the hour); moved: from another ledger group."""
+    width = max(4, *(len(str(e["name"])) for e in endpoints))
+    head = (
+        "  "
+        + "NAME".ljust(width)
+        + "".join(" " + (h.ljust(-w) if w < 0 else h.rjust(w)) for h, w in _COLUMNS)
+    )
+    lines = [f"endpoints  {plural(len(endpoints), 'endpoint')}, highest priority first", head]
+    for e in endpoints:
+        cells = "".join(
+            " " + (c.ljust(-w) if w < 0 else c.rjust(w))
+            for c, (_, w) in zip(_endpoint_cells(e), _COLUMNS, strict=True)
+        )
+        lines.append("  " + str(e["name"]).ljust(width) + cells)
+    for e in endpoints:
+        errors = e["last_60_min"]["errors_by_class"]
+        breaker = describe_breaker(e["breaker"]) if e["breaker"] else "not configured any more"
+        lines.append(f"  {e['name']}: breaker {breaker}")
+        lines.append(
+            f"  {e['name']}: errors (60 min) "
+            + (" · ".join(f"{k} {v}" for k, v in errors.items()) or "none")
+        )
+    return lines
+
+
+def _endpoint_cells(e: dict[str, Any]) -> list[str]:
+    five, hour, fleet = e["last_5_min"], e["last_60_min"], e["fleet"]
+    rate = f"{five['succeeded'] / five['calls']:.0%}" if five["calls"] else "-"
+    return [
+        str(e["group"] or "-"),
+        str(e["priority"] or "-"),
+        e["breaker"]["state"].replace("_", "-") if e["breaker"] else "-",
+        f"{fleet['slots_in_use']}/{fleet['max_concurrency']}" if fleet else "-",
+        str(five["calls"]),
+        rate,
+        str(five["errors"]),
+        _ms(five["p50_ms"]),
+        _ms(five["p95_ms"]),
+        str(hour["calls"]),
+        str(hour["errors"]),
+        str(hour["charged"]),
+        f"{hour['failovers_in']}/{hour['failovers_out']}",
+        str(hour["moved_in"]),
+    ]
 
 
 def render(snap: dict[str, Any]) -> str:
@@ -117,13 +223,18 @@ def render(snap: dict[str, Any]) -> str:
     lines.append(
         "errors     (60 min) " + (" · ".join(f"{k} {v}" for k, v in errors.items()) or "none")
     )
-    lines.append(f"breaker    {describe_breaker(snap['breaker'])}")
+    # With several endpoints, these two lines are the first-priority endpoint's.
+    endpoints = snap.get("endpoints") or []  # a snapshot saved before there were several
+    first = f"({endpoints[0]['name']}) " if len(endpoints) > 1 else ""
+    lines.append(f"breaker    {first}{describe_breaker(snap['breaker'])}")
     fleet = snap["fleet"]
     lines.append(
-        f"fleet      {fleet['slots_in_use']} of {fleet['max_concurrency']} slots in use "
+        f"fleet      {first}{fleet['slots_in_use']} of {fleet['max_concurrency']} slots in use "
         f"(PAYMENT_MAX_CONCURRENCY); {fleet['provider_calls_in_flight']} provider calls in "
         "flight reported by workers"
     )
+    if endpoints:
+        lines.extend(render_endpoints(endpoints))
     deferrals = snap["deferrals"]
     lines.append(
         "deferred   "

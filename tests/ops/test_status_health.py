@@ -27,7 +27,8 @@ from payq.settings import load_settings
 from producers import enqueue_charges
 from provider_sim import SimulatorThread
 from tests.conftest import API_KEY, REDIS_URL, TEST_ENV
-from tests.helpers import SUCCEEDED, TIMED_OUT, Sim, call, passed, statuses, wait_until
+from tests.helpers import SUCCEEDED, TIMED_OUT, Sim, call, charge, passed, statuses, wait_until
+from tests.ops.endpoints import TwoEndpoints, two_endpoints
 from tests.processes import PayqProcess
 
 pytestmark = pytest.mark.usefixtures("clean")
@@ -341,3 +342,63 @@ def test_the_provider_check_leaves_the_breaker_alone_and_its_probes_to_charges(
         )
         assert sim.stats()["requests"] == before
         assert passed(gate.enter()).probe  # still there for a charge
+
+
+@pytest.fixture
+def ends() -> Iterator[TwoEndpoints]:
+    with two_endpoints() as both:
+        yield both
+
+
+def test_status_shows_each_endpoint_with_its_own_breaker_slots_and_figures(
+    ends: TwoEndpoints,
+) -> None:
+    at_a, at_b = ends.failover()
+    held = passed(ends.route("b").gate.enter())  # one call in flight at b
+    snap = snapshot(ends.settings)
+    a, b = snap["endpoints"]
+    assert (a["name"], a["group"], a["priority"]) == ("a", "a", 1)
+    assert (b["name"], b["group"], b["priority"]) == ("b", "b", 2)
+    assert a["breaker"]["state"] == "open" and b["breaker"]["state"] == "closed"
+    assert snap["breaker"]["state"] == "open"  # the first-priority endpoint's, as before
+    assert (a["fleet"]["slots_in_use"], b["fleet"]["slots_in_use"]) == (0, 1)
+    a60, b60 = a["last_60_min"], b["last_60_min"]
+    assert (a60["calls"], a60["succeeded"], a60["errors"], a60["charged"]) == (2, 1, 1, 1)
+    assert a60["errors_by_class"] == {"rate_limited": 1}
+    assert (b60["calls"], b60["succeeded"], b60["errors"], b60["charged"]) == (1, 1, 0, 1)
+    assert b60["errors_by_class"] == {} and b60["p50_ms"] is not None
+    assert (a60["failovers_out"], a60["failovers_in"], b60["failovers_in"]) == (1, 0, 1)
+    assert (a60["moved_in"], b60["moved_in"]) == (0, 1)  # b is another ledger group
+
+    out = cli("status", **ends.env)
+    assert out.returncode == 0, out.stderr
+    rows = {x.split()[0]: x.split() for x in out.stdout.splitlines() if x.startswith("  a ")}
+    rows |= {x.split()[0]: x.split() for x in out.stdout.splitlines() if x.startswith("  b ")}
+    assert rows["a"][1:5] == ["a", "1", "open", "0/20"]
+    assert rows["b"][1:5] == ["b", "2", "closed", "1/20"]
+    assert "  a: breaker open until " in out.stdout
+    assert "  b: breaker closed (" in out.stdout
+    assert "  a: errors (60 min) rate_limited 1" in out.stdout
+    assert "  b: errors (60 min) none" in out.stdout
+    as_json = json.loads(cli("status", "--json", **ends.env).stdout)
+    assert [e["breaker"]["state"] for e in as_json["endpoints"]] == ["open", "closed"]
+    ends.route("b").gate.leave(held, None, keep=False)
+    assert charge(at_a).charged_endpoint == "a" and charge(at_b).charged_endpoint == "b"
+
+
+def test_status_with_one_endpoint_shows_it_as_a_one_row_table(sim: Sim) -> None:
+    settings = load_settings(payment_provider_url=sim.url)
+    [cid] = enqueue(1)
+    with ProviderClient(settings) as provider:
+        process_charge(str(cid), settings=settings, provider=provider)
+    [default] = snapshot(settings)["endpoints"]
+    assert (default["name"], default["group"], default["breaker"]["state"]) == (
+        "default",
+        "default",
+        "closed",
+    )
+    assert default["last_5_min"]["calls"] == 1 and default["last_60_min"]["charged"] == 1
+    out = cli("status", PAYMENT_PROVIDER_URL=sim.url).stdout
+    assert "endpoints  1 endpoint, highest priority first" in out
+    [row] = [x.split() for x in out.splitlines() if x.startswith("  default ")]
+    assert row[1:6] == ["default", "1", "closed", "0/20", "1"]
