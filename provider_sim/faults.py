@@ -244,6 +244,19 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8099
 
 
+def _ports(text: str) -> list[int]:
+    """``--port``: one port, or several separated by commas."""
+    try:
+        ports = [int(p) for p in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a port or a comma-separated list of ports"
+        ) from None
+    if not all(0 <= p <= 65535 for p in ports) or len(set(ports)) != len(ports):
+        raise argparse.ArgumentTypeError(f"{text!r}: ports must be 0-65535 and differ")
+    return ports
+
+
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``--host``, ``--port``, ``--api-key`` and every fault knob to ``parser``.
 
@@ -251,7 +264,13 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     load aiohttp.
     """
     parser.add_argument("--host", default=DEFAULT_HOST, help="address to bind")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to listen on")
+    parser.add_argument(
+        "--port",
+        type=_ports,
+        default=[DEFAULT_PORT],
+        help="port to listen on; several, comma-separated (8099,8100): as many independent "
+        "providers, each with its own books and fault knobs",
+    )
     parser.add_argument(
         "--api-key",
         default=os.environ.get(API_KEY_ENV),

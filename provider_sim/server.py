@@ -25,6 +25,7 @@ import os
 import signal
 import socket
 import threading
+from collections.abc import Sequence
 from types import TracebackType
 from typing import Any, Self
 
@@ -153,21 +154,22 @@ def _resolve_api_key(api_key: str | None) -> str:
     return key
 
 
-async def _serve_until_signal(state: SimulatorState, host: str, port: int) -> None:
+async def _serve_until_signal(states: list[SimulatorState], host: str, ports: list[int]) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     signals = (signal.SIGINT, signal.SIGTERM)
     for sig in signals:
         loop.add_signal_handler(sig, stop.set)
+    servings = []
     try:
-        serving = await _start(state, host, port)
-        try:
-            logger.info("provider simulator listening on http://%s:%d", host, serving.port)
-            await stop.wait()
-            logger.info("provider simulator stopping")
-        finally:
-            await _stop(serving)
+        for state, port in zip(states, ports, strict=True):
+            servings.append(await _start(state, host, port))
+            logger.info("provider simulator listening on http://%s:%d", host, servings[-1].port)
+        await stop.wait()
+        logger.info("provider simulator stopping")
     finally:
+        for serving in servings:
+            await _stop(serving)
         for sig in signals:
             loop.remove_signal_handler(sig)
 
@@ -175,16 +177,21 @@ async def _serve_until_signal(state: SimulatorState, host: str, port: int) -> No
 def serve(
     *,
     host: str = DEFAULT_HOST,
-    port: int = DEFAULT_PORT,
+    port: int | Sequence[int] = DEFAULT_PORT,
     api_key: str | None = None,
     faults: Faults | None = None,
 ) -> None:
     """Run the simulator until SIGINT or SIGTERM (the ``payq provider-sim`` command).
 
-    ``api_key`` defaults to the ``PAYMENT_PROVIDER_API_KEY`` environment variable.
+    Several ports: as many independent providers, one per port, each with its own books,
+    counters and fault knobs (all start with ``faults``; ``POST /_faults`` on one port
+    changes that provider's only). ``api_key`` defaults to the
+    ``PAYMENT_PROVIDER_API_KEY`` environment variable.
     """
-    state = SimulatorState(_resolve_api_key(api_key), faults)
-    asyncio.run(_serve_until_signal(state, host, port))
+    ports = [port] if isinstance(port, int) else list(port)
+    key = _resolve_api_key(api_key)
+    states = [SimulatorState(key, faults) for _ in ports]
+    asyncio.run(_serve_until_signal(states, host, ports))
 
 
 def serve_from_args(ns: argparse.Namespace) -> None:

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import re
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -615,7 +618,11 @@ def test_cli_arguments_build_faults(monkeypatch: pytest.MonkeyPatch) -> None:
     ns = parser.parse_args(
         ["--port", "9000", "--latency-ms", "50", "--error-rate", "0.1", "--script", "ok,reset"]
     )
-    assert (ns.host, ns.port, ns.api_key) == ("127.0.0.1", 9000, "sk_from_env")
+    assert (ns.host, ns.port, ns.api_key) == ("127.0.0.1", [9000], "sk_from_env")
+    assert parser.parse_args(["--port", "9000,9001"]).port == [9000, 9001]
+    for bad in ("9000,x", "9000,9000", "70000"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--port", bad])
     faults = faults_from_args(ns)
     assert (faults.latency_ms, faults.error_rate, faults.script) == (50, 0.1, ("ok", "reset"))
     assert faults.retry_after_s == 2
@@ -700,3 +707,43 @@ def test_a_slow_request_holds_its_key_in_use_and_lookups_can_fail(start: Start) 
         books = other.get("/_charges").json()
         assert books == [{"idempotency_key": "k-slow", "id": first[0].json()["id"],
                           "status": "succeeded"}]  # fmt: skip
+
+
+def test_one_command_runs_several_independent_providers() -> None:
+    """``payq provider-sim --port A,B``: two providers, each its own books and knobs."""
+    from devservices import free_port
+
+    ports = [free_port(), free_port()]
+    command = [
+        sys.executable,
+        "-m",
+        "payq_cli",
+        "provider-sim",
+        "--port",
+        ",".join(map(str, ports)),
+    ]
+    env = {**os.environ, "PAYMENT_PROVIDER_API_KEY": API_KEY}
+    with subprocess.Popen(command, env=env, stderr=subprocess.PIPE) as process:
+        try:
+            first, second = (f"http://127.0.0.1:{p}" for p in ports)
+            wait_for(lambda: _answers(first) and _answers(second), timeout_s=20)
+            headers = {"Authorization": f"Bearer {API_KEY}", "Idempotency-Key": "k-one"}
+            assert httpx.post(f"{first}/v1/charges", json=BODY, headers=headers).status_code == 200
+            httpx.post(f"{second}/_faults", json={"error_rate": 1.0}).raise_for_status()
+            assert httpx.post(f"{second}/v1/charges", json=BODY, headers=headers).status_code >= 500
+            assert httpx.post(f"{first}/v1/charges", json=BODY, headers=headers).status_code == 200
+            one, two = (httpx.get(f"{url}/_stats").json() for url in (first, second))
+            assert (one["charges"], one["replays"], two["charges"]) == (1, 1, 0)
+            assert one["duplicate_charges"] == two["duplicate_charges"] == 0
+            assert len(httpx.get(f"{first}/_charges").json()) == 1
+            assert httpx.get(f"{second}/_charges").json() == []
+        finally:
+            process.terminate()
+            process.wait(timeout=10)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/_stats", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
