@@ -3,16 +3,18 @@
 Each check says ``ok``, ``degraded`` or ``down`` with a line of detail; the worst
 one decides the exit code of ``payq health`` (0, 1, 2).
 
-The breaker and the fleet limit come from the process's gate (``get_gate()``), the
-same objects its charge threads use: in a worker the health lookup's slot is renewed
-by the thread that renews theirs.
+Each provider endpoint gets a provider and a breaker check, named ``provider`` and
+``breaker`` when there is one endpoint, ``provider:<name>`` and ``breaker:<name>`` when
+there are several. Their breakers and fleet limits come from the process's routes
+(``get_routes()``), the same gates its charge threads use: in a worker the health
+lookup's slot is renewed by the thread that renews theirs.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -32,7 +34,7 @@ from payq.figures import (
 )
 from payq.gate import BreakerState, ProviderGate, Wait
 from payq.provider import ProviderClient
-from payq.routing import get_gate, get_provider
+from payq.routing import Route, Routes, get_gate, get_provider, get_routes
 from payq.settings import Settings
 from payq.sweep import backlog
 
@@ -81,8 +83,16 @@ def check_postgres(engine: Engine | None = None) -> Check:
     return _timed("postgres", probe)
 
 
-def check_provider(client: ProviderClient | None = None, gate: ProviderGate | None = None) -> Check:
+def check_provider(
+    client: ProviderClient | None = None,
+    gate: ProviderGate | None = None,
+    *,
+    route: Route | None = None,
+    name: str = "provider",
+) -> Check:
     """Look a random key up at the provider: it answers and accepts our API key; no charge.
+    ``route``: the endpoint to check (its gate and client, unless given); none: the
+    first-priority endpoint's.
 
     The lookup is a provider call, so it goes through the gate and holds a fleet slot
     while it runs (else every worker's check and every ``payq health`` would call on top
@@ -97,16 +107,16 @@ def check_provider(client: ProviderClient | None = None, gate: ProviderGate | No
     - Redis does not answer: DEGRADED. A call without a slot could be the one over the
       limit; the redis check already says DOWN, this one says why the provider is unknown.
     """
-    gate = gate or get_gate()
+    gate = gate or (route.gate if route else get_gate())
     entry = gate.enter()
     if isinstance(entry, Wait):
         level = Level.OK if entry.cause in _FLEET_BUSY else Level.DEGRADED
-        return Check("provider", level, f"not probed: {entry.detail}")
+        return Check(name, level, f"not probed: {entry.detail}")
     if entry.probe:
         gate.leave(entry, None, keep=False)  # the probe goes back to the charges
-        return Check("provider", Level.DEGRADED, "not probed: the circuit breaker is half-open")
+        return Check(name, Level.DEGRADED, "not probed: the circuit breaker is half-open")
     try:
-        return _lookup(client)
+        return _lookup(client, route, name)
     finally:
         gate.leave(entry, None, keep=False)
 
@@ -115,27 +125,38 @@ def check_provider(client: ProviderClient | None = None, gate: ProviderGate | No
 _FLEET_BUSY = frozenset({DeferralCause.FLEET_FULL, DeferralCause.FLEET_STARTING})
 
 
-def _lookup(client: ProviderClient | None) -> Check:
+def _lookup(client: ProviderClient | None, route: Route | None, name: str) -> Check:
     started = time.monotonic()
     try:
-        found = (client or get_provider()).find_charge(f"payq-health-{uuid.uuid4().hex}")
+        client = client or (route.provider if route else get_provider())
+        found = client.find_charge(f"payq-health-{uuid.uuid4().hex}")
     except ConfigError as exc:
-        return Check("provider", Level.DEGRADED, str(exc))
+        return Check(name, Level.DEGRADED, str(exc))
     except AuthenticationFailed:
-        return Check("provider", Level.DOWN, "the provider refused PAYMENT_PROVIDER_API_KEY")
+        return Check(name, Level.DOWN, _refused_key(route))
     except RetryableProviderError as exc:
         if exc.status is not None and exc.status < 500:  # it answered: busy, not down
-            return Check("provider", Level.DEGRADED, f"{exc.error_class}: {str(exc)[:160]}")
-        return Check("provider", Level.DOWN, f"{exc.error_class}: {str(exc)[:160]}")
+            return Check(name, Level.DEGRADED, f"{exc.error_class}: {str(exc)[:160]}")
+        return Check(name, Level.DOWN, f"{exc.error_class}: {str(exc)[:160]}")
     except ProviderError as exc:
-        return Check("provider", Level.DOWN, f"{exc.error_class}: {str(exc)[:160]}")
+        return Check(name, Level.DOWN, f"{exc.error_class}: {str(exc)[:160]}")
     ms = (time.monotonic() - started) * 1000
     detail = "answered a lookup" if found is None else "answered (unexpected charge found)"
-    return Check("provider", Level.OK, f"{detail} in {ms:.0f} ms")
+    return Check(name, Level.OK, f"{detail} in {ms:.0f} ms")
 
 
-def check_breaker(gate: ProviderGate | None = None) -> Check:
+def _refused_key(route: Route | None) -> str:
+    if route is None or route.endpoint.key_scope is None:  # the one endpoint of old
+        return "the provider refused PAYMENT_PROVIDER_API_KEY"
+    return (
+        f"endpoint {route.name} refused its API key (its api_key in PAYMENT_ENDPOINTS, "
+        "else PAYMENT_PROVIDER_API_KEY)"
+    )
+
+
+def check_breaker(gate: ProviderGate | None = None, *, name: str = "breaker") -> Check:
     """OK while closed; DEGRADED while open or half-open, saying until when and why.
+    ``gate``: the endpoint's (none: the first-priority endpoint's).
 
     Never DOWN: an open breaker is the system protecting itself and the provider.
     Charges wait as delayed messages using no attempt, and nothing is lost; a probe
@@ -147,16 +168,39 @@ def check_breaker(gate: ProviderGate | None = None) -> Check:
         figures = breaker_figures((gate or get_gate()).breaker)
     except redis.RedisError as exc:
         return Check(
-            "breaker",
+            name,
             Level.DEGRADED,
             f"state unknown: Redis did not answer ({type(exc).__name__}); charges wait for it",
         )
     detail = describe_breaker(figures)
     if figures["state"] == BreakerState.OPEN:
-        return Check("breaker", Level.DEGRADED, f"{detail}; charges are deferred, using no attempt")
+        return Check(name, Level.DEGRADED, f"{detail}; charges are deferred, using no attempt")
     if figures["state"] == BreakerState.HALF_OPEN:
-        return Check("breaker", Level.DEGRADED, f"{detail}; charges beyond its probes are deferred")
-    return Check("breaker", Level.OK, detail)
+        return Check(name, Level.DEGRADED, f"{detail}; charges beyond its probes are deferred")
+    return Check(name, Level.OK, detail)
+
+
+def check_endpoints(
+    *,
+    provider: bool = True,
+    routes: Routes | None = None,
+    clients: Mapping[str, ProviderClient] | None = None,
+) -> list[Check]:
+    """A provider check (``provider``: with it) then a breaker check for each endpoint,
+    highest priority first: ``provider:<name>`` and ``breaker:<name>``, or ``provider``
+    and ``breaker`` when there is only one. ``clients``: the endpoints' clients by name
+    (default: each route's own)."""
+    routes = routes or get_routes()
+    several = len(routes.all) > 1
+    clients = clients or {}
+    checks = []
+    if provider:
+        for r in routes.all:
+            name = f"provider:{r.name}" if several else "provider"
+            checks.append(check_provider(clients.get(r.name), r.gate, route=r, name=name))
+    for r in routes.all:
+        checks.append(check_breaker(r.gate, name=f"breaker:{r.name}" if several else "breaker"))
+    return checks
 
 
 def check_error_rate(settings: Settings, engine: Engine | None = None) -> Check:
@@ -264,14 +308,24 @@ def run_checks(
     engine: Engine | None = None,
     client: ProviderClient | None = None,
     gate: ProviderGate | None = None,
+    routes: Routes | None = None,
+    clients: Mapping[str, ProviderClient] | None = None,
 ) -> list[Check]:
-    """Every check; ``engine`` and ``client`` let a worker check with connections of its own
-    rather than borrow from the pools its charge threads need. ``gate`` defaults to the
-    process's own (``get_gate()``)."""
+    """Every check; ``engine`` and ``clients`` (by endpoint name) let a worker check with
+    connections of its own rather than borrow from the pools its charge threads need.
+    Each endpoint of ``routes`` (default: the process's, ``get_routes()``) is checked;
+    given ``gate`` (and ``client``), that one endpoint only."""
     checks = [check_redis(), check_postgres(engine)]
-    if provider:
-        checks.append(check_provider(client, gate))
-    checks.append(check_breaker(gate))
+    if gate is not None:  # the caller's own gate: one endpoint, as the caller sees it
+        if provider:
+            checks.append(check_provider(client, gate))
+        checks.append(check_breaker(gate))
+    else:
+        routes = routes or get_routes()
+        own = dict(clients or {})
+        if client is not None:  # the first-priority endpoint's
+            own.setdefault(routes.primary.name, client)
+        checks.extend(check_endpoints(provider=provider, routes=routes, clients=own))
     fleet_checks: list[tuple[str, Callable[[], Check]]] = [
         ("error_rate", lambda: check_error_rate(settings, engine)),
         ("dead_letters", lambda: check_dead_letters(settings, engine)),

@@ -427,7 +427,9 @@ def cmd_health(args: argparse.Namespace) -> int:
     if args.json:
         _print_json({"status": overall.name.lower(), "checks": [c.as_dict() for c in checks]})
     else:
+        width = max(16, *(len(c.name) for c in checks))  # provider:<endpoint> may be longer
         for check in checks:
-            print(f"{check.level.name.lower():<9} {check.name:<16} {terminal_safe(check.detail)}")
+            detail = terminal_safe(check.detail)
+            print(f"{check.level.name.lower():<9} {check.name:<{width}} {detail}")
         print(f"{overall.name.lower()}")
     return HEALTH_EXIT[overall]

@@ -402,3 +402,45 @@ def test_status_with_one_endpoint_shows_it_as_a_one_row_table(sim: Sim) -> None:
     assert "endpoints  1 endpoint, highest priority first" in out
     [row] = [x.split() for x in out.splitlines() if x.startswith("  default ")]
     assert row[1:6] == ["default", "1", "closed", "0/20", "1"]
+
+
+def test_health_checks_each_endpoint_and_says_which_breaker_is_open(ends: TwoEndpoints) -> None:
+    ends.open_breaker("a")
+    before_a, before_b = ends.a.stats()["requests"], ends.b.stats()["requests"]
+    checks = {c.name: c for c in run_checks(ends.settings, routes=ends.routes)}
+    assert "provider" not in checks and "breaker" not in checks  # named by endpoint
+    assert checks["breaker:a"].level is Level.DEGRADED
+    assert checks["breaker:a"].detail.startswith("open until ")
+    assert "charges are deferred, using no attempt" in checks["breaker:a"].detail
+    assert checks["breaker:b"].level is Level.OK
+    assert checks["breaker:b"].detail.startswith("closed (")
+    assert checks["provider:a"] == Check(
+        "provider:a", Level.DEGRADED, "not probed: the fleet's circuit breaker is open"
+    )
+    assert checks["provider:b"].level is Level.OK
+    assert checks["provider:b"].detail.startswith("answered a lookup in ")
+    assert ends.a.stats()["requests"] == before_a  # a was not called past its breaker
+    assert ends.b.stats()["requests"] == before_b + 1  # b was: one lookup
+    assert worst(list(checks.values())) is Level.DEGRADED
+
+    out = cli("health", **ends.env)
+    assert out.returncode == 1, out.stdout + out.stderr  # degraded, not down
+    lines = {line.split()[1]: line for line in out.stdout.splitlines()[:-1]}
+    assert lines["breaker:a"].startswith("degraded") and "open until" in lines["breaker:a"]
+    assert lines["breaker:b"].startswith("ok") and "closed (" in lines["breaker:b"]
+    assert lines["provider:a"].startswith("degraded")
+    assert lines["provider:b"].startswith("ok")
+
+
+def test_health_names_the_endpoint_whose_key_is_refused(ends: TwoEndpoints) -> None:
+    endpoints = [
+        {"name": "a", "url": ends.a.url},
+        {"name": "b", "url": ends.b.url, "api_key": "sk_wrong"},
+    ]
+    out = cli("health", PAYMENT_ENDPOINTS=json.dumps(endpoints))
+    assert out.returncode == 3, out.stdout + out.stderr  # one endpoint down: a service down
+    lines = {line.split()[1]: line for line in out.stdout.splitlines()[:-1]}
+    assert lines["provider:a"].startswith("ok")
+    assert lines["provider:b"].startswith("down")
+    assert "endpoint b refused its API key" in lines["provider:b"]
+    assert "sk_wrong" not in out.stdout

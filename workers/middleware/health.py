@@ -13,6 +13,7 @@ from sqlalchemy import Engine
 from payq import db, metrics
 from payq.broker import get_broker
 from payq.constants import redis_key
+from payq.errors import ConfigError
 from payq.figures import dead_count
 from payq.health import Check, Level, run_checks, worst
 from payq.provider import ProviderClient
@@ -30,19 +31,17 @@ class HealthChecks:
         self.settings = settings
         self._failing: set[str] = set()
         self._engine: Engine | None = None
-        self._client: ProviderClient | None = None
+        self._clients: dict[str, ProviderClient] | None = None
 
     def __call__(self) -> None:
         if not self._lead():
             return  # another process of the fleet checks the fleet this interval
         if self._engine is None:
             # Connections of its own: the charge threads may need every pooled one.
-            own = self.settings.model_copy(
-                update={"database_pool_max_connections": 1, "payment_pool_max_connections": 1}
-            )
+            own = self.settings.model_copy(update={"database_pool_max_connections": 1})
             self._engine = db.make_engine(own, "worker-health")
-            self._client = ProviderClient(own)
-        checks = run_checks(self.settings, engine=self._engine, client=self._client)
+            self._clients = _own_clients(self.settings)
+        checks = run_checks(self.settings, engine=self._engine, clients=self._clients)
         self._log(checks)
         self._alert(checks)
         metrics.DEAD_LETTERS.set(dead_count(self._engine))
@@ -70,7 +69,7 @@ class HealthChecks:
             "; ".join(
                 f"{c.name} {c.level.name.lower()}"
                 # The breaker's line is its state and window: worth reading even when ok.
-                + ("" if c.level is Level.OK and c.name != "breaker" else f" ({c.detail})")
+                + ("" if c.level is Level.OK and not _is_breaker(c) else f" ({c.detail})")
                 for c in checks
             ),
             extra={"checks": {c.name: c.level.name.lower() for c in checks}},
@@ -78,7 +77,7 @@ class HealthChecks:
 
     def _alert(self, checks: list[Check]) -> None:
         for check in checks:
-            if check.name == "breaker":
+            if _is_breaker(check):
                 continue  # it alerted itself when it opened (payq.gate.breaker)
             if check.level is not Level.OK and check.name not in self._failing:
                 level = logging.ERROR if check.level is Level.DOWN else logging.WARNING
@@ -88,3 +87,21 @@ class HealthChecks:
         self._failing = {
             c.name for c in checks if c.level is not Level.OK and c.name != "dead_letters"
         }
+
+
+def _is_breaker(check: Check) -> bool:
+    """An endpoint's breaker check (``breaker``, or ``breaker:<name>`` of several)."""
+    return check.name.split(":")[0] == "breaker"
+
+
+def _own_clients(settings: Settings) -> dict[str, ProviderClient]:
+    """A client of one connection per endpoint, for its lookup; an endpoint without an
+    API key gets none, and its check says why."""
+    clients = {}
+    for ep in settings.endpoints:
+        try:
+            own = ep.settings.model_copy(update={"payment_pool_max_connections": 1})
+            clients[ep.name] = ProviderClient(own)
+        except ConfigError:
+            continue
+    return clients
