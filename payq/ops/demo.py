@@ -1,10 +1,12 @@
 """``payq demo`` (``make demo``): the main job end to end, with progress and a summary.
 
 It sets up what it needs (the database and its schema; throwaway Redis and
-PostgreSQL servers if the configured ones do not answer), starts the provider
-simulator with faults, two worker processes and the relay, enqueues charges,
-shows them move, puts the provider through a short outage, and ends with a
-summary. It exits 0 only if every charge ended final and none was charged twice.
+PostgreSQL servers if the configured ones do not answer), starts two providers with
+faults (two ledger groups: ``primary``, and ``backup`` behind it), two worker
+processes and the relay, enqueues charges, shows them move, takes the primary down
+for a while (traffic fails over to the backup, and comes back), and ends with a
+summary. It exits 0 only if every charge ended final, none was charged twice by
+either provider, and none was charged by both.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
-from sqlalchemy import Engine, func, select, text
+from sqlalchemy import Connection, Engine, func, select, text
 
 from devservices import (
     DevServiceError,
@@ -31,11 +33,12 @@ from devservices import (
     redis_or_throwaway,
 )
 from payq.db import make_engine
-from payq.gate import BreakerState, FleetBreaker, ProviderGate
+from payq.gate import BreakerState, FleetBreaker
 from payq.migrate import migrate
 from payq.models import charge_attempts, charges
 from payq.ops.system import LocalSystem, start_local_system
-from payq.settings import Settings, get_settings
+from payq.routing import Routes
+from payq.settings import Settings, get_settings, load_settings
 
 __all__ = ["run_demo"]
 
@@ -46,8 +49,14 @@ FAULTS = [
     "--timeout-rate", "0.02", "--timeout-delay-s", "7",
     "--reset-rate", "0.02", "--seed", "2026",
 ]  # fmt: skip
-OUTAGE_S = 4
+OUTAGE_S = 8
 FINAL = ("succeeded", "failed", "dead")
+#: The two providers: separate books (ledger groups), the backup second in priority.
+ENDPOINTS = ("primary", "backup")
+
+
+def _endpoints(urls: list[str]) -> list[dict[str, Any]]:
+    return [{"name": name, "url": url} for name, url in zip(ENDPOINTS, urls, strict=True)]
 
 
 @dataclass
@@ -93,7 +102,10 @@ def run_demo(charges_total: int = 500, workdir: Path | None = None) -> int:
     workdir = workdir or Path(".demo")
     workdir.mkdir(exist_ok=True)
     run = uuid.uuid4().hex[:8]
-    _say(f"payq demo {run}: {charges_total} charges, 2 worker processes, a provider with faults")
+    _say(
+        f"payq demo {run}: {charges_total} charges, 2 worker processes, two providers with "
+        "faults (primary, and backup behind it)"
+    )
     try:
         with _services(settings, workdir) as env:
             return _run(env, charges_total, workdir, run)
@@ -114,23 +126,33 @@ def _run(env: _Env, total: int, workdir: Path, run: str) -> int:
         "RETRY_BACKOFF_MIN_S": "0.5",
         "RETRY_BACKOFF_MAX_S": "5",
         "RELAY_STALE_AFTER_S": "5",
+        "BREAKER_OPEN_S": "4",
     }
     with start_local_system(
-        workdir, sim_args=FAULTS, processes=2, threads=4, env=demo_env
+        workdir,
+        sim_args=FAULTS,
+        processes=2,
+        threads=4,
+        env=demo_env,
+        providers=len(ENDPOINTS),
+        endpoints=_endpoints,
     ) as system:
-        _say(f"· provider simulator on {system.sim_url} (errors, declines, 429s, timeouts, resets)")
+        for name, url in zip(ENDPOINTS, system.sim_urls, strict=True):
+            _say(f"· provider {name} on {url} (errors, declines, 429s, timeouts, resets)")
         _say(f"· 2 worker processes x 4 threads and the relay are up; logs in {workdir}/")
         started = time.monotonic()
         _enqueue(settings, total, run)
         _say(f"· enqueued {total} charges in {time.monotonic() - started:.1f} s")
         client = redis.Redis.from_url(settings.redis_url)
-        breaker = ProviderGate(client, settings).breaker
-        finished = _watch(engine, run, total, system, started, breaker)
+        routed = load_settings(payment_endpoints=system.env["PAYMENT_ENDPOINTS"], breaker_open_s=4)
+        breakers = {r.name: r.gate.breaker for r in Routes.build(routed, client).all}
+        finished = _watch(engine, run, total, system, started, breakers)
         client.close()
         elapsed = time.monotonic() - started
         system.stop_workers()
-        stats = system.stats()
-    ok = _summary(engine, run, total, stats, elapsed, finished)
+        stats = [system.stats(i) for i in range(len(ENDPOINTS))]
+        books = [system.books(i) for i in range(len(ENDPOINTS))]
+    ok = _summary(engine, run, total, stats, books, elapsed, finished)
     engine.dispose()
     return 0 if ok else 1
 
@@ -176,36 +198,40 @@ def _watch(
     total: int,
     system: LocalSystem,
     started: float,
-    breaker: FleetBreaker,
+    breakers: dict[str, FleetBreaker],
 ) -> bool:
     outage_done = False
     deadline = started + 240
-    breaker_state = BreakerState.CLOSED
+    states = dict.fromkeys(breakers, BreakerState.CLOSED)
     while time.monotonic() < deadline:
         system.check()
         counts = _counts(engine, run)
         done = sum(counts.get(s, 0) for s in FINAL)
         if not outage_done and done >= total // 4:
             system.faults(outage_s=OUTAGE_S)
-            _say(f"· provider outage for {OUTAGE_S} s: every call fails; charges wait and retry")
+            _say(
+                f"· provider primary down for {OUTAGE_S} s: every call to it fails; new "
+                "charges fail over to backup, charges primary may have charged wait for it"
+            )
             outage_done = True
-        snap = breaker.snapshot()
-        if snap.state is not breaker_state:
-            breaker_state = snap.state
-            _say(f"· circuit breaker {snap.state.value.replace('_', '-')}: {snap.reason}" + (
-                "; charges are deferred (no attempt used) until it may half-open"
-                if snap.state is BreakerState.OPEN else ""
-            ))  # fmt: skip
-        stats = system.stats()
+        for name, breaker in breakers.items():
+            snap = breaker.snapshot()
+            if snap.state is not states[name]:
+                states[name] = snap.state
+                _say(f"· {name}'s circuit breaker {snap.state.value.replace('_', '-')}: "
+                     f"{snap.reason}" + (
+                    "; its charges go to the next endpoint, or wait (no attempt used)"
+                    if snap.state is BreakerState.OPEN else ""
+                ))  # fmt: skip
         line = " · ".join(
             f"{s} {counts.get(s, 0)}"
             for s in ("pending", "processing", "retrying", "succeeded", "failed", "dead")
         )
-        _say(
-            f"  [{time.monotonic() - started:5.1f}s] {done}/{total} final | {line} | provider "
-            f"{stats.get('requests', '?')} requests, {stats.get('duplicate_charges', '?')} "
-            "duplicate charges"
+        providers = " · ".join(
+            f"{name} {system.stats(i).get('requests', '?')} requests"
+            for i, name in enumerate(breakers)
         )
+        _say(f"  [{time.monotonic() - started:5.1f}s] {done}/{total} final | {line} | {providers}")
         if done >= total:
             return True
         time.sleep(1)
@@ -213,13 +239,21 @@ def _watch(
 
 
 def _summary(
-    engine: Engine, run: str, total: int, stats: dict[str, Any], elapsed: float, finished: bool
+    engine: Engine,
+    run: str,
+    total: int,
+    stats: list[dict[str, Any]],
+    books: list[list[dict[str, Any]]],
+    elapsed: float,
+    finished: bool,
 ) -> bool:
     counts = _counts(engine, run)
     mine = charges.c.metadata["demo_run"].astext == run
     with engine.connect() as conn:
         attempts = conn.execute(
-            select(func.count()).select_from(charge_attempts.join(charges)).where(mine)
+            select(func.count())
+            .select_from(charge_attempts.join(charges))
+            .where(mine, charge_attempts.c.kind == "charge")
         ).scalar_one()
         by_error = conn.execute(
             select(charge_attempts.c.error_class, func.count())
@@ -247,8 +281,10 @@ def _summary(
             ),
             {"run": run},
         ).one()
+        routed = _routed(conn, run)
     final = sum(counts.get(s, 0) for s in FINAL)
-    duplicates = stats.get("duplicate_charges")
+    duplicates = sum(int(st.get("duplicate_charges", 1)) for st in stats)
+    both = _charged_in_two_groups(books, run)
     _say("")
     _say("summary")
     _say(f"  charges          {total}: " + ", ".join(f"{s} {counts.get(s, 0)}" for s in FINAL))
@@ -260,14 +296,58 @@ def _summary(
         _say(f"  dead ({n})         {(reason or '')[:100]}{known}")
     _say(f"  provider latency p50 {p50 or 0:.0f} ms, p99 {p99 or 0:.0f} ms")
     _say(f"  throughput       {final / elapsed:.1f} charges/s ({final} final in {elapsed:.1f} s)")
+    for name, st in zip(ENDPOINTS, stats, strict=True):
+        requests, charged = routed["endpoints"].get(name, (0, 0))
+        _say(
+            f"  endpoint {name:<8}{requests} charge requests, {charged} charged there | its "
+            f"books: {st.get('requests', '?')} requests (lookups too), {st.get('charges', '?')} "
+            f"charges, {st.get('replays', '?')} replays, duplicate_charges "
+            f"{st.get('duplicate_charges', '?')}"
+        )
     _say(
-        f"  provider         {stats.get('requests', '?')} requests, {stats.get('charges', '?')} "
-        f"charges, {stats.get('replays', '?')} idempotent replays, "
-        f"duplicate_charges {duplicates}"
+        f"  failover         {routed['moved']} charges moved from primary to backup after "
+        "proof primary had not charged them (a refusal, a 429, or a lookup finding nothing)"
     )
-    ok = finished and final == total and duplicates == 0
-    _say("  result           " + ("OK: every charge final, none charged twice" if ok else "FAILED"))
+    _say(f"  duplicate_charges {duplicates} (both providers' books); charged in two groups {both}")
+    ok = finished and final == total and duplicates == 0 and both == 0
+    _say(
+        "  result           "
+        + ("OK: every charge final, none charged twice, none in two groups" if ok else "FAILED")
+    )
     return ok
+
+
+def _routed(conn: Connection, run: str) -> dict[str, Any]:
+    """Requests and charges per endpoint, and charges whose requests went to two groups."""
+    endpoints: dict[str, tuple[int, int]] = {}
+    for name, requests, charged in conn.execute(
+        text(
+            "SELECT a.endpoint, count(*), count(DISTINCT c.id) FILTER (WHERE "
+            "c.status = 'succeeded' AND c.charged_endpoint = a.endpoint) "
+            "FROM charge_attempts a JOIN charges c ON c.id = a.charge_id "
+            "WHERE c.metadata->>'demo_run' = :run AND a.kind = 'charge' GROUP BY a.endpoint"
+        ),
+        {"run": run},
+    ):
+        endpoints[name] = (requests, charged)
+    moved = conn.execute(
+        text(
+            "SELECT count(*) FROM (SELECT a.charge_id FROM charge_attempts a JOIN charges c "
+            "ON c.id = a.charge_id WHERE c.metadata->>'demo_run' = :run AND a.kind = 'charge' "
+            "GROUP BY a.charge_id HAVING count(DISTINCT a.ledger_group) > 1) moved"
+        ),
+        {"run": run},
+    ).scalar_one()
+    return {"endpoints": endpoints, "moved": moved}
+
+
+def _charged_in_two_groups(books: list[list[dict[str, Any]]], run: str) -> int:
+    """Keys of this run that more than one provider charged (must be 0)."""
+    charged = [
+        {b["idempotency_key"] for b in book if b.get("status") == "succeeded"} for book in books
+    ]
+    mine = {k for keys in charged for k in keys if k.startswith(f"demo-{run}-")}
+    return sum(1 for key in mine if sum(key in keys for keys in charged) > 1)
 
 
 if __name__ == "__main__":

@@ -1,17 +1,20 @@
 """A whole payq system on this machine: provider simulator, worker groups, the relay.
 
 The demo, the incident drills and the chaos run use one: supervised child processes
-(restarted if they die), the simulator on a free port with a fresh API key, logs in a
+(restarted if they die), the simulator on free ports with a fresh API key, logs in a
 folder. The demo and the drills run one worker group; the chaos run several, so that
-killing one leaves the others serving.
+killing one leaves the others serving. With ``endpoints``, the simulator runs as that
+many independent providers (its own books each) and the workers get a
+``PAYMENT_ENDPOINTS`` naming them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +32,7 @@ __all__ = ["LocalSystem", "start_local_system"]
 class LocalSystem:
     """The running processes, and how to talk to the simulator."""
 
-    sim_url: str
+    sim_urls: list[str]  # one independent provider each
     api_key: str
     env: dict[str, str]
     processes: int  # per worker group
@@ -40,40 +43,47 @@ class LocalSystem:
     logs: dict[str, Path]
 
     @property
+    def sim_url(self) -> str:
+        """The first provider's URL."""
+        return self.sim_urls[0]
+
+    @property
     def worker(self) -> Supervised:
         """The first worker group (the only one, unless started with ``groups``)."""
         return self.workers[0]
 
-    def faults(self, **knobs: Any) -> None:
-        httpx.post(f"{self.sim_url}/_faults", json=knobs, timeout=5).raise_for_status()
+    def faults(self, provider: int = 0, **knobs: Any) -> None:
+        """Set fault knobs of one provider (the first by default)."""
+        url = self.sim_urls[provider]
+        httpx.post(f"{url}/_faults", json=knobs, timeout=5).raise_for_status()
 
-    def stats(self) -> dict[str, Any]:
-        data: dict[str, Any] = httpx.get(f"{self.sim_url}/_stats", timeout=5).json()
+    def stats(self, provider: int = 0) -> dict[str, Any]:
+        data: dict[str, Any] = httpx.get(f"{self.sim_urls[provider]}/_stats", timeout=5).json()
         return data
 
-    def requests_for(self, key: str) -> list[dict[str, Any]]:
+    def requests_for(self, key: str, provider: int = 0) -> list[dict[str, Any]]:
         response = httpx.get(
-            f"{self.sim_url}/_requests", params={"idempotency_key": key}, timeout=5
+            f"{self.sim_urls[provider]}/_requests", params={"idempotency_key": key}, timeout=5
         )
         data: list[dict[str, Any]] = response.json()
         return data
 
-    def request_log(self) -> list[dict[str, Any]]:
-        """Every charge request the simulator received, all keys, in arrival order."""
-        response = httpx.get(f"{self.sim_url}/_requests/all", timeout=30)
+    def request_log(self, provider: int = 0) -> list[dict[str, Any]]:
+        """Every charge request one provider received, all keys, in arrival order."""
+        response = httpx.get(f"{self.sim_urls[provider]}/_requests/all", timeout=30)
         response.raise_for_status()
         data: list[dict[str, Any]] = response.json()
         return data
 
-    def books(self) -> list[dict[str, Any]]:
-        """The provider's books: every key it charged or declined (``GET /_charges``)."""
-        response = httpx.get(f"{self.sim_url}/_charges", timeout=30)
+    def books(self, provider: int = 0) -> list[dict[str, Any]]:
+        """One provider's books: every key it charged or declined (``GET /_charges``)."""
+        response = httpx.get(f"{self.sim_urls[provider]}/_charges", timeout=30)
         response.raise_for_status()
         data: list[dict[str, Any]] = response.json()
         return data
 
     def provider_charge_id(self, key: str) -> str | None:
-        """The provider's charge for ``key``, looked up as payq's reconciliation does."""
+        """The first provider's charge for ``key``, looked up as payq's reconciliation does."""
         response = httpx.get(
             f"{self.sim_url}/v1/charges",
             params={"idempotency_key": key},
@@ -105,21 +115,27 @@ def start_local_system(
     threads: int,
     env: Mapping[str, str] | None = None,
     groups: int = 1,
+    endpoints: Callable[[list[str]], list[dict[str, Any]]] | None = None,
+    providers: int = 1,
 ) -> Iterator[LocalSystem]:
     """Start it, return once the workers are ready; stop everything on the way out.
 
     ``groups`` worker groups of ``processes`` x ``threads`` each; the first logs to
     ``logs["worker"]``, the others to ``logs["worker-2"]``, ``logs["worker-3"]``, ...
+    ``providers`` independent providers; ``endpoints``, given their URLs, the
+    ``PAYMENT_ENDPOINTS`` entries the workers call them by.
     """
-    port = free_port()
-    sim_url = f"http://127.0.0.1:{port}"
+    ports = [free_port() for _ in range(providers)]
+    sim_urls = [f"http://127.0.0.1:{port}" for port in ports]
     api_key = "sk_local_" + uuid.uuid4().hex
     child_env = {
         **os.environ,
         **(env or {}),
-        "PAYMENT_PROVIDER_URL": sim_url,
+        "PAYMENT_PROVIDER_URL": sim_urls[0],
         "PAYMENT_PROVIDER_API_KEY": api_key,
     }
+    # Only the endpoints given here: none inherited from this process's environment.
+    child_env["PAYMENT_ENDPOINTS"] = json.dumps(endpoints(sim_urls)) if endpoints else ""
     if groups < 1:
         raise ValueError(f"groups must be at least 1, got {groups}")
     group_names = ["worker", *(f"worker-{n}" for n in range(2, groups + 1))]
@@ -129,14 +145,14 @@ def start_local_system(
         path.write_bytes(b"")
     worker_argv = ["worker", "--processes", str(processes), "--threads", str(threads)]
     system = LocalSystem(
-        sim_url=sim_url,
+        sim_urls=sim_urls,
         api_key=api_key,
         env=child_env,
         processes=processes,
         threads=threads,
         sim=Supervised(
             "provider-sim",
-            ["provider-sim", "--port", str(port), *sim_args],
+            ["provider-sim", "--port", ",".join(map(str, ports)), *sim_args],
             child_env,
             logs["provider-sim"],
         ),
@@ -146,7 +162,8 @@ def start_local_system(
     )
     try:
         system.sim.start()
-        wait_for_http(f"{sim_url}/_stats")
+        for url in sim_urls:
+            wait_for_http(f"{url}/_stats")
         for worker in system.workers:
             worker.start()
         system.relay.start()
