@@ -40,7 +40,6 @@ from starlette.datastructures import ImmutableMultiDict
 from payq.broker import get_broker
 from payq.errors import ChargeNotFound, ServiceUnavailable
 from payq.figures import attempt_series, breaker_figures
-from payq.gate import ProviderGate
 from payq.ops.cli import parse_when
 from payq.ops.dashboard import actions, signin
 from payq.ops.dashboard.pages import STATIC_DIR, chart, page
@@ -49,6 +48,7 @@ from payq.ops.dlq import DeadFilter, dead_charges, purge, replay, show, totals
 from payq.ops.reconcile import reconcile
 from payq.ops.status import snapshot
 from payq.provider import ProviderClient
+from payq.routing import Routes
 from payq.settings import Settings
 from producers.intake.auth import Principal
 from producers.intake.blocking import Blocking
@@ -249,8 +249,8 @@ async def breaker(request: Request) -> Response:
     """The header's state badge, refreshed on every page."""
     settings = _settings(request)
 
-    def figures() -> dict[str, Any]:
-        gate = ProviderGate(get_broker().client, settings)
+    def figures() -> dict[str, Any]:  # the first-priority endpoint's, as payq status's
+        gate = Routes.build(settings, get_broker().client).primary.gate
         return breaker_figures(gate.breaker)
 
     return page(request, "_breaker.html", {"breaker": await _core(request, figures)})

@@ -28,7 +28,8 @@ from producers import enqueue_charge
 from producers.intake.auth import SESSION_COOKIE, OpsSessions, Tokens
 from provider_sim import SimulatorThread
 from tests.conftest import API_KEY
-from tests.helpers import Sim, charge, statuses, unique_key
+from tests.helpers import Sim, charge, passed, statuses, unique_key
+from tests.ops.endpoints import BREAKER, two_endpoints
 from tests.webapp import INTAKE, OPERATOR, bearer, make_app
 
 pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("clean")]
@@ -474,3 +475,32 @@ def test_attempt_series_is_one_row_a_minute_gaps_filled(dead: Dead) -> None:
     assert len(drawn["bars"]) == 15 and drawn["p50"]
     with pytest.raises(ValueError):
         attempt_series(0)
+
+
+async def test_the_overview_shows_each_endpoint_with_its_own_breaker_and_figures() -> None:
+    with two_endpoints() as ends:
+        ends.failover()  # a charged one and refused one (429); b charged the other
+        held = passed(ends.route("b").gate.enter())  # one call in flight at b
+        app = make_app(payment_endpoints=ends.json, **BREAKER)
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        headers = {**HTML, **bearer(OPERATOR)}
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://dash.test", headers=headers
+        ) as client:
+            page = await client.get("/ops")
+            badge = await client.get("/ops/breaker", headers={"HX-Request": "true"})
+        ends.route("b").gate.leave(held, None, keep=False)
+        app.state.health.close()
+    assert page.status_code == 200, page.text
+    rows = dict(re.findall(r'<tr data-endpoint="(\w+)">(.*?)</tr>', page.text, re.S))
+    assert set(rows) == {"a", "b"}
+    assert 'data-breaker="open"' in rows["a"] and 'data-breaker="closed"' in rows["b"]
+    assert 'data-slots="0"' in rows["a"] and 'data-slots="1"' in rows["b"]
+    assert 'data-calls="2"' in rows["a"] and 'data-calls="1"' in rows["b"]
+    assert 'data-errors="1"' in rows["a"] and "rate_limited 1" in rows["a"]
+    assert 'data-errors="0"' in rows["b"]
+    assert 'data-charged="1"' in rows["a"] and 'data-charged="1"' in rows["b"]
+    assert 'data-failovers="0/1"' in rows["a"] and 'data-failovers="1/0"' in rows["b"]
+    assert 'data-moved="0"' in rows["a"] and 'data-moved="1"' in rows["b"]
+    assert "Circuit breaker · a" in page.text  # the card is the first-priority endpoint's
+    assert 'class="badge breaker-open"' in badge.text  # and so is the header's badge
