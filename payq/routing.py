@@ -136,10 +136,16 @@ class Routes:
 
     def enter(self, group: str | None = None) -> Routed | Wait:
         """The first route whose gate admits a call now (``group``: only its routes), or
-        the shortest of their waits. Never blocks."""
+        the shortest wait. Never blocks. A lower priority is tried only when every route
+        of the priority above refused as sick (its breaker): a route that is merely busy
+        (its fleet slots all in use) is waited for, not spilled over."""
         waits: list[Wait] = []
         order = self.order(group)
-        for route in order:
+        for i, route in enumerate(order):
+            if waits and route.endpoint.priority != order[i - 1].endpoint.priority:
+                busy = [w for w in waits if w.cause not in _SICK]
+                if busy:
+                    return min(busy, key=lambda w: w.delay_ms)
             entry = route.gate.enter()
             if isinstance(entry, Pass):
                 self._watch(order[0], route, waits)

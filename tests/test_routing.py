@@ -20,7 +20,7 @@ from sqlalchemy import any_, select, text
 
 from payq.constants import DeferralCause
 from payq.db import transaction
-from payq.gate import Wait
+from payq.gate import Pass, Wait
 from payq.models import operator_actions
 from payq.ops.dlq import DeadFilter, replay
 from payq.processing import Result, process_charge
@@ -156,6 +156,21 @@ def test_a_charge_goes_to_the_first_endpoint_whose_breaker_admits_it(providers: 
     assert (sent(providers.a, second), len(books(providers.b, second))) == (0, 1)
     assert where(second) == [("b", "b", "succeeded")]
     assert charge(second).charged_endpoint == "b"
+
+
+def test_a_busy_first_endpoint_is_waited_for_not_spilled_over(providers: Providers) -> None:
+    """Failover is for a sick endpoint (its breaker open), not a busy one: while every
+    slot of the first endpoint is in use, a charge waits a moment for one."""
+    endpoints = (
+        {"name": "a", "url": providers.a.url, "max_concurrency": 1},
+        {"name": "b", "url": providers.b.url},
+    )
+    routes, other_process = providers.routes(*endpoints), providers.routes(*endpoints)
+    a = other_process.named("a")
+    assert a is not None and isinstance(a.gate.enter(), Pass)  # a's one slot, taken
+    cid = enqueue()
+    assert providers.run(cid, routes) is Result.DEFERRED
+    assert (sent(providers.a, cid), sent(providers.b, cid), charge(cid).attempts) == (0, 0, 0)
 
 
 def test_within_its_group_a_retry_may_go_to_another_endpoint_with_the_same_key(

@@ -29,6 +29,7 @@ __all__ = [
     "ConnectionSampler",
     "Kill",
     "Recovery",
+    "across_groups",
     "claimed_before",
     "killed_in_flight",
     "ledger",
@@ -218,6 +219,21 @@ def relay_republished(log: Path) -> tuple[int, int]:
     """(lost messages, expired leases) the relay published again, from its log lines."""
     found = _RELAY_LINE.findall(log.read_text(errors="replace"))
     return sum(int(lost) for lost, _ in found), sum(int(leases) for _, leases in found)
+
+
+def across_groups(
+    books: list[list[dict[str, Any]]], logs: list[list[dict[str, Any]]]
+) -> dict[str, int]:
+    """From the providers' side: ``cross_group_charges``, keys charged by more than one
+    provider (must be 0); ``moved``, keys whose charge requests reached more than one."""
+    charged = Counter(
+        b["idempotency_key"] for book in books for b in book if b["status"] == "succeeded"
+    )
+    asked = Counter(key for log in logs for key in {r["idempotency_key"] for r in log})
+    return {
+        "cross_group_charges": sum(1 for n in charged.values() if n > 1),
+        "moved": sum(1 for n in asked.values() if n > 1),
+    }
 
 
 def ledger(

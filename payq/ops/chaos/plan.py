@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-__all__ = ["ChaosPlan", "child_environment", "simulator_args"]
+__all__ = ["ChaosPlan", "child_environment", "endpoints", "simulator_args"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -19,6 +19,12 @@ class ChaosPlan:
     past its lease, with its calls in flight, then thawed (SIGCONT). The fleet
     (``groups`` x ``processes`` x ``threads``) has more threads than ``max_concurrency``
     so that the fleet-wide limit, not the thread count, holds it.
+
+    Two providers, two ledger groups: ``a`` (the primary: endpoints ``a1`` and ``a2``,
+    two addresses of one provider, each half of ``max_concurrency``) and ``b`` behind
+    it. The outage is provider ``a``'s; at 75 % it charges then answers too late for
+    ``late_s`` (most of its calls); at 52 % endpoint ``a2`` refuses connections for
+    ``refuse_s`` (its open connections reset).
     """
 
     charges: int = 3000
@@ -34,6 +40,8 @@ class ChaosPlan:
     lease_s: int = 9
     retry_max_attempts: int = 3  # small: charges can run out of attempts during a stall
     deadline_s: float = 300.0  # from the first charge to every charge final
+    late_s: float = 4.0
+    refuse_s: float = 6.0
     seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -50,6 +58,14 @@ class ChaosPlan:
     @property
     def outage_at_s(self) -> float:
         return 0.25 * self.enqueue_s
+
+    @property
+    def late_at_s(self) -> float:
+        return 0.75 * self.enqueue_s
+
+    @property
+    def refuse_at_s(self) -> float:
+        return 0.52 * self.enqueue_s
 
     @property
     def outage_end_s(self) -> float:
@@ -121,6 +137,23 @@ def child_environment(plan: ChaosPlan, database_url: str, redis_url: str) -> dic
         "LOG_FORMAT": "console",
         "LOG_LEVEL": "INFO",
     }
+
+
+def endpoints(plan: ChaosPlan, urls: list[str], doorway_url: str) -> list[dict[str, object]]:
+    """``PAYMENT_ENDPOINTS``: provider a at two addresses (its own and the doorway's, each
+    with half the slots: together they never exceed ``max_concurrency`` at a), then b."""
+    half = max(1, plan.max_concurrency // 2)
+    return [
+        {"name": "a1", "url": urls[0], "group": "a", "priority": 1, "max_concurrency": half},
+        {
+            "name": "a2",
+            "url": doorway_url,
+            "group": "a",
+            "priority": 1,
+            "max_concurrency": plan.max_concurrency - half,
+        },
+        {"name": "b", "url": urls[1], "group": "b", "priority": 2},
+    ]
 
 
 def simulator_args(plan: ChaosPlan) -> list[str]:

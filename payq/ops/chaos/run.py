@@ -29,14 +29,16 @@ from typing import Any
 from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import SQLAlchemyError
 
-from devservices import ThrowawayPostgres, ThrowawayRedis
+from devservices import ThrowawayPostgres, ThrowawayRedis, free_port
 from payq.constants import FINAL_STATUSES, ChargeStatus, DeadOutcome
 from payq.db import make_engine
 from payq.models import charges
+from payq.ops.chaos.doorway import Doorway
 from payq.ops.chaos.measure import (
     RATE_WINDOW_S,
     ConnectionSampler,
     Kill,
+    across_groups,
     claimed_before,
     killed_in_flight,
     ledger,
@@ -44,7 +46,7 @@ from payq.ops.chaos.measure import (
     relay_republished,
     retry_after,
 )
-from payq.ops.chaos.plan import ChaosPlan, child_environment, simulator_args
+from payq.ops.chaos.plan import ChaosPlan, child_environment, endpoints, simulator_args
 from payq.ops.chaos.verdict import ChaosResult, Figure, checks, figure_line, largest, median
 from payq.ops.system import LocalSystem, start_local_system
 from payq.settings import Settings, load_settings
@@ -84,6 +86,15 @@ def run_chaos(
         _migrate(env, workdir)
         settings = load_settings(**{name.lower(): value for name, value in env.items()})
         engine = make_engine(settings, "chaos")  # not counted among the app's connections
+        doorways: list[Doorway] = []
+
+        def named(urls: list[str]) -> list[dict[str, Any]]:
+            # Provider a's second address: the doorway to its port, open from the start.
+            door = Doorway(free_port(), int(urls[0].rsplit(":", 1)[1]))
+            door.open()
+            doorways.append(door)
+            return endpoints(plan, urls, f"http://127.0.0.1:{door.port}")
+
         try:
             with start_local_system(
                 workdir,
@@ -92,12 +103,20 @@ def run_chaos(
                 threads=plan.threads,
                 env=env,
                 groups=plan.groups,
+                providers=2,
+                endpoints=named,
             ) as system:
-                say(f"· simulator, {plan.groups} worker groups and the relay are up")
-                result = _Run(plan, settings, system, engine, (redis_server, pg), say).go()
+                say(
+                    f"· providers a (endpoints a1, a2) and b, {plan.groups} worker groups and "
+                    "the relay are up"
+                )
+                servers = (redis_server, pg)
+                result = _Run(plan, settings, system, engine, servers, doorways[0], say).go()
                 ok = result.ok
                 return result
         finally:
+            for door in doorways:
+                door.shut()
             engine.dispose()
     finally:
         pg.stop()
@@ -149,6 +168,8 @@ class _Group:
 @dataclass
 class _Events:
     outage_at: float | None = None
+    late: str = ""  # provider a's late answers: "", "on", "over"
+    refused: str = ""  # endpoint a2's connections refused: "", "on", "over"
     redis_restarts: int = 0
     pg_restarts: int = 0
     pg_restarted_at: float | None = None
@@ -168,10 +189,12 @@ class _Run:
         system: LocalSystem,
         engine: Engine,
         servers: tuple[ThrowawayRedis, ThrowawayPostgres],
+        doorway: Doorway,
         say: Callable[[str], None],
     ) -> None:
         self.plan, self.settings, self.system, self.engine = plan, settings, system, engine
         self.redis_server, self.pg = servers
+        self.doorway = doorway
         self.say = say
         self.workdir = system.logs["relay"].parent  # the run's folder: every log is there
         self.rng = random.Random(plan.seed)
@@ -214,12 +237,13 @@ class _Run:
             self.sampler.join()
         elapsed_s = time.time() - t0
         self.system.stop_workers()
-        stats = self.system.stats()
-        log = self.system.request_log()
-        books = self.system.books()
+        providers = range(len(self.system.sim_urls))
+        stats = [self.system.stats(i) for i in providers]
+        logs = [self.system.request_log(i) for i in providers]
+        books = [self.system.books(i) for i in providers]
         # Kept with the other logs when a check fails: every call, to see what happened.
-        (self.workdir / "provider-requests.json").write_text(json.dumps(log))
-        figures = self._figures(stats, log, books, elapsed_s)
+        (self.workdir / "provider-requests.json").write_text(json.dumps(logs))
+        figures = self._figures(stats, logs, books, elapsed_s)
         failed = checks(figures, plan, producer.returncode)
         line = figure_line(figures)
         self.say(line)
@@ -244,7 +268,8 @@ class _Run:
         if events.outage_at is None and t >= plan.outage_at_s:
             events.outage_at = time.time()
             self.system.faults(outage_s=plan.outage_s)
-            self.say(f"· provider outage for {plan.outage_s:g} s: every call answered 503")
+            self.say(f"· provider a down for {plan.outage_s:g} s: every call answered 503")
+        self._provider_a_faults(t)
         if not events.redis_restarts and t >= plan.redis_restart_at_s:
             self.redis_server.restart(wipe=True)
             events.redis_restarts += 1
@@ -254,6 +279,26 @@ class _Run:
             events.pg_restarts += 1
             events.pg_restarted_at = time.time()
             self.say("· PostgreSQL restarted")
+
+    def _provider_a_faults(self, t: float) -> None:
+        """Provider a charges then answers late for a while; later its second address
+        refuses connections for a while."""
+        plan, events = self.plan, self.events
+        if not events.late and t >= plan.late_at_s:
+            events.late = "on"
+            self.system.faults(timeout_rate=0.6)
+            self.say(f"· provider a charges, then answers too late, for {plan.late_s:g} s")
+        elif events.late == "on" and t >= plan.late_at_s + plan.late_s:
+            events.late = "over"
+            self.system.faults(timeout_rate=0.05)
+        if not events.refused and t >= plan.refuse_at_s:
+            events.refused = "on"
+            self.doorway.shut()
+            self.say(f"· endpoint a2 refuses connections for {plan.refuse_s:g} s")
+        elif events.refused == "on" and t >= plan.refuse_at_s + plan.refuse_s:
+            events.refused = "over"
+            self.doorway.open()
+            self.say("· endpoint a2 takes connections again")
 
     def _stalls_due(self, t: float) -> None:
         """Freeze one group when a stall is due (its calls in flight), thaw it after."""
@@ -389,46 +434,52 @@ class _Run:
             return
         try:
             stats = self.system.stats()
+            stats_b = self.system.stats(1)
         except Exception:  # the figures are for the eye only; the verdict reads them again
-            stats = {}
+            stats, stats_b = {}, {}
         final = sum(counts.get(s, 0) for s in FINAL_STATUSES)
         states = " · ".join(
             f"{s} {counts.get(s, 0)}" for s in ("pending", "processing", "retrying", "dead")
         )
         self.say(
             f"  [{t:5.1f}s] enqueued {sum(counts.values())}/{self.plan.charges} · final {final} "
-            f"· {states} | provider {stats.get('requests', '?')} requests, "
-            f"{stats.get('in_flight', '?')} in flight | kills {len(self.events.kills)} | "
+            f"· {states} | provider a {stats.get('requests', '?')} requests, "
+            f"{stats.get('in_flight', '?')} in flight, b {stats_b.get('requests', '?')} "
+            f"requests | kills {len(self.events.kills)} | "
             f"app connections {self.sampler.latest} (max {self.sampler.max_total})"
         )
 
     # --- figures ------------------------------------------------------------------
     def _figures(
         self,
-        stats: Mapping[str, Any],
-        log: list[dict[str, Any]],
-        books: list[dict[str, Any]],
+        stats: list[dict[str, Any]],
+        logs: list[list[dict[str, Any]]],
+        books: list[list[dict[str, Any]]],
         elapsed_s: float,
     ) -> dict[str, Figure]:
+        """Figures over both providers (their books and request logs together), the
+        outage's over provider a's own log."""
         plan, pool, events = self.plan, self.settings.database_pool_max_connections, self.events
         counts = self._counts()
+        log = sorted((r for one in logs for r in one), key=lambda r: float(r["at"]))
         limited, violations, slack_ms = retry_after(log)
-        during, expected = outage_calls(log, events.outage_at, plan.outage_s)
+        during, expected = outage_calls(logs[0], events.outage_at, plan.outage_s)
         lost = killed_in_flight(self.engine, events.kills)
         takeover = [r.takeover_s for r in lost if r.takeover_s is not None]
         recovery = [r.final_s for r in lost if r.final_s is not None]
         relay_lost, relay_leases = relay_republished(self.system.logs["relay"])
         return {
-            **ledger(self.engine, books, log),
+            **ledger(self.engine, [b for book in books for b in book], log),
+            **across_groups(books, logs),
             "stalls": events.stalls,
             "charges": plan.charges,
             "final": sum(counts.get(s, 0) for s in FINAL_STATUSES),
             "succeeded": counts.get(ChargeStatus.SUCCEEDED, 0),
             "failed": counts.get(ChargeStatus.FAILED, 0),
             "dead": counts.get(ChargeStatus.DEAD, 0),
-            "provider_requests": int(stats.get("requests", -1)),
-            "duplicate_charges": int(stats.get("duplicate_charges", -1)),
-            "max_in_flight": int(stats.get("max_in_flight", -1)),
+            "provider_requests": sum(int(st.get("requests", -1)) for st in stats),
+            "duplicate_charges": sum(int(st.get("duplicate_charges", 1)) for st in stats),
+            "max_in_flight": max(int(st.get("max_in_flight", -1)) for st in stats),
             "max_concurrency": plan.max_concurrency,
             "max_app_connections": self.sampler.max_total,
             # Every worker process's pool, and the relay's (one process, one pool).

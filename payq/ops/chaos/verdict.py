@@ -51,6 +51,11 @@ def checks(f: Mapping[str, Figure], plan: ChaosPlan, producer_exit: int) -> list
         (producer_exit == 0, f"producer: exited {producer_exit}, not every charge enqueued"),
         (f["final"] == plan.charges, f"every_charge_final: {f['final']}/{plan.charges}"),
         (f["duplicate_charges"] == 0, f"duplicate_charges: {f['duplicate_charges']}"),
+        (
+            f["cross_group_charges"] == 0,
+            f"cross_group_charges: {f['cross_group_charges']} charged by both providers",
+        ),
+        (int(f["moved"]) > 0, "moved: no charge went from provider a to b: failover untested"),
         (f["phantom"] == 0, f"phantom: {f['phantom']} charged at the provider, not succeeded"),
         (f["ledger_mismatch"] == 0, f"ledger_mismatch: {f['ledger_mismatch']}"),
         (f["unknown_dead"] == 0, f"unknown_dead: {f['unknown_dead']} after the sweep"),
@@ -96,6 +101,7 @@ def figure_line(f: Mapping[str, Figure]) -> str:
     return (
         f"chaos: charges={f['charges']} final={f['final']} succeeded={f['succeeded']} "
         f"failed={f['failed']} dead={f['dead']} duplicate_charges={f['duplicate_charges']} "
+        f"cross_group_charges={f['cross_group_charges']} moved={f['moved']} "
         f"phantom={f['phantom']} unknown_dead={f['unknown_dead']} "
         f"unrecorded_calls={f['unrecorded_calls']} ledger_mismatch={f['ledger_mismatch']} "
         f"max_in_flight={f['max_in_flight']}/{f['max_concurrency']} "
