@@ -21,18 +21,18 @@ import logging
 import uuid
 from dataclasses import dataclass
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import bindparam, distinct, func, select, update
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from payq import ledger, metrics
-from payq.constants import SYSTEM_ACTOR, ChargeStatus
+from payq.constants import SYSTEM_ACTOR, AttemptKind, AttemptOutcome, ChargeStatus
 from payq.db import autocommit, transaction
 from payq.gate import Pass
-from payq.models import charges
+from payq.models import charge_attempts, charges
 from payq.routing import Route, Routes
 
-__all__ = ["Pin", "free_or_settle", "read_pin"]
+__all__ = ["DECLINED_GROUPS", "Pin", "free_or_settle", "read_pin"]
 
 log = logging.getLogger("payq.failover")
 
@@ -47,10 +47,26 @@ class Pin:
     call_id: uuid.UUID | None  # the last claim's: the pin is cleared only if still this
     key: str
     attempts: int
+    declined: frozenset[str]  # groups that declined it (soft declines move it elsewhere)
 
+
+#: The groups whose calls of the charge were declined.
+DECLINED_GROUPS = (
+    select(func.array_agg(distinct(charge_attempts.c.ledger_group)))
+    .where(
+        charge_attempts.c.charge_id == bindparam("charge_id"),
+        charge_attempts.c.kind == AttemptKind.CHARGE,
+        charge_attempts.c.outcome == AttemptOutcome.DECLINED,
+    )
+    .scalar_subquery()
+)
 
 _READ = select(
-    charges.c.ledger_group, charges.c.call_id, charges.c.idempotency_key, charges.c.attempts
+    charges.c.ledger_group,
+    charges.c.call_id,
+    charges.c.idempotency_key,
+    charges.c.attempts,
+    DECLINED_GROUPS,
 ).where(charges.c.id == bindparam("charge_id"))
 
 _UNPIN = (
@@ -73,7 +89,9 @@ def read_pin(cid: uuid.UUID) -> Pin | None:
             row = conn.execute(_READ, {"charge_id": cid}).first()
     except _DB_TROUBLE:
         return None
-    return None if row is None else Pin(row[0], row[1], row[2], row[3])
+    if row is None:
+        return None
+    return Pin(row[0], row[1], row[2], row[3], frozenset(g for g in row[4] or () if g))
 
 
 def free_or_settle(cid: uuid.UUID, pin: Pin, routes: Routes, lease_s: float) -> ChargeStatus | bool:

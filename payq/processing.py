@@ -499,6 +499,7 @@ def process_charge(
             decision = _look_up_before_dead(decision, claim, attempt, route.provider, stalled)
         elif routes.several_groups:
             decision = _unpin_if_proven(decision, claim, attempt.outcome)
+            decision = _soft_decline(decision, claim, attempt.outcome, routes, settings)
     finally:
         route.gate.leave(entry, attempt.outcome, attempt.latency_ms)
     attempt.count(route)
@@ -512,15 +513,52 @@ def _route(cid: uuid.UUID, routes: Routes, settings: Settings) -> Routed | Wait 
     there by key, and moves only if that proves its group did not charge it
     (``payq.failover``), or is settled by the answer."""
     pin = failover.read_pin(cid) if routes.several_groups else None
-    routed = routes.enter(pin.group if pin is not None else None)
-    if not isinstance(routed, Wait) or pin is None or pin.group is None:
+    if pin is None:
+        return routes.enter()
+    routed = routes.enter(pin.group, avoid=pin.declined)
+    if not isinstance(routed, Wait) or pin.group is None:
         return routed
     asked = failover.free_or_settle(cid, pin, routes, settings.charge_lease_s)
     if asked is True:
-        return routes.enter(None)
+        return routes.enter(None, avoid=pin.declined)
     if isinstance(asked, ChargeStatus):
         return Result(asked.value)
     return routed
+
+
+def _soft_decline(
+    decision: _Decision,
+    claim: _Claim,
+    outcome: Outcome | None,
+    routes: Routes,
+    settings: Settings,
+) -> _Decision:
+    """A decline whose code is in ``PAYMENT_SOFT_DECLINES`` sends the charge on to a ledger
+    group that has not declined it, if one is configured and an attempt is left (the
+    decline is stored by its group: it charged nothing there, and a request there again
+    would get the same decline)."""
+    if decision.result is not Result.FAILED or not isinstance(outcome, CardDeclined):
+        return decision
+    policy = RetryPolicy.from_settings(settings)
+    if outcome.code not in settings.soft_declines or policy.exhausted(claim.budget_used):
+        return decision
+    try:
+        with autocommit() as conn:
+            declined = conn.execute(select(failover.DECLINED_GROUPS), {"charge_id": claim.id})
+            tried = {*(declined.scalar() or ()), claim.group}
+    except (PoolTimeout, *DB_UNAVAILABLE):
+        return decision  # cannot tell where it may go: the decline stands
+    if all(group in tried for group in routes.groups):
+        return decision
+    delay_s = policy.delay_s(claim.budget_used, None)
+    values = {
+        "delay_ms": int(delay_s * 1000) + 1,
+        "message_id": new_message_id(),
+        "ledger_group": None,
+        "last_error": str(outcome),
+        "last_error_class": outcome.error_class,
+    }
+    return _Decision(Result.RETRYING, values)
 
 
 def _unpin_if_proven(decision: _Decision, claim: _Claim, outcome: Outcome | None) -> _Decision:

@@ -123,10 +123,13 @@ class Routes:
     def in_group(self, group: str) -> tuple[Route, ...]:
         return tuple(r for r in self.all if r.group == group)
 
-    def order(self, group: str | None = None) -> list[Route]:
+    def order(self, group: str | None = None, avoid: frozenset[str] = frozenset()) -> list[Route]:
         """The routes a call may take, in the order to try them: ``group``'s only, if
-        given; by priority, and among equal priorities a weighted random order."""
+        given, else none of the groups to ``avoid`` (unless that leaves none); by
+        priority, and among equal priorities a weighted random order."""
         routes = [r for r in self.all if group is None or r.group == group]
+        if group is None and avoid:
+            routes = [r for r in routes if r.group not in avoid] or routes
         # Efraimidis-Spirakis: a random key u^(1/w) per route, larger first.
         keyed = [
             (r.endpoint.priority, random.random() ** (1 / r.endpoint.weight), r) for r in routes
@@ -134,13 +137,13 @@ class Routes:
         keyed.sort(key=lambda k: (k[0], -k[1]))
         return [r for _, _, r in keyed]
 
-    def enter(self, group: str | None = None) -> Routed | Wait:
+    def enter(self, group: str | None = None, avoid: frozenset[str] = frozenset()) -> Routed | Wait:
         """The first route whose gate admits a call now (``group``: only its routes), or
         the shortest wait. Never blocks. A lower priority is tried only when every route
         of the priority above refused as sick (its breaker): a route that is merely busy
         (its fleet slots all in use) is waited for, not spilled over."""
         waits: list[Wait] = []
-        order = self.order(group)
+        order = self.order(group, avoid)
         for i, route in enumerate(order):
             if waits and route.endpoint.priority != order[i - 1].endpoint.priority:
                 busy = [w for w in waits if w.cause not in _SICK]

@@ -45,13 +45,13 @@ class Providers:
         self.a, self.b, self.client = a, b, client
         self._routes: list[Routes] = []
 
-    def routes(self, *endpoints: dict[str, Any], attempts: int = 4) -> Routes:
+    def routes(self, *endpoints: dict[str, Any], attempts: int = 4, **more: Any) -> Routes:
         """Routes to these endpoints (default: ``a`` first, then ``b``)."""
         listed = endpoints or (
             {"name": "a", "url": self.a.url},
             {"name": "b", "url": self.b.url},
         )
-        settings = self.settings(list(listed), attempts)
+        settings = self.settings(list(listed), attempts, **more)
         routes = Routes.build(settings, self.client)
         for route in routes.all:  # nothing runs between tests: no grace for the first slot
             route.gate.fleet.mark_settled()
@@ -60,12 +60,13 @@ class Providers:
         return routes
 
     @staticmethod
-    def settings(endpoints: list[dict[str, Any]], attempts: int) -> Settings:
+    def settings(endpoints: list[dict[str, Any]], attempts: int, **more: Any) -> Settings:
         return load_settings(
             payment_endpoints=json.dumps(endpoints),
             retry_max_attempts=attempts,
             breaker_min_calls=4,
             breaker_open_s=30,
+            **more,
         )
 
     def run(self, cid: uuid.UUID, routes: Routes) -> Result:
@@ -296,6 +297,30 @@ def test_a_decline_stays_a_decline(providers: Providers) -> None:
     assert providers.run(cid, routes) is Result.FAILED
     assert charge(cid).charged_endpoint == "a"
     assert sent(providers.b, cid) == 0
+
+
+def test_a_soft_decline_moves_the_charge_to_a_group_that_has_not_declined_it(
+    providers: Providers,
+) -> None:
+    routes = providers.routes(payment_soft_declines="card_declined")
+    providers.a.faults(script=["decline"])  # 402 card_declined, stored by a
+    cid = enqueue()
+    assert providers.run(cid, routes) is Result.RETRYING
+    assert providers.run(cid, routes) is Result.SUCCEEDED  # not to a again, though healthy
+    assert [b["status"] for b in books(providers.a, cid)] == ["failed"]
+    assert [b["status"] for b in books(providers.b, cid)] == ["succeeded"]
+    assert where(cid) == [("a", "a", "declined"), ("b", "b", "succeeded")]
+
+
+def test_a_soft_decline_in_every_group_stands(providers: Providers) -> None:
+    routes = providers.routes(payment_soft_declines="card_declined")
+    providers.a.faults(script=["decline"])
+    providers.b.faults(script=["decline"])
+    cid = enqueue()
+    assert providers.run(cid, routes) is Result.RETRYING
+    assert providers.run(cid, routes) is Result.FAILED
+    assert (charge(cid).decline_code, charge(cid).charged_endpoint) == ("card_declined", "b")
+    assert (sent(providers.a, cid), sent(providers.b, cid)) == (1, 1)
 
 
 def test_the_claim_refuses_an_endpoint_outside_the_charges_pin(providers: Providers) -> None:
