@@ -191,7 +191,12 @@ def cmd_show(args: argparse.Namespace) -> int:
     if c.dead_reason:
         print(f"reason     {terminal_safe(c.dead_reason)}")
     if c.provider_charge_id:
-        print(f"provider   {terminal_safe(c.provider_charge_id)}")
+        at = f" (endpoint {c.charged_endpoint})" if c.charged_endpoint else ""
+        print(f"provider   {terminal_safe(c.provider_charge_id)}{at}")
+    if c.ledger_group and c.status.value not in ("succeeded", "failed"):
+        print(
+            f"pinned     to ledger group {c.ledger_group}: sent only there until proven not charged"
+        )
     if c.purged_at:
         print(
             f"purged     {c.purged_at:%Y-%m-%d %H:%M:%S} UTC by {terminal_safe(c.purged_by or '')}"
@@ -204,6 +209,7 @@ def cmd_show(args: argparse.Namespace) -> int:
             [
                 str(a["number"]),
                 a["kind"],
+                a["endpoint"] or "-",
                 a["started_at"].strftime("%Y-%m-%d %H:%M:%S.%f")[:-3],
                 "-" if a["latency_ms"] is None else f"{a['latency_ms']} ms",
                 a["outcome"],
@@ -213,7 +219,17 @@ def cmd_show(args: argparse.Namespace) -> int:
             ]
             for a in attempts
         ],
-        ["#", "REQUEST", "STARTED (UTC)", "LATENCY", "OUTCOME", "HTTP", "ERROR CLASS", "MESSAGE"],
+        [
+            "#",
+            "REQUEST",
+            "ENDPOINT",
+            "STARTED (UTC)",
+            "LATENCY",
+            "OUTCOME",
+            "HTTP",
+            "ERROR CLASS",
+            "MESSAGE",
+        ],
     )
     return 0
 
