@@ -6,6 +6,7 @@ __all__ = [
     "ACTOR_NAME",
     "CHARGED_NOTHING",
     "FINAL_STATUSES",
+    "MAY_STILL_ARRIVE",
     "QUEUE_NAME",
     "SETTLED_STATUSES",
     "SYSTEM_ACTOR",
@@ -81,6 +82,13 @@ UNCERTAIN_OUTCOMES = frozenset(
     }
 )
 
+
+#: Requests that may still reach the provider after payq stopped waiting for them: no
+#: answer came (a timeout, a reset) or none was recorded. Within their claim plus the
+#: lease, a lookup that finds no charge proves nothing (``ledger.pending_calls_s``).
+MAY_STILL_ARRIVE = frozenset(
+    {AttemptOutcome.IN_FLIGHT, AttemptOutcome.ABANDONED, AttemptOutcome.NO_ANSWER}
+)
 
 #: Requests that charged nothing, as the contract says: after one of these, and none of
 #: ``UNCERTAIN_OUTCOMES`` in the same ledger group, the charge may go to another group.

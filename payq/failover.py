@@ -21,14 +21,21 @@ import logging
 import uuid
 from dataclasses import dataclass
 
-from sqlalchemy import bindparam, distinct, func, select, update
+from sqlalchemy import and_, bindparam, distinct, exists, func, or_, select, update
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from payq import ledger, metrics
-from payq.constants import SYSTEM_ACTOR, AttemptKind, AttemptOutcome, ChargeStatus
+from payq.constants import (
+    SYSTEM_ACTOR,
+    AttemptKind,
+    AttemptOutcome,
+    ChargeStatus,
+    DeferralCause,
+)
 from payq.db import autocommit, transaction
-from payq.gate import Pass
+from payq.endpoints import DEFAULT_ENDPOINT
+from payq.gate import Pass, Wait, jitter_ms
 from payq.models import charge_attempts, charges
 from payq.routing import Route, Routes
 
@@ -43,11 +50,12 @@ _DB_TROUBLE = (PoolTimeout, OperationalError, InterfaceError)
 class Pin:
     """A charge's pin as read before its endpoint is picked."""
 
-    group: str | None
+    group: str | None  # as recorded (``Routes.served`` says which configured group it is)
     call_id: uuid.UUID | None  # the last claim's: the pin is cleared only if still this
     key: str
     attempts: int
     declined: frozenset[str]  # groups that declined it (soft declines move it elsewhere)
+    recorded: str | None = None  # the row's own value (``group`` may stand in for none)
 
 
 #: The groups whose calls of the charge were declined.
@@ -61,44 +69,67 @@ DECLINED_GROUPS = (
     .scalar_subquery()
 )
 
+#: Requests recorded without a group: sent before there were several endpoints, to the
+#: one that is now the first (README: list it first when you add others).
+_SENT_BEFORE_GROUPS = exists().where(
+    charge_attempts.c.charge_id == bindparam("charge_id"),
+    charge_attempts.c.kind == AttemptKind.CHARGE,
+    charge_attempts.c.ledger_group.is_(None),
+)
+
 _READ = select(
     charges.c.ledger_group,
     charges.c.call_id,
     charges.c.idempotency_key,
     charges.c.attempts,
     DECLINED_GROUPS,
+    _SENT_BEFORE_GROUPS,
 ).where(charges.c.id == bindparam("charge_id"))
 
 _UNPIN = (
     update(charges)
     .where(
         charges.c.id == bindparam("charge_id"),
-        charges.c.ledger_group == bindparam("group"),
+        charges.c.ledger_group.is_not_distinct_from(bindparam("group")),
         charges.c.call_id.is_not_distinct_from(bindparam("last_call")),
-        charges.c.status.in_([ChargeStatus.PENDING, ChargeStatus.RETRYING]),
+        or_(
+            charges.c.status.in_([ChargeStatus.PENDING, ChargeStatus.RETRYING]),
+            # A claim whose worker died before sending: its lease ran out.
+            and_(
+                charges.c.status == ChargeStatus.PROCESSING,
+                charges.c.lease_expires_at < func.now(),
+            ),
+        ),
     )
     .values(ledger_group=None)
 )
 
 
-def read_pin(cid: uuid.UUID) -> Pin | None:
-    """The charge's pin; ``None`` if the database cannot tell now (the claim meets the
-    same trouble, and its guard keeps the pin) or there is no such charge."""
+def read_pin(cid: uuid.UUID) -> Pin | Wait | None:
+    """The charge's pin (``None``: no such charge). A charge not pinned but with requests
+    recorded without a group (from before there were several endpoints) is pinned to
+    ``default``, the single endpoint's group (``Routes.served``). If the database cannot
+    tell now, a wait: no endpoint is picked without the pin."""
     try:
         with autocommit() as conn:
             row = conn.execute(_READ, {"charge_id": cid}).first()
     except _DB_TROUBLE:
-        return None
+        detail = "the charge's ledger group could not be read (database unavailable)"
+        return Wait(DeferralCause.DATABASE, jitter_ms(1000, 3000), detail)
     if row is None:
         return None
-    return Pin(row[0], row[1], row[2], row[3], frozenset(g for g in row[4] or () if g))
+    group = row[0] if row[0] is not None or not row[5] else DEFAULT_ENDPOINT
+    declined = frozenset(g for g in row[4] or () if g)
+    return Pin(group, row[1], row[2], row[3], declined, recorded=row[0])
 
 
 def free_or_settle(cid: uuid.UUID, pin: Pin, routes: Routes, lease_s: float) -> ChargeStatus | bool:
     """Ask the pinned group by key (module docstring): the status the answer settled the
     charge to, ``True`` if the pin was cleared, ``False`` if it stays."""
-    assert pin.group is not None
-    for route in routes.order(pin.group):
+    group = routes.served(pin.group)
+    if group is None:
+        return False  # no endpoint of its group to ask
+    for route in routes.order(group):
         entry = route.gate.enter_lookup()
         if isinstance(entry, Pass):
             try:
@@ -138,7 +169,7 @@ def _unpin(cid: uuid.UUID, pin: Pin, route: Route, lease_s: float) -> bool:
     with transaction() as conn:
         if ledger.pending_calls_s(conn, cid, lease_s) > 0:
             return False  # an earlier call may still reach the group: 404 proves nothing yet
-        params = {"charge_id": cid, "group": pin.group, "last_call": pin.call_id}
+        params = {"charge_id": cid, "group": pin.recorded, "last_call": pin.call_id}
         if not conn.execute(_UNPIN, params).rowcount:
             return False  # claimed or moved since the pin was read
         ledger.audit(

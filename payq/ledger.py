@@ -29,6 +29,7 @@ from sqlalchemy import Connection, func, insert, select, update
 from sqlalchemy.sql.elements import ColumnElement
 
 from payq.constants import (
+    MAY_STILL_ARRIVE,
     SETTLED_STATUSES,
     SYSTEM_ACTOR,
     AttemptKind,
@@ -178,11 +179,13 @@ def pending_calls_s(
 ) -> float:
     """Seconds until no earlier call of this charge can still reach the provider (0: none).
 
-    A call whose worker never recorded it (in flight, or abandoned when the charge was
-    claimed again) may be on its way still: a worker frozen between its claim and its
-    request. A worker sends only within its lease less the call's timeout after the
-    claim, so such a request arrives by its claim (the row's ``started_at``) plus the
-    lease. Until then a lookup that finds no charge proves nothing.
+    A call that got no answer may be on its way still (``MAY_STILL_ARRIVE``): one whose
+    worker never recorded it (in flight, or abandoned when the charge was claimed again:
+    a worker frozen between its claim and its request), and one that timed out or was
+    reset (its request may sit in a queue on the way). A worker sends only
+    within its lease less the call's timeout after the claim, so such a request arrives
+    by its claim (the row's ``started_at``) plus the lease. Until then a lookup that
+    finds no charge proves nothing.
     """
     query = select(
         func.extract(
@@ -192,7 +195,7 @@ def pending_calls_s(
     ).where(
         charge_attempts.c.charge_id == charge_id,
         charge_attempts.c.kind == AttemptKind.CHARGE,
-        charge_attempts.c.outcome.in_([AttemptOutcome.IN_FLIGHT, AttemptOutcome.ABANDONED]),
+        charge_attempts.c.outcome.in_(sorted(MAY_STILL_ARRIVE)),
     )
     if but is not None:
         query = query.where(charge_attempts.c.call_id != but)

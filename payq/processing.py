@@ -40,6 +40,7 @@ from sqlalchemy import (
     String,
     and_,
     bindparam,
+    case,
     exists,
     func,
     insert,
@@ -69,6 +70,7 @@ from payq.broker import new_message_id, publish_or_leave_to_relay, queued
 from payq.constants import (
     CHARGED_NOTHING,
     FINAL_STATUSES,
+    MAY_STILL_ARRIVE,
     SYSTEM_ACTOR,
     UNCERTAIN_OUTCOMES,
     AttemptKind,
@@ -150,7 +152,11 @@ _CLAIMED = (
             and_(charges.c.status == S.PROCESSING, charges.c.lease_expires_at < func.now()),
         ),
         # Pinned to another ledger group: not this call's to make (``payq.routing``).
-        or_(charges.c.ledger_group.is_(None), charges.c.ledger_group == bindparam("group")),
+        or_(
+            charges.c.ledger_group.is_(None),
+            charges.c.ledger_group == bindparam("group"),
+            charges.c.ledger_group == bindparam("default_as"),  # ``Routes.served``
+        ),
     )
     .values(
         status=S.PROCESSING,
@@ -352,6 +358,14 @@ def _move_statement(
     return statement
 
 
+def _moved_on_after_decline(status: ChargeStatus) -> list[Any]:
+    """A late decline settles the charge only where it is still pinned to the decline's
+    group (or nowhere): one that moved on after a soft decline may be charged elsewhere."""
+    if status is not S.FAILED:
+        return []
+    return [or_(charges.c.ledger_group.is_(None), charges.c.ledger_group == bindparam("group"))]
+
+
 def _settle_anyway(status: ChargeStatus, values: dict[str, Any], ours: CTE) -> tuple[CTE, CTE]:
     """The provider's answer settles the charge even when the call lost its claim (from
     any status but settled), and the change is audited under ``payq``: two CTEs."""
@@ -364,6 +378,7 @@ def _settle_anyway(status: ChargeStatus, values: dict[str, Any], ours: CTE) -> t
             # (No IN list: an expanding parameter cannot be prepared.)
             *(charges.c.status != s for s in _SETTLED),
             ~exists(select(ours.c.id)),
+            *_moved_on_after_decline(status),
         )
         .values(**values)
         .returning(charges.c.id, old.c.status.label("was"))
@@ -513,10 +528,12 @@ def _route(cid: uuid.UUID, routes: Routes, settings: Settings) -> Routed | Wait 
     there by key, and moves only if that proves its group did not charge it
     (``payq.failover``), or is settled by the answer."""
     pin = failover.read_pin(cid) if routes.several_groups else None
-    if pin is None:
-        return routes.enter()
-    routed = routes.enter(pin.group, avoid=pin.declined)
-    if not isinstance(routed, Wait) or pin.group is None:
+    if pin is None or isinstance(pin, Wait):
+        return pin or routes.enter()
+    if pin.group is None:
+        return routes.enter(avoid=pin.declined)
+    routed = routes.enter(routes.served(pin.group) or pin.group, avoid=pin.declined)
+    if not isinstance(routed, Wait) or routes.served(pin.group) is None:
         return routed
     asked = failover.free_or_settle(cid, pin, routes, settings.charge_lease_s)
     if asked is True:
@@ -663,7 +680,8 @@ def _look_up_before_dead(
     if claim.past_retention or stalled:
         return _after_lookup(decision, None)
     attempt.lookup = ledger.look_up(provider, claim.key)
-    return _after_lookup(decision, attempt.lookup, _pending_calls_s(claim))
+    pending_s = _pending_calls_s(claim, own=_may_still_arrive(attempt.outcome))
+    return _after_lookup(decision, attempt.lookup, pending_s)
 
 
 def _defer(
@@ -754,6 +772,7 @@ def _claim(conn: Connection, cid: uuid.UUID, settings: Settings, route: Route) -
     params = {
         "charge_id": cid,
         "group": route.group,
+        "default_as": route.default_as,
         "endpoint": route.name,
         "lease": dt.timedelta(seconds=settings.charge_lease_s),
         "send_window": dt.timedelta(seconds=settings.key_send_window_s),
@@ -882,6 +901,11 @@ def _dead(reason: str, errors: dict[str, Any] | None = None) -> _Decision:
     return _Decision(Result.DEAD, values)
 
 
+def _may_still_arrive(outcome: Outcome | None) -> bool:
+    """Whether this call's request may still reach the provider (no answer came)."""
+    return outcome is not None and _attempt_outcome(outcome) in MAY_STILL_ARRIVE
+
+
 def _uncertain(claim: _Claim, outcome: Outcome | None) -> bool:
     """Whether this call, or an earlier one, ended without saying what the provider did."""
     if outcome is not None and _attempt_outcome(outcome) in UNCERTAIN_OUTCOMES:
@@ -894,12 +918,15 @@ def _uncertain(claim: _Claim, outcome: Outcome | None) -> bool:
         return True  # cannot tell: look it up
 
 
-def _pending_calls_s(claim: _Claim) -> float:
-    """Seconds until no earlier call of this charge can reach the provider any more."""
+def _pending_calls_s(claim: _Claim, own: bool = False) -> float:
+    """Seconds until no call of this charge can reach the provider any more: earlier
+    ones, and this one too if ``own`` (it got no clear answer: its request may still be
+    on its way, and may arrive up to its claim plus the lease)."""
     try:
         with autocommit() as conn:
             lease_s = get_settings().charge_lease_s
-            return ledger.pending_calls_s(conn, claim.id, lease_s, but=claim.call_id)
+            but = None if own else claim.call_id
+            return ledger.pending_calls_s(conn, claim.id, lease_s, but=but)
     except (PoolTimeout, *DB_UNAVAILABLE):
         return float(get_settings().charge_lease_s)  # cannot tell: a whole lease
 
@@ -1139,6 +1166,13 @@ def _unrecordable(
 #: A claim given back before its call: no attempt used, the call's row gone (nothing was
 #: sent), the charge due again under a fresh message.
 _CALL = bindparam("holder", type_=charges.c.call_id.type)  # (SET call_id takes "call_id")
+#: Another request of the charge went to the group it is pinned to.
+_SENT_TO_PIN = exists().where(
+    charge_attempts.c.charge_id == charges.c.id,
+    charge_attempts.c.kind == AttemptKind.CHARGE,
+    charge_attempts.c.ledger_group == charges.c.ledger_group,
+    charge_attempts.c.call_id != _CALL,
+)
 _UNCLAIM = (
     update(charges)
     .where(
@@ -1151,6 +1185,11 @@ _UNCLAIM = (
         attempts=charges.c.attempts - 1,
         lease_expires_at=None,
         call_id=None,
+        # The claim's pin goes too, unless another request of it went to that group.
+        ledger_group=case(
+            (_SENT_TO_PIN, charges.c.ledger_group),
+            else_=null(),
+        ),
         next_attempt_at=func.now(),
         message_id=bindparam("message_id"),
         published_at=func.now(),

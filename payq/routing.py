@@ -25,7 +25,8 @@ import redis
 
 from payq.broker import BROKER
 from payq.constants import DeferralCause
-from payq.gate import Pass, ProviderGate, Wait
+from payq.endpoints import DEFAULT_ENDPOINT
+from payq.gate import Pass, ProviderGate, Wait, jitter_ms
 from payq.provider import ProviderClient
 from payq.runtime import Part, Runtime, runtime
 from payq.settings import Endpoint, Settings
@@ -57,6 +58,9 @@ class Route:
         self.endpoint = endpoint
         self.gate = gate
         self._provider = provider
+        #: A charge pinned to this group name may be claimed here too (set by ``Routes``:
+        #: ``default`` for the first group, when no group of that name is configured).
+        self.default_as = ""
         self._lock = threading.Lock()
 
     @property
@@ -98,6 +102,9 @@ class Routes:
         self.all = tuple(sorted(routes, key=lambda r: r.endpoint.priority))
         self.groups = tuple(dict.fromkeys(r.group for r in self.all))
         self._failing_over = False  # this process's calls go past the primary's breaker
+        for route in self.all:
+            first = route.group == self.primary.group
+            route.default_as = DEFAULT_ENDPOINT if first and self.stands_for_default else ""
 
     @classmethod
     def build(cls, settings: Settings, client: redis.Redis) -> Routes:
@@ -116,6 +123,22 @@ class Routes:
     @property
     def several_groups(self) -> bool:
         return len(self.groups) > 1
+
+    def served(self, group: str | None) -> str | None:
+        """The configured group a recorded one stands for: itself; for requests from
+        before several endpoints (no group, or the single endpoint's ``default`` when no
+        group of that name is configured), the first endpoint's group (README: list the
+        provider ``PAYMENT_PROVIDER_URL`` named first); ``None`` if no endpoint serves it."""
+        if group in self.groups:
+            return group
+        if group is None or group == DEFAULT_ENDPOINT:
+            return self.primary.group
+        return None
+
+    @property
+    def stands_for_default(self) -> bool:
+        """Whether the first group stands for ``default`` (``served``)."""
+        return DEFAULT_ENDPOINT not in self.groups
 
     def named(self, name: str | None) -> Route | None:
         return next((r for r in self.all if r.name == name), None)
@@ -142,6 +165,8 @@ class Routes:
         the shortest wait. Never blocks. A lower priority is tried only when every route
         of the priority above refused as sick (its breaker): a route that is merely busy
         (its fleet slots all in use) is waited for, not spilled over."""
+        if group is not None and group not in self.groups:
+            return _unserved(group)
         waits: list[Wait] = []
         order = self.order(group, avoid)
         for i, route in enumerate(order):
@@ -185,6 +210,17 @@ class Routes:
     def close(self) -> None:
         for route in self.all:
             route.close()
+
+
+def _unserved(group: str) -> Wait:
+    """A charge pinned to a ledger group no endpoint serves now (the configuration
+    changed): sent nowhere else, since that group may have charged it."""
+    detail = (
+        f"pinned to ledger group {group}, which no endpoint in PAYMENT_ENDPOINTS serves: "
+        "configure one of its endpoints again, or reconcile the charge by hand"
+    )
+    log.error("charge waits: %s", detail, extra={"ledger_group": group})
+    return Wait(DeferralCause.PINNED, jitter_ms(30_000, 60_000), detail)
 
 
 def _build(rt: Runtime) -> Routes:

@@ -175,27 +175,29 @@ def resolve(
     routes: Routes | None = None,
 ) -> Resolution | None:
     """Look one dead charge up by key in every ledger group it was sent to, and settle it
-    by the answers; ``None`` if the first gate said wait (nothing was sent). A charge or a
-    decline in any group settles it; "not charged" needs every group to say so.
+    by the answers; ``None`` if the first gate said wait (nothing was sent). A charge in
+    any group settles it; a decline, or "not charged", needs every group it was sent to
+    to have answered (a group no endpoint serves now cannot: it stays unknown).
     ``attempts``: the count it had when it was picked (a replay meanwhile changes it, and
     the answer then settles nothing here)."""
     routes = routes or routes_for(get_settings(), provider, gate)
-    groups = _groups_sent(charge_id, routes)
+    sent = _groups_sent(charge_id, routes)
     lookups: list[tuple[Route, ledger.Lookup]] = []
-    for group in groups:
+    for group in (g for g in sent if g is not None):
         asked = _look_up_in(routes, group, key)
         if asked is None:
             if not lookups:
                 return None
             break  # this group cannot be asked now: the verdict stays unknown
         lookups.append(asked)
-        if isinstance(asked[1].verdict, ledger.Charged | ledger.Declined):
+        if isinstance(asked[1].verdict, ledger.Charged):
             break
-    route, verdict = _verdict(lookups, complete=len(lookups) == len(groups))
+    route, verdict = _verdict(lookups, complete=len(lookups) == len(sent), routes=routes)
     with transaction() as conn:
         for asked_at, lookup in lookups:
             ledger.record_lookup(conn, charge_id, attempts, lookup, asked_at.name, asked_at.group)
-        resolution = _settle_by(conn, charge_id, attempts, verdict, route.name)
+        several = len(lookups) > 1
+        resolution = _settle_by(conn, charge_id, attempts, verdict, route.name, several)
     metrics.LOOKUPS.labels(resolution.result).inc()
     log.log(
         logging.INFO if resolution.result != "unknown" else logging.WARNING,
@@ -219,11 +221,22 @@ _GROUPS_SENT = (
 )
 
 
-def _groups_sent(charge_id: uuid.UUID, routes: Routes) -> list[str]:
+def _groups_sent(charge_id: uuid.UUID, routes: Routes) -> list[str | None]:
+    """The configured groups its requests went to (``Routes.served``), first group
+    first; ``None`` for each one no endpoint serves now (it cannot be asked)."""
     with transaction() as conn:
-        groups = conn.execute(_GROUPS_SENT, {"charge_id": charge_id}).scalars().all()
-    known = {g if g in routes.groups else routes.primary.group for g in groups}
-    return sorted(known, key=routes.groups.index) or [routes.primary.group]
+        recorded = conn.execute(_GROUPS_SENT, {"charge_id": charge_id}).scalars().all()
+    served = {routes.served(g) for g in recorded} or {routes.primary.group}
+    unserved = {g for g in recorded if routes.served(g) is None}
+    if unserved:
+        log.error(
+            "dead charge sent to ledger groups no endpoint serves now (%s): it stays of "
+            "unknown outcome; configure one of their endpoints again, or check by hand",
+            ", ".join(sorted(unserved)),
+            extra={"charge_id": str(charge_id)},
+        )
+    known = sorted((g for g in served if g is not None), key=routes.groups.index)
+    return [*known, *([None] * len(unserved))]
 
 
 def _look_up_in(routes: Routes, group: str, key: str) -> tuple[Route, ledger.Lookup] | None:
@@ -240,24 +253,42 @@ def _look_up_in(routes: Routes, group: str, key: str) -> tuple[Route, ledger.Loo
 
 
 def _verdict(
-    lookups: list[tuple[Route, ledger.Lookup]], *, complete: bool
+    lookups: list[tuple[Route, ledger.Lookup]], *, complete: bool, routes: Routes
 ) -> tuple[Route, ledger.Verdict]:
-    """What the groups' answers say together, and the route that said it."""
+    """What the groups' answers say together, and the route that said it: charged if any
+    group charged it; unknown if any could not tell or was not asked; then declined if
+    any declined (a soft decline moved it on: the others found nothing); else not
+    charged."""
     for route, lookup in lookups:
-        if isinstance(lookup.verdict, ledger.Charged | ledger.Declined):
+        if isinstance(lookup.verdict, ledger.Charged):
             return route, lookup.verdict
     for route, lookup in lookups:
-        if not isinstance(lookup.verdict, ledger.NotCharged):
+        if isinstance(lookup.verdict, ledger.Unknown):
             return route, lookup.verdict
+    last = lookups[-1][0] if lookups else routes.primary
     if not complete:
-        return lookups[-1][0], ledger.Unknown("a group it was sent to cannot be asked now")
-    return lookups[-1][0], ledger.NotCharged()
+        return last, ledger.Unknown("a group it was sent to cannot be asked now")
+    for route, lookup in lookups:
+        if isinstance(lookup.verdict, ledger.Declined):
+            return route, lookup.verdict
+    return last, ledger.NotCharged()
 
 
 def _settle_by(
-    conn: Connection, charge_id: uuid.UUID, attempts: int, verdict: ledger.Verdict, endpoint: str
+    conn: Connection,
+    charge_id: uuid.UUID,
+    attempts: int,
+    verdict: ledger.Verdict,
+    endpoint: str,
+    several: bool = False,
 ) -> Resolution:
-    """What a dead charge becomes by the lookups' verdict, in the caller's transaction."""
+    """What a dead charge becomes by the lookups' verdict, in the caller's transaction.
+    ``several``: more than one group was asked (a decline then also needs the others'
+    "not found" to be final: no call of it still on its way)."""
+    if isinstance(verdict, ledger.Declined) and several:
+        pending_s = ledger.pending_calls_s(conn, charge_id, get_settings().charge_lease_s)
+        if pending_s:
+            return Resolution("unknown", f"a call may still reach a provider for {pending_s:.0f} s")
     if isinstance(verdict, ledger.Charged | ledger.Declined):
         was = ledger.settle(
             conn, charge_id, verdict, why="looked up by key", looked_up=True, endpoint=endpoint

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from payq.db import transaction
 from payq.errors import ProviderError, ProviderTimeout
@@ -53,6 +53,22 @@ def wait_until(predicate: Callable[[], Any], timeout_s: float, what: str) -> Any
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
         time.sleep(0.05)
+
+
+def lease_passes(charge_id: uuid.UUID | str) -> None:
+    """As if a long time passed since the charge's requests were claimed: none of them can
+    still reach the provider (``ledger.pending_calls_s``), and its lookup is due now."""
+    with transaction() as conn:
+        conn.execute(
+            text(
+                "UPDATE charge_attempts SET started_at = started_at - interval '1 hour' "
+                "WHERE charge_id = :id"
+            ),
+            {"id": charge_id},
+        )
+        conn.execute(
+            text("UPDATE charges SET next_lookup_at = now() WHERE id = :id"), {"id": charge_id}
+        )
 
 
 class Sim:

@@ -32,7 +32,7 @@ from payq.sweep import backlog, sweep_once
 from producers import enqueue_charge
 from provider_sim import SimulatorThread
 from tests.conftest import API_KEY, REDIS_URL
-from tests.helpers import Sim, attempts, charge, passed, unique_key, wait_until
+from tests.helpers import Sim, attempts, charge, lease_passes, passed, unique_key, wait_until
 
 pytestmark = pytest.mark.usefixtures("clean")
 
@@ -221,11 +221,23 @@ def test_a_timeout_on_the_last_attempt_that_charged_is_succeeded_not_dead(rig: R
     assert [a["outcome"] for a in attempts(cid, kind=None)] == ["no_answer", "succeeded"]
 
 
-def test_a_reset_on_the_last_attempt_is_dead_verified_not_charged(rig: Rig) -> None:
+def test_a_reset_on_the_last_attempt_is_verified_not_charged_once_it_cannot_arrive(
+    rig: Rig,
+) -> None:
+    """No answer: the request may still be on its way (a queue, a proxy) until its claim
+    plus the lease. A lookup that finds nothing before then proves nothing: dead of
+    unknown outcome, looked up again once the request can no longer arrive."""
     rig.sim.faults(script=["reset"])
     cid = rig.enqueue()
     assert rig.run(cid) is Result.DEAD
     assert rig.books(cid) == []
+    c = charge(cid)
+    assert c.dead_outcome == "unknown" and "may still reach the provider" in (c.dead_reason or "")
+    lease_s = rig.settings().charge_lease_s
+    assert c.next_lookup_at is not None
+    assert c.next_lookup_at <= dt.datetime.now(dt.UTC) + dt.timedelta(seconds=lease_s)
+    lease_passes(cid)
+    assert sweep_once(rig.settings(), budget=5, provider=rig.provider()).verified == 1
     c = charge(cid)
     assert c.dead_outcome == "verified_not_charged" and "not charged at the provider" in (
         c.dead_reason or ""
@@ -260,6 +272,8 @@ def test_an_unanswered_lookup_leaves_it_unknown_until_the_sweep_settles_it(rig: 
     assert rig.run(lost) is Result.DEAD
     assert {charge(charged).dead_outcome, charge(lost).dead_outcome} == {"unknown"}
     assert backlog(settings)["unknown"] == 2
+    for cid in (charged, lost):  # their requests can no longer arrive: due for a lookup
+        lease_passes(cid)
 
     # The sweep asks while the provider still cannot answer: nothing changes, it waits.
     first = sweep_once(settings, budget=10, provider=rig.provider())
@@ -284,6 +298,7 @@ def test_the_sweep_waits_for_a_fleet_slot_like_any_provider_call(rig: Rig) -> No
     cid = rig.enqueue()
     assert rig.run(cid) is Result.DEAD
     rig.sim.faults(lookup_error_rate=0.0)
+    lease_passes(cid)
     client = redis.Redis.from_url(REDIS_URL)
     elsewhere = ProviderGate(client, settings)  # another process
     gate = ProviderGate(client, settings)
@@ -545,6 +560,7 @@ def test_unknown_outcomes_left_without_a_lookup_time_are_swept(rig: Rig) -> None
     rig.sim.faults(script=["reset"], lookup_error_rate=1.0)
     cid = rig.enqueue()
     assert rig.run(cid) is Result.DEAD
+    lease_passes(cid)
     with transaction() as conn:
         conn.execute(text("UPDATE charges SET next_lookup_at = NULL"))
     rig.sim.faults(lookup_error_rate=0.0)
@@ -596,6 +612,7 @@ def test_a_retry_after_beyond_the_send_window_goes_to_the_lookup_not_a_shorter_w
             ),
             {"s": settings.key_send_window_s - left_s, "id": cid},
         )
+    lease_passes(cid)  # the first request (reset) can no longer arrive
     assert rig.run(cid, attempts=3) is Result.DEAD
     c = charge(cid)
     assert "send window" in (c.dead_reason or "") and c.dead_outcome == "verified_not_charged"

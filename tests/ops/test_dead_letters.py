@@ -27,7 +27,7 @@ from payq.settings import load_settings
 from producers import enqueue_charge
 from provider_sim import SimulatorThread
 from tests.conftest import API_KEY, NAMESPACE, REDIS_URL, TEST_ENV
-from tests.helpers import Sim, charge, unique_key
+from tests.helpers import Sim, charge, lease_passes, unique_key
 
 pytestmark = pytest.mark.usefixtures("clean")
 
@@ -203,6 +203,7 @@ def test_a_replayed_charge_starts_afresh_in_the_view(ops: Ops) -> None:
 
 def test_reconcile_does_not_mark_a_charge_replayed_meanwhile_not_charged(ops: Ops) -> None:
     cid = ops.dead("reset")  # not charged: the lookup would say so
+    lease_passes(cid)  # once its request can no longer arrive
 
     class ReplayedDuringLookup(ProviderClient):
         def find_charge(self, idempotency_key: str) -> Any:
@@ -257,6 +258,7 @@ def test_export_csv_and_jsonl(ops: Ops) -> None:
 def test_reconcile_settles_unknown_outcomes_without_charging(ops: Ops) -> None:
     charged = ops.dead("timeout")  # the provider charged, then answered too late
     lost = ops.dead("reset")  # the connection dropped before the provider charged
+    lease_passes(lost)  # a lookup proves it was not charged once its request cannot arrive
     known = ops.dead("invalid_request")
     charges_before = ops.sim.stats()["charges"]
     assert "would look up 2 dead charges" in ops.cli("reconcile", "--dry-run").stdout
