@@ -25,9 +25,10 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+import httpx
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
-__all__ = ["DEFAULT_ENDPOINT", "EndpointSpec", "parse_endpoints"]
+__all__ = ["DEFAULT_ENDPOINT", "EndpointSpec", "base_url_problem", "parse_endpoints"]
 
 #: The one endpoint of a configuration without ``PAYMENT_ENDPOINTS``.
 DEFAULT_ENDPOINT = "default"
@@ -50,14 +51,40 @@ OVERRIDES = {
 }
 
 
+#: The most endpoints PAYMENT_ENDPOINTS may list.
+MAX_ENDPOINTS = 32
+
+
+def base_url_problem(url: str) -> str | None:
+    """What is wrong with a provider's base URL, or ``None``: http(s), a host, a port that
+    exists, no credentials (the key goes in ``api_key``), no query or fragment (paths
+    such as ``/v1/charges`` are added to it), at most 2048 characters. Never quotes it."""
+    if len(url) > 2048:
+        return "is longer than 2048 characters"
+    try:
+        parsed = httpx.URL(url)
+        parsed.netloc  # noqa: B018  (encodes the host: IDNA errors show here)
+    except Exception as exc:  # httpx's own, IDNA's, or any other: not usable
+        return f"is not a usable URL ({type(exc).__name__})"
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        return "must be an http:// or https:// URL with a host"
+    if parsed.userinfo:
+        return "must not hold credentials (user:password@); put the key in api_key"
+    if parsed.query or parsed.fragment or "?" in url or "#" in url:
+        return "must be a base URL, without ? or # (payq adds /v1/charges to it)"
+    if parsed.port is not None and not 1 <= parsed.port <= 65535:
+        return "has a port outside 1-65535"
+    return None
+
+
 class _Entry(BaseModel):
     """One object of ``PAYMENT_ENDPOINTS``, as written."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     name: str = Field(pattern=_NAME)
     url: str = Field(pattern=r"^https?://[^\s]+$")
-    api_key: SecretStr | None = None
+    api_key: SecretStr | None = Field(None, min_length=1, max_length=512)
     group: str | None = Field(None, pattern=_NAME)
     priority: int | None = Field(None, ge=1, le=1000)
     weight: int = Field(1, ge=1, le=1000)
@@ -67,11 +94,19 @@ class _Entry(BaseModel):
     max_concurrency: int | None = Field(None, ge=1, le=100_000)
     breaker_failure_rate: float | None = Field(None, gt=0, le=1)
     breaker_slow_call_rate: float | None = Field(None, gt=0, le=1)
-    breaker_slow_call_ms: int | None = Field(None, ge=1)
-    breaker_min_calls: int | None = Field(None, ge=1)
+    breaker_slow_call_ms: int | None = Field(None, ge=1, le=600_000)
+    breaker_min_calls: int | None = Field(None, ge=1, le=100_000)
     breaker_window_s: int | None = Field(None, ge=1, le=3600)
-    breaker_open_s: int | None = Field(None, ge=1)
-    breaker_half_open_probes: int | None = Field(None, ge=1)
+    breaker_open_s: int | None = Field(None, ge=1, le=3600)
+    breaker_half_open_probes: int | None = Field(None, ge=1, le=1000)
+
+    @field_validator("url")
+    @classmethod
+    def _usable(cls, url: str) -> str:
+        problem = base_url_problem(url)
+        if problem:
+            raise ValueError(problem)
+        return url
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,17 +151,24 @@ def _spec(index: int, entry: _Entry) -> EndpointSpec:
 
 def _entries(text: str) -> list[_Entry]:
     try:
-        data = json.loads(text)
+        data = json.loads(text, object_pairs_hook=_no_repeats)
     except json.JSONDecodeError as exc:
         raise ValueError(
             f"PAYMENT_ENDPOINTS: not valid JSON ({exc.msg} at character {exc.pos}); write a "
-            'list of objects such as [{"name": "eu", "url": "https://..."}]'
+            'list of objects such as [{"name": "eu", "url": "https://..."}] (in .env, quote '
+            "a value over several lines)"
+        ) from None
+    except _Repeated as exc:
+        raise ValueError(
+            f"PAYMENT_ENDPOINTS: a field is given twice in one entry ({exc})"
         ) from None
     if not isinstance(data, list) or not data:
         raise ValueError(
             "PAYMENT_ENDPOINTS: must be a non-empty JSON list of endpoint objects "
             '([{"name": "eu", "url": "https://..."}]), or unset for one endpoint'
         )
+    if len(data) > MAX_ENDPOINTS:
+        raise ValueError(f"PAYMENT_ENDPOINTS: at most {MAX_ENDPOINTS} endpoints (got {len(data)})")
     entries = []
     for i, item in enumerate(data, 1):
         try:
@@ -142,10 +184,22 @@ def _entries(text: str) -> list[_Entry]:
     return entries
 
 
+class _Repeated(ValueError):
+    pass
+
+
+def _no_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    if twice:
+        raise _Repeated(", ".join(twice)[:100])
+    return dict(pairs)
+
+
 def _describe(exc: ValidationError) -> str:
     error = exc.errors()[0]
     where = ".".join(str(p) for p in error.get("loc", ()))
-    message = str(error.get("msg", "invalid value"))
+    message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
     if error.get("type") == "string_pattern_mismatch":
         message = (
             "must be an http:// or https:// URL"

@@ -195,12 +195,32 @@ def check_endpoints(
     clients = clients or {}
     checks = []
     if provider:
-        for r in routes.all:
-            name = f"provider:{r.name}" if several else "provider"
-            checks.append(check_provider(clients.get(r.name), r.gate, route=r, name=name))
+        found = [
+            check_provider(
+                clients.get(r.name),
+                r.gate,
+                route=r,
+                name=f"provider:{r.name}" if several else "provider",
+            )
+            for r in routes.all
+        ]
+        checks += _down_only_if_all(found)
     for r in routes.all:
         checks.append(check_breaker(r.gate, name=f"breaker:{r.name}" if several else "breaker"))
     return checks
+
+
+def _down_only_if_all(found: list[Check]) -> list[Check]:
+    """With several endpoints, one that is down while another answers is a degraded
+    system (charges go to the others), not a down one: down only when none answers."""
+    if len(found) < 2 or all(c.level is Level.DOWN for c in found):
+        return found
+    return [
+        Check(c.name, Level.DEGRADED, f"{c.detail} (other endpoints answer)")
+        if c.level is Level.DOWN
+        else c
+        for c in found
+    ]
 
 
 def check_error_rate(settings: Settings, engine: Engine | None = None) -> Check:

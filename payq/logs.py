@@ -24,6 +24,10 @@ _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "ta
 _DSN_PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@\s]+@")
 
 
+#: A bearer token, however it got into a line (an echoed header, a repr of headers).
+_BEARER = re.compile(r"Bearer\s+[^\s\"',;}*]+", re.IGNORECASE)
+
+
 class _Redacting(logging.Formatter):
     """Wraps a formatter and masks secrets in the whole line: message, extras, traceback."""
 
@@ -34,6 +38,7 @@ class _Redacting(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         line = _DSN_PASSWORD.sub(r"\1***@", self.inner.format(_card_free(record)))
+        line = _BEARER.sub("Bearer ***", line)
         for secret in self.secrets:
             line = line.replace(secret, "***")
         return mask_card_numbers(line)
@@ -88,13 +93,8 @@ def configure_logging(settings: Settings, *, stream: Any = None) -> None:
         )
     else:
         formatter = _ConsoleFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
-    secrets = [
-        s.get_secret_value()
-        for s in (settings.payment_provider_api_key, settings.sentry_dsn)
-        if s is not None
-    ]
     for handler in root.handlers:
-        handler.setFormatter(_Redacting(formatter, secrets))
+        handler.setFormatter(_Redacting(formatter, settings.secret_values()))
     root.setLevel(settings.log_level)
     for noisy in ("httpx", "httpcore", "alembic"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import email.utils
 import json
 import math
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -86,9 +87,9 @@ def charge_body(
 
 class ProviderClient:
     def __init__(self, settings: Settings) -> None:
-        settings.require_provider_key("the provider's client")
+        settings.require_provider_key("the provider's client", every_endpoint=False)
         assert settings.payment_provider_api_key is not None
-        key = settings.payment_provider_api_key.get_secret_value()
+        key = self._key = settings.payment_provider_api_key.get_secret_value()
         self.timeout_s = settings.payment_timeout_s
         self.pool_size = settings.payment_pool_max_connections
         self._in_flight = 0
@@ -111,6 +112,13 @@ class ProviderClient:
             follow_redirects=False,
         )
 
+    def _scrubbed(self, exc: ProviderError) -> ProviderError:
+        """The error with this client's API key masked wherever the answer echoed it."""
+        exc.args = tuple(a.replace(self._key, "***") if isinstance(a, str) else a for a in exc.args)
+        if exc.answer:
+            exc.answer = exc.answer.replace(self._key, "***")
+        return exc
+
     def create_charge(
         self, idempotency_key: str, body: bytes, *, send_by: float | None = None
     ) -> ProviderCharge:
@@ -122,7 +130,10 @@ class ProviderClient:
         response = self._call(
             "POST", "/v1/charges", content=body, key=idempotency_key, send_by=send_by
         )
-        return classify(response)
+        try:
+            return classify(response)
+        except ProviderError as exc:
+            raise self._scrubbed(exc) from None
 
     def find_charge(self, idempotency_key: str) -> ProviderCharge | CardDeclined | None:
         """Look a charge up by its key without creating one: the charge, its decline
@@ -130,7 +141,10 @@ class ProviderClient:
         response = self._call(
             "GET", "/v1/charges", params={"idempotency_key": idempotency_key}, key=None
         )
-        return lookup_answer(response)
+        try:
+            return lookup_answer(response)
+        except ProviderError as exc:
+            raise self._scrubbed(exc) from None
 
     @property
     def in_flight(self) -> int:
@@ -236,8 +250,14 @@ def _json(response: httpx.Response) -> Any:
 
 
 def _cut(response: httpx.Response) -> str:
-    """The start of the body as text that any log line or database column takes."""
-    return clean_text(response.content[:BODY_LOG_LIMIT].decode("utf-8", "replace"))
+    """The start of the body as text that any log line or database column takes, with
+    any bearer token in it masked (a proxy that echoes our request back)."""
+    text = response.content[:BODY_LOG_LIMIT].decode("utf-8", "replace")
+    return clean_text(_BEARER.sub("Bearer ***", text))
+
+
+#: A bearer token as an echoed ``Authorization`` header shows it.
+_BEARER = re.compile(r"Bearer\s+[^\s\"',;}]+", re.IGNORECASE)
 
 
 def clean_text(text: str, limit: int = BODY_LOG_LIMIT) -> str:
@@ -289,7 +309,18 @@ def lookup_answer(response: httpx.Response) -> ProviderCharge | CardDeclined | N
 
 def _lookup_answer(response: httpx.Response) -> ProviderCharge | CardDeclined | None:
     if response.status_code == 404:
-        return None
+        # Only the provider's own "no such charge" proves nothing was charged: a 404
+        # from anything else on the way (a wrong base URL, a proxy's page) says nothing.
+        data = _json(response)
+        error = data.get("error") if isinstance(data, dict) else None
+        if isinstance(error, dict) and error.get("type") == "invalid_request_error":
+            return None
+        raise ProviderUnavailable(
+            f"lookup answered 404 without the provider's error object (a wrong "
+            f"PAYMENT_PROVIDER_URL or endpoint url?): {_cut(response)}",
+            status=404,
+            answer=_cut(response),
+        )
     if response.status_code == 200:
         data = _json(response)
         charge = _charge_object(data)

@@ -124,9 +124,7 @@ def init_sentry(settings: Settings, *, component: str) -> bool:
     dsn = settings.sentry_dsn.get_secret_value() if settings.sentry_dsn is not None else ""
     if not dsn:  # unset, or `SENTRY_DSN=` as in .env.example
         return False
-    key = settings.payment_provider_api_key
-    candidates = (key.get_secret_value() if key else "", dsn)
-    secrets = tuple(s for s in candidates if len(s) >= _MIN_SECRET_CHARS)
+    secrets = tuple(s for s in settings.secret_values() if len(s) >= _MIN_SECRET_CHARS)
 
     def before_send(event: Event, hint: Hint) -> Event | None:
         return _before_send(event, hint, secrets)

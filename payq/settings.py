@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from payq.endpoints import DEFAULT_ENDPOINT, EndpointSpec, parse_endpoints
+from payq.endpoints import DEFAULT_ENDPOINT, EndpointSpec, base_url_problem, parse_endpoints
 from payq.errors import ConfigError
 
 __all__ = ["DEFAULT_APP", "Endpoint", "Settings", "get_settings", "load_settings"]
@@ -37,6 +37,18 @@ _SECRET_FIELDS = frozenset(
 _API_TOKEN = re.compile(r"[\x21-\x2b\x2d-\x7e]{16,512}")
 # ``app=token`` in PAYQ_API_TOKENS: the web app a token belongs to.
 _APP_TOKEN = re.compile(r"([a-z0-9_-]{1,32})=([\x21-\x2b\x2d-\x7e]{16,512})")
+#: Declines that must never be tried at another acquirer (PAYMENT_SOFT_DECLINES).
+_NEVER_SOFT = frozenset(
+    {
+        "fraudulent",
+        "stolen_card",
+        "lost_card",
+        "pickup_card",
+        "restricted_card",
+        "security_violation",
+        "merchant_blacklist",
+    }
+)
 #: The app of an intake token given without a name.
 DEFAULT_APP = "default"
 
@@ -67,7 +79,7 @@ class Settings(BaseSettings):
     # Several endpoints (payq.endpoints): a JSON list; unset, the two above make one.
     payment_endpoints: SecretStr | None = None
     # Decline codes after which a charge may move to another ledger group (off: none).
-    payment_soft_declines: str = Field("", pattern=r"^[a-z0-9_, ]*$")
+    payment_soft_declines: str = Field("", pattern=r"^[a-z0-9_, -]*$", max_length=1000)
 
     # PostgreSQL.
     db_timeout_ms: int = Field(3000, ge=100, le=600_000)
@@ -91,11 +103,11 @@ class Settings(BaseSettings):
     # Circuit breaker (shared by the fleet).
     breaker_failure_rate: float = Field(0.5, gt=0, le=1)
     breaker_slow_call_rate: float = Field(0.8, gt=0, le=1)
-    breaker_slow_call_ms: int = Field(3000, ge=1)
-    breaker_min_calls: int = Field(20, ge=1)
+    breaker_slow_call_ms: int = Field(3000, ge=1, le=600_000)
+    breaker_min_calls: int = Field(20, ge=1, le=100_000)
     breaker_window_s: int = Field(10, ge=1, le=3600)
-    breaker_open_s: int = Field(15, ge=1)
-    breaker_half_open_probes: int = Field(3, ge=1)
+    breaker_open_s: int = Field(15, ge=1, le=3600)
+    breaker_half_open_probes: int = Field(3, ge=1, le=1000)
 
     # Producer limits.
     charge_max_amount: int = Field(99_999_999, ge=1, le=99_999_999)
@@ -145,6 +157,13 @@ class Settings(BaseSettings):
                 f"{self.worker_watchdog_s:g}); a charge may rightly take a lease and a lookup"
             )
         self.endpoints  # noqa: B018  (resolving them checks each one's settings)
+        risky = sorted(self.soft_declines & _NEVER_SOFT)
+        if risky:
+            raise ValueError(
+                f"PAYMENT_SOFT_DECLINES: {', '.join(risky)} may not move to another acquirer "
+                "(trying a lost, stolen or fraudulent card elsewhere is card testing); list "
+                "only declines another acquirer may rightly approve"
+            )
         for name, tokens in (
             ("PAYQ_API_TOKENS", tuple(token for _, token in self.intake_apps)),
             ("PAYQ_OPERATOR_TOKENS", self.operator_tokens),
@@ -164,6 +183,9 @@ class Settings(BaseSettings):
     def check_provider_settings(self) -> None:
         """The rules between the provider's settings and the lease (``ValueError``); each
         endpoint's own settings are checked by them too (``payq.endpoints``)."""
+        problem = base_url_problem(self.payment_provider_url)
+        if problem:
+            raise ValueError(f"PAYMENT_PROVIDER_URL: {problem}")
         if self.payment_connect_timeout_ms > self.payment_timeout_ms:
             raise ValueError(
                 "PAYMENT_CONNECT_TIMEOUT_MS: must not exceed PAYMENT_TIMEOUT_MS "
@@ -212,6 +234,14 @@ class Settings(BaseSettings):
         return Endpoint(
             spec.name, spec.group, spec.priority, spec.weight, own, key_scope=f"ep:{spec.name}"
         )
+
+    def secret_values(self) -> list[str]:
+        """Every secret these settings hold, for logs and Sentry to mask: the API keys
+        (each endpoint's too), the Sentry DSN, the intake and operator tokens."""
+        keys = [self.payment_provider_api_key, self.sentry_dsn]
+        keys += [e.settings.payment_provider_api_key for e in self.endpoints]
+        found = [k.get_secret_value() for k in keys if k is not None]
+        return [s for s in (*found, *self.intake_tokens, *self.operator_tokens) if s]
 
     @property
     def soft_declines(self) -> frozenset[str]:
@@ -262,21 +292,36 @@ class Settings(BaseSettings):
     def payment_timeout_s(self) -> float:
         return self.payment_timeout_ms / 1000
 
-    def require_provider_key(self, who: str) -> None:
-        """Refuse to start a process that calls the provider without its API key."""
-        key = self.payment_provider_api_key
-        if key is None or not key.get_secret_value():
+    def require_provider_key(self, who: str, *, every_endpoint: bool = True) -> None:
+        """Refuse to start a process that calls the provider without an API key for each
+        endpoint (``every_endpoint`` false: these settings' own key only, a client's)."""
+        keyed = [(e.name, e.settings) for e in self.endpoints] if every_endpoint else []
+        for name, settings in keyed or [("", self)]:
+            key = settings.payment_provider_api_key
+            if key is not None and key.get_secret_value():
+                continue
+            whose = "" if name in ("", DEFAULT_ENDPOINT) else f" for endpoint {name}"
             raise ConfigError(
-                f"PAYMENT_PROVIDER_API_KEY: is not set; {who} needs the provider's API key "
-                "to call it (set it in the environment or .env)"
+                f"PAYMENT_PROVIDER_API_KEY: is not set{whose}; {who} needs the provider's API "
+                "key to call it (set it in the environment or .env"
+                + (", or give the endpoint an api_key in PAYMENT_ENDPOINTS)" if whose else ")")
             )
 
     def check_worker_pools(self, threads: int) -> None:
         """Refuse a worker whose threads could need more connections than its pools hold."""
+        http = [
+            (
+                "PAYMENT_POOL_MAX_CONNECTIONS"
+                if e.key_scope is None
+                else f"pool_max_connections of endpoint {e.name}",
+                e.settings.payment_pool_max_connections,
+            )
+            for e in self.endpoints
+        ]
         exceeded = [
             f"{name}={size}"
             for name, size in (
-                ("PAYMENT_POOL_MAX_CONNECTIONS", self.payment_pool_max_connections),
+                *http,
                 ("DATABASE_POOL_MAX_CONNECTIONS", self.database_pool_max_connections),
             )
             if threads > size
@@ -318,7 +363,8 @@ _PATTERN_HINTS = {
     "database_url": "must be a postgresql:// or postgresql+psycopg2:// URL",
     "payment_provider_url": "must be an http:// or https:// URL",
     "payq_namespace": "must be 1-64 letters, digits, '_', '.' or '-'",
-    "payment_soft_declines": "must be decline codes separated by commas (card_declined,...)",
+    "payment_soft_declines": "must be decline codes (the 402's error.code: lower-case letters, "
+    "digits, _ or -) separated by commas, e.g. insufficient_funds,try_again_later",
 }
 
 
@@ -328,7 +374,7 @@ def _describe(error: Mapping[str, Any]) -> str:
     if not loc:  # a model-level check: its message already names the variable
         return message
     field = loc[0]
-    shown = "" if field in _SECRET_FIELDS else f" (got {error.get('input')!r})"
+    shown = "" if field in _SECRET_FIELDS else f" (got {str(repr(error.get('input')))[:80]})"
     if error.get("type") == "string_pattern_mismatch":
         message = _PATTERN_HINTS.get(field, message)
     return f"{field.upper()}: {message}{shown}"

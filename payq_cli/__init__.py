@@ -99,6 +99,17 @@ def cmd_worker(args: argparse.Namespace) -> int:
     threads = args.threads or settings.worker_threads
     settings.check_worker_pools(threads)
     _check_database_capacity(settings, processes, args.wait)
+    if len(settings.endpoints) > 1 or settings.soft_declines:
+        import logging
+
+        logging.getLogger("payq.worker").info(
+            "provider endpoints, first tried first: %s; soft declines: %s",
+            ", ".join(
+                f"{e.name} (group {e.group}, priority {e.priority}, weight {e.weight})"
+                for e in settings.endpoints
+            ),
+            ", ".join(sorted(settings.soft_declines)) or "none",
+        )
     if settings.metrics_port:
         # Dramatiq's Prometheus middleware serves this group's metrics (its own and
         # payq's) from a fresh multiprocess directory, on METRICS_HOST only.
@@ -202,6 +213,10 @@ def cmd_provider_sim(args: argparse.Namespace) -> int:
         serve_from_args(args)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    except OSError as exc:  # a port in use, an address this host does not have
+        raise ConfigError(
+            f"--port/--host: cannot listen ({exc.strerror or exc}); pick free ports"
+        ) from None
     return 0
 
 

@@ -252,7 +252,8 @@ def _ports(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a port or a comma-separated list of ports"
         ) from None
-    if not all(0 <= p <= 65535 for p in ports) or len(set(ports)) != len(ports):
+    chosen = [p for p in ports if p != 0]  # 0: any free port, as often as wanted
+    if not all(0 <= p <= 65535 for p in ports) or len(set(chosen)) != len(chosen):
         raise argparse.ArgumentTypeError(f"{text!r}: ports must be 0-65535 and differ")
     return ports
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
+from pydantic import SecretStr
 
 from payq.endpoints import DEFAULT_ENDPOINT
 from payq.errors import ConfigError
@@ -98,3 +100,64 @@ def test_soft_declines_are_off_unless_listed() -> None:
     assert listed.soft_declines == {"insufficient_funds", "card_declined"}
     with pytest.raises(ConfigError, match="PAYMENT_SOFT_DECLINES: must be decline codes"):
         load_settings(_env_file=None, payment_soft_declines="Card Declined!")
+
+
+@pytest.mark.parametrize(
+    ("url", "said"),
+    [
+        ("http://[::1]:8311x", "url: is not a usable URL"),
+        ("http://user:" + SECRET + "@127.0.0.1:8099", "url: must not hold credentials"),
+        ("http://127.0.0.1:8099/?x=1", "url: must be a base URL, without ? or #"),
+        ("http://127.0.0.1:8099#f", "url: must be a base URL, without ? or #"),
+        ("http://127.0.0.1:99999", "url: has a port outside 1-65535"),
+        ("http://h/" + "p" * 2100, "url: is longer than 2048 characters"),
+    ],
+)
+def test_an_endpoint_url_payq_could_not_call_is_refused_at_start(url: str, said: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        endpoints([{"name": "eu", "url": url}])
+    assert said in str(caught.value) and SECRET not in str(caught.value)
+    with pytest.raises(ConfigError, match="PAYMENT_PROVIDER_URL: "):
+        load_settings(_env_file=None, payment_provider_url=url)
+
+
+@pytest.mark.parametrize(
+    ("value", "said"),
+    [
+        ([{"name": "eu", "url": "http://e", "api_key": ""}], "entry 1: api_key:"),
+        ([{"name": "eu", "url": "http://e", "priority": True}], "entry 1: priority:"),
+        ([{"name": "eu", "url": "http://e", "weight": "3"}], "entry 1: weight:"),
+        ('[{"name": "eu", "url": "http://e", "name": "us"}]', "a field is given twice"),
+        ([{"name": f"e{i}", "url": "http://e"} for i in range(33)], "at most 32 endpoints"),
+        ([{"name": "eu", "url": "http://e", "breaker_open_s": 10**9}], "breaker_open_s:"),
+    ],
+)
+def test_an_endpoint_field_is_taken_as_written_or_refused(value: object, said: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(said)):
+        endpoints(value)
+
+
+def test_every_endpoint_needs_a_key_of_its_own_or_the_shared_one() -> None:
+    keyed = load_settings(
+        _env_file=None,
+        payment_provider_api_key=None,
+        payment_endpoints=json.dumps(
+            [
+                {"name": "eu", "url": "http://e", "api_key": SECRET},
+                {"name": "us", "url": "http://u"},
+            ]
+        ),
+    )
+    with pytest.raises(ConfigError, match=r"is not set for endpoint us;.*api_key in PAYMENT_END"):
+        keyed.require_provider_key("a worker")
+    both = keyed.model_copy(update={"payment_provider_api_key": SecretStr("sk_shared_key")})
+    both.require_provider_key("a worker")  # us takes the shared key
+    assert SECRET in keyed.secret_values()  # masked in logs and Sentry events
+
+
+def test_declines_never_worth_trying_elsewhere_cannot_be_made_soft() -> None:
+    with pytest.raises(ConfigError, match="stolen_card may not move to another acquirer"):
+        load_settings(_env_file=None, payment_soft_declines="try_again_later,stolen_card")
+    assert load_settings(_env_file=None, payment_soft_declines="do-not-honor").soft_declines == {
+        "do-not-honor"
+    }

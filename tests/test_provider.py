@@ -282,3 +282,29 @@ def test_a_request_goes_out_whole_in_one_write_or_not_at_all() -> None:
         stream.write(head)
         stream.write(b'{"amount":1')
     assert inner.writes[-1] == b"0\r\n\r\n" and inner.closed
+
+
+def test_a_404_that_is_not_the_providers_own_proves_nothing(sim: Sim) -> None:
+    """A wrong base URL or a proxy's 404 page must not read as "no such charge": that is
+    the proof that lets a charge go to another ledger group."""
+    from tests.test_ledger_truth import OddProvider
+
+    with OddProvider(503, b"{}") as odd:  # an ingress's default backend, say
+        odd.lookup = (404, b"<html>404 page not found</html>", "text/html")
+        with pytest.raises(errors.ProviderUnavailable, match="404 without the provider's error"):
+            client(Sim(odd.url)).find_charge("k-proxy-404")
+    assert client(sim).find_charge("k-never-sent") is None  # the provider's own 404
+
+
+def test_an_answer_that_echoes_the_api_key_is_stored_without_it() -> None:
+    """A proxy that echoes the request's headers back must not put the key in a log line,
+    an error or a dead-letter record."""
+    from tests.test_ledger_truth import OddProvider
+
+    echo = f'{{"error": {{"type": "api_error", "auth": "Bearer {API_KEY}"}}}}'.encode()
+    with OddProvider(503, echo) as odd:
+        c = client(Sim(odd.url))
+        with pytest.raises(errors.ProviderUnavailable) as caught:
+            c.create_charge("k-echo", BODY)
+    assert API_KEY not in str(caught.value) and API_KEY not in (caught.value.answer or "")
+    assert "Bearer ***" in (caught.value.answer or "")

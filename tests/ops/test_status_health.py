@@ -444,3 +444,12 @@ def test_health_names_the_endpoint_whose_key_is_refused(ends: TwoEndpoints) -> N
     assert lines["provider:b"].startswith("down")
     assert "endpoint b refused its API key" in lines["provider:b"]
     assert "sk_wrong" not in out.stdout
+
+
+def test_one_endpoint_down_while_another_answers_is_degraded_not_down() -> None:
+    from payq.health import Check, Level, _down_only_if_all
+
+    down, ok = Check("provider:a", Level.DOWN, "refused"), Check("provider:b", Level.OK, "ok")
+    assert [c.level for c in _down_only_if_all([down, ok])] == [Level.DEGRADED, Level.OK]
+    assert [c.level for c in _down_only_if_all([down, down])] == [Level.DOWN, Level.DOWN]
+    assert _down_only_if_all([down]) == [down]  # one endpoint: down is down
