@@ -13,39 +13,22 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 
 import pytest
-import redis
 from sqlalchemy import text
 
 from payq.db import transaction
 from payq.ops.dlq import DeadFilter, replay
 from payq.processing import Result
 from payq.sweep import sweep_once
-from provider_sim import SimulatorThread
-from tests.conftest import API_KEY, REDIS_URL
-from tests.helpers import Sim, attempts, charge, lease_passes
-from tests.test_routing import (
-    Providers,
-    books,
-    enqueue,
-    open_breaker,
-    sent,
-    where,
-)
+from tests import test_routing
+from tests.helpers import attempts, charge, lease_passes
+from tests.test_routing import Providers, books, enqueue, open_breaker, sent, where
 
 pytestmark = pytest.mark.usefixtures("clean")
 
-
-@pytest.fixture
-def providers() -> Iterator[Providers]:
-    client = redis.Redis.from_url(REDIS_URL)
-    with SimulatorThread(api_key=API_KEY) as a, SimulatorThread(api_key=API_KEY) as b:
-        p = Providers(Sim(a.url), Sim(b.url), client)
-        yield p
-        p.close()
-    client.close()
+#: The fixture: two simulators as providers a and b, and payq's routes to them.
+providers = test_routing.providers
 
 
 def charged_by_both(providers: Providers, cid: uuid.UUID) -> bool:
