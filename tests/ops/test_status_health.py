@@ -438,11 +438,16 @@ def test_health_names_the_endpoint_whose_key_is_refused(ends: TwoEndpoints) -> N
         {"name": "b", "url": ends.b.url, "api_key": "sk_wrong"},
     ]
     out = cli("health", PAYMENT_ENDPOINTS=json.dumps(endpoints))
-    assert out.returncode == 3, out.stdout + out.stderr  # one endpoint down: a service down
+    # b is down, but charges go to a: degraded (down only when no endpoint answers).
+    assert out.returncode == 1, out.stdout + out.stderr
     lines = {line.split()[1]: line for line in out.stdout.splitlines()[:-1]}
     assert lines["provider:a"].startswith("ok")
-    assert lines["provider:b"].startswith("down")
+    assert lines["provider:b"].startswith("degraded")
     assert "endpoint b refused its API key" in lines["provider:b"]
+    assert "other endpoints answer" in lines["provider:b"]
+    both = [{"name": "a", "url": ends.a.url, "api_key": "sk_wrong"}, endpoints[1]]
+    out = cli("health", PAYMENT_ENDPOINTS=json.dumps(both))
+    assert out.returncode == 3, out.stdout + out.stderr  # no endpoint answers: down
     assert "sk_wrong" not in out.stdout
 
 
