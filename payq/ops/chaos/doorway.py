@@ -67,15 +67,19 @@ class Doorway:
                 threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
 
     def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        """Bytes one way until either side ends; then both connections close at once, so
+        a client that hangs up (a timeout) is gone for the provider too, as without the
+        doorway (a half-closed upstream would keep its request in flight there)."""
         try:
             while data := source.recv(_CHUNK):
                 sink.sendall(data)
         except OSError:
             pass
         finally:
-            with contextlib.suppress(OSError):
-                sink.shutdown(socket.SHUT_WR)
             with self._lock:
-                self._open.discard(source)
-            with contextlib.suppress(OSError):
-                source.close()
+                self._open.difference_update((source, sink))
+            for sock in (source, sink):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                with contextlib.suppress(OSError):
+                    sock.close()
