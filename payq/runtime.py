@@ -1,7 +1,7 @@
-"""One place that wires a process together: its engine, broker, provider client and gate.
+"""One place that wires a process together: its engine, broker and routes to the provider.
 
 Each is a ``Part`` declared beside its maker (``payq.db.ENGINE``, ``payq.broker.BROKER``,
-``payq.provider.PROVIDER``, ``payq.gate.GATE``). The process's ``Runtime`` builds a part
+``payq.routing.ROUTES``: each endpoint's client and gate). The process's ``Runtime`` builds a part
 from the settings on first use, once, for all its threads; in a forked child it hands
 each part built in the parent to the part's ``after_fork`` and builds it anew; ``close``
 closes them. Tests replace the whole runtime (``use``) or one part (``replaced``).
