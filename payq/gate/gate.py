@@ -70,6 +70,8 @@ class ProviderGate:
         """``settings``: the endpoint's (its limit and breaker); ``scope``: where its keys
         go under the namespace (``Endpoint.key_scope``; ``None``: one endpoint's place)."""
         parts = tuple(scope.split(":")) if scope else ()
+        #: Whose breaker a wait names: the fleet's, or one endpoint's (``ep:<name>``).
+        self.whose = f"endpoint {parts[-1]}'s" if parts else "the fleet's"
         self.settings = settings
         self.scripts = gate_scripts(client)
         self.breaker = FleetBreaker(self.scripts, settings.payq_namespace, settings, scope=parts)
@@ -160,7 +162,7 @@ class ProviderGate:
             return Wait(
                 DeferralCause.BREAKER_OPEN,
                 wait_ms + jitter_ms(0, spread),
-                "the fleet's circuit breaker is open",
+                f"{self.whose} circuit breaker is open",
             )
         return Wait(
             DeferralCause.BREAKER_HALF_OPEN,

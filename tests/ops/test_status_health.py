@@ -415,7 +415,7 @@ def test_health_checks_each_endpoint_and_says_which_breaker_is_open(ends: TwoEnd
     assert checks["breaker:b"].level is Level.OK
     assert checks["breaker:b"].detail.startswith("closed (")
     assert checks["provider:a"] == Check(
-        "provider:a", Level.DEGRADED, "not probed: the fleet's circuit breaker is open"
+        "provider:a", Level.DEGRADED, "not probed: endpoint a's circuit breaker is open"
     )
     assert checks["provider:b"].level is Level.OK
     assert checks["provider:b"].detail.startswith("answered a lookup in ")
