@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import and_, bindparam, distinct, exists, func, or_, select, update
@@ -37,7 +38,7 @@ from payq.db import autocommit, transaction
 from payq.endpoints import DEFAULT_ENDPOINT
 from payq.gate import Pass, Wait, jitter_ms
 from payq.models import charge_attempts, charges
-from payq.routing import Route, Routes
+from payq.routing import Route
 
 __all__ = ["DECLINED_GROUPS", "Pin", "free_or_settle", "read_pin"]
 
@@ -123,13 +124,13 @@ def read_pin(cid: uuid.UUID) -> Pin | Wait | None:
     return Pin(group, row[1], row[2], row[3], declined, recorded=row[0])
 
 
-def free_or_settle(cid: uuid.UUID, pin: Pin, routes: Routes, lease_s: float) -> ChargeStatus | bool:
-    """Ask the pinned group by key (module docstring): the status the answer settled the
-    charge to, ``True`` if the pin was cleared, ``False`` if it stays."""
-    group = routes.served(pin.group)
-    if group is None:
-        return False  # no endpoint of its group to ask
-    for route in routes.order(group):
+def free_or_settle(
+    cid: uuid.UUID, pin: Pin, group: Sequence[Route], lease_s: float
+) -> ChargeStatus | bool:
+    """Ask the pinned group (its routes, in order) by key (module docstring): the status
+    the answer settled the charge to, ``True`` if the pin was cleared, ``False`` if it
+    stays."""
+    for route in group:
         entry = route.gate.enter_lookup()
         if isinstance(entry, Pass):
             try:

@@ -24,8 +24,13 @@ _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "ta
 _DSN_PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@\s]+@")
 
 
-#: A bearer token, however it got into a line (an echoed header, a repr of headers).
-_BEARER = re.compile(r"Bearer\s+[^\s\"',;}*]+", re.IGNORECASE)
+#: A bearer token, however it got into a text (an echoed header, a repr of headers).
+_BEARER = re.compile(r"(\bBearer\s+)[^\s\"',;}]+", re.IGNORECASE)
+
+
+def mask_bearer(text: str, mask: str = "***") -> str:
+    """``text`` with every bearer token replaced by ``mask`` (logs, Sentry, answers kept)."""
+    return _BEARER.sub(rf"\g<1>{mask}", text)
 
 
 class _Redacting(logging.Formatter):
@@ -38,7 +43,7 @@ class _Redacting(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         line = _DSN_PASSWORD.sub(r"\1***@", self.inner.format(_card_free(record)))
-        line = _BEARER.sub("Bearer ***", line)
+        line = mask_bearer(line)
         for secret in self.secrets:
             line = line.replace(secret, "***")
         return mask_card_numbers(line)

@@ -93,7 +93,7 @@ from payq.gate import ProviderGate, Wait, jitter_ms
 from payq.models import charge_attempts, charges, operator_actions
 from payq.provider import ProviderCharge, ProviderClient, charge_body, clean_text
 from payq.retry_policy import RetryPolicy
-from payq.routing import Route, Routed, Routes, routes_for
+from payq.routing import Route, Routed, Routes, routes_for, unserved
 from payq.sentry import tag_charge
 from payq.settings import Settings, get_settings
 
@@ -532,10 +532,13 @@ def _route(cid: uuid.UUID, routes: Routes, settings: Settings) -> Routed | Wait 
         return pin or routes.enter()
     if pin.group is None:
         return routes.enter(avoid=pin.declined)
-    routed = routes.enter(routes.served(pin.group) or pin.group, avoid=pin.declined)
-    if not isinstance(routed, Wait) or routes.served(pin.group) is None:
+    group = routes.served(pin.group)
+    if group is None:
+        return unserved(pin.group)
+    routed = routes.enter(group, avoid=pin.declined)
+    if not isinstance(routed, Wait):
         return routed
-    asked = failover.free_or_settle(cid, pin, routes, settings.charge_lease_s)
+    asked = failover.free_or_settle(cid, pin, routes.order(group), settings.charge_lease_s)
     if asked is True:
         return routes.enter(None, avoid=pin.declined)
     if isinstance(asked, ChargeStatus):

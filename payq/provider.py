@@ -11,7 +11,6 @@ from __future__ import annotations
 import email.utils
 import json
 import math
-import re
 import threading
 import time
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from payq.errors import (
     ProviderUnavailable,
     RequestNotSent,
 )
+from payq.logs import mask_bearer
 from payq.settings import Settings
 
 __all__ = [
@@ -253,11 +253,7 @@ def _cut(response: httpx.Response) -> str:
     """The start of the body as text that any log line or database column takes, with
     any bearer token in it masked (a proxy that echoes our request back)."""
     text = response.content[:BODY_LOG_LIMIT].decode("utf-8", "replace")
-    return clean_text(_BEARER.sub("Bearer ***", text))
-
-
-#: A bearer token as an echoed ``Authorization`` header shows it.
-_BEARER = re.compile(r"Bearer\s+[^\s\"',;}]+", re.IGNORECASE)
+    return clean_text(mask_bearer(text))
 
 
 def clean_text(text: str, limit: int = BODY_LOG_LIMIT) -> str:

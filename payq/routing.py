@@ -45,6 +45,7 @@ __all__ = [
     "get_provider",
     "get_routes",
     "routes_for",
+    "unserved",
 ]
 
 
@@ -102,9 +103,10 @@ class Routes:
         self.all = tuple(sorted(routes, key=lambda r: r.endpoint.priority))
         self.groups = tuple(dict.fromkeys(r.group for r in self.all))
         self._failing_over = False  # this process's calls go past the primary's breaker
+        stands_for_default = DEFAULT_ENDPOINT not in self.groups  # ``served``
         for route in self.all:
             first = route.group == self.primary.group
-            route.default_as = DEFAULT_ENDPOINT if first and self.stands_for_default else ""
+            route.default_as = DEFAULT_ENDPOINT if first and stands_for_default else ""
 
     @classmethod
     def build(cls, settings: Settings, client: redis.Redis) -> Routes:
@@ -135,16 +137,8 @@ class Routes:
             return self.primary.group
         return None
 
-    @property
-    def stands_for_default(self) -> bool:
-        """Whether the first group stands for ``default`` (``served``)."""
-        return DEFAULT_ENDPOINT not in self.groups
-
     def named(self, name: str | None) -> Route | None:
         return next((r for r in self.all if r.name == name), None)
-
-    def in_group(self, group: str) -> tuple[Route, ...]:
-        return tuple(r for r in self.all if r.group == group)
 
     def order(self, group: str | None = None, avoid: frozenset[str] = frozenset()) -> list[Route]:
         """The routes a call may take, in the order to try them: ``group``'s only, if
@@ -161,12 +155,10 @@ class Routes:
         return [r for _, _, r in keyed]
 
     def enter(self, group: str | None = None, avoid: frozenset[str] = frozenset()) -> Routed | Wait:
-        """The first route whose gate admits a call now (``group``: only its routes), or
-        the shortest wait. Never blocks. A lower priority is tried only when every route
-        of the priority above refused as sick (its breaker): a route that is merely busy
-        (its fleet slots all in use) is waited for, not spilled over."""
-        if group is not None and group not in self.groups:
-            return _unserved(group)
+        """The first route whose gate admits a call now (``group``, a configured one: only
+        its routes), or the shortest wait. Never blocks. A lower priority is tried only
+        when every route of the priority above refused as sick (its breaker): a route that
+        is merely busy (its fleet slots all in use) is waited for, not spilled over."""
         waits: list[Wait] = []
         order = self.order(group, avoid)
         for i, route in enumerate(order):
@@ -212,7 +204,7 @@ class Routes:
             route.close()
 
 
-def _unserved(group: str) -> Wait:
+def unserved(group: str) -> Wait:
     """A charge pinned to a ledger group no endpoint serves now (the configuration
     changed): sent nowhere else, since that group may have charged it."""
     detail = (
@@ -224,10 +216,7 @@ def _unserved(group: str) -> Wait:
 
 
 def _build(rt: Runtime) -> Routes:
-    client = rt.get(BROKER).client
-    return Routes(
-        [Route(ep, ProviderGate(client, ep.settings, ep.key_scope)) for ep in rt.settings.endpoints]
-    )
+    return Routes.build(rt.settings, rt.get(BROKER).client)
 
 
 #: This process's routes (``payq.runtime``). A forked child drops its parent's: their

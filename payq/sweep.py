@@ -226,8 +226,8 @@ def _groups_sent(charge_id: uuid.UUID, routes: Routes) -> list[str | None]:
     first; ``None`` for each one no endpoint serves now (it cannot be asked)."""
     with transaction() as conn:
         recorded = conn.execute(_GROUPS_SENT, {"charge_id": charge_id}).scalars().all()
-    served = {routes.served(g) for g in recorded} or {routes.primary.group}
-    unserved = {g for g in recorded if routes.served(g) is None}
+    served = {g: routes.served(g) for g in recorded} or {None: routes.primary.group}
+    unserved = {g for g, stands in served.items() if stands is None and g is not None}
     if unserved:
         log.error(
             "dead charge sent to ledger groups no endpoint serves now (%s): it stays of "
@@ -235,8 +235,8 @@ def _groups_sent(charge_id: uuid.UUID, routes: Routes) -> list[str | None]:
             ", ".join(sorted(unserved)),
             extra={"charge_id": str(charge_id)},
         )
-    known = sorted((g for g in served if g is not None), key=routes.groups.index)
-    return [*known, *([None] * len(unserved))]
+    known = {stands for stands in served.values() if stands is not None}
+    return [*sorted(known, key=routes.groups.index), *([None] * len(unserved))]
 
 
 def _look_up_in(routes: Routes, group: str, key: str) -> tuple[Route, ledger.Lookup] | None:

@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 from sqlalchemy import select, text
 
+from payq.constants import DeferralCause
 from payq.db import transaction
 from payq.errors import ProviderError, ProviderTimeout
 from payq.gate import Pass, ProviderGate, Wait
@@ -123,3 +124,14 @@ def fail_calls(gate: ProviderGate, n: int) -> None:
     """``n`` calls that time out: with the suite's breaker settings, 4 open it."""
     for _ in range(n):
         call(gate, TIMED_OUT)
+
+
+def open_breaker(gate: ProviderGate) -> None:
+    """Calls through the gate that time out, until its breaker opens."""
+    for _ in range(20):
+        entry = gate.enter()
+        if isinstance(entry, Wait):
+            assert entry.cause is DeferralCause.BREAKER_OPEN
+            return
+        gate.leave(entry, TIMED_OUT, 10)
+    raise AssertionError("the breaker did not open")

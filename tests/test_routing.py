@@ -18,9 +18,8 @@ import pytest
 import redis
 from sqlalchemy import any_, select, text
 
-from payq.constants import DeferralCause
 from payq.db import transaction
-from payq.gate import Pass, Wait
+from payq.gate import Pass
 from payq.models import operator_actions
 from payq.ops.dlq import DeadFilter, replay
 from payq.processing import Result, process_charge
@@ -29,8 +28,9 @@ from payq.settings import Settings, load_settings
 from payq.sweep import sweep_once
 from producers import enqueue_charge
 from provider_sim import SimulatorThread
+from tests import helpers
 from tests.conftest import API_KEY, REDIS_URL
-from tests.helpers import TIMED_OUT, Sim, attempts, charge, lease_passes, unique_key
+from tests.helpers import Sim, attempts, charge, lease_passes, unique_key
 
 pytestmark = pytest.mark.usefixtures("clean")
 
@@ -108,13 +108,7 @@ def open_breaker(routes: Routes, name: str) -> None:
     """Calls through the endpoint's gate that time out, until its breaker opens."""
     route = routes.named(name)
     assert route is not None
-    for _ in range(20):
-        entry = route.gate.enter()
-        if isinstance(entry, Wait):
-            assert entry.cause is DeferralCause.BREAKER_OPEN
-            return
-        route.gate.leave(entry, TIMED_OUT, 10)
-    raise AssertionError(f"the breaker of {name} did not open")
+    helpers.open_breaker(route.gate)
 
 
 def enqueue() -> uuid.UUID:

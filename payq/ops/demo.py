@@ -36,6 +36,7 @@ from payq.db import make_engine
 from payq.gate import BreakerState, FleetBreaker
 from payq.migrate import migrate
 from payq.models import charge_attempts, charges
+from payq.ops.chaos.measure import cross_group_charges
 from payq.ops.system import LocalSystem, start_local_system
 from payq.routing import Routes
 from payq.settings import Settings, get_settings, load_settings
@@ -284,7 +285,7 @@ def _summary(
         routed = _routed(conn, run)
     final = sum(counts.get(s, 0) for s in FINAL)
     duplicates = sum(int(st.get("duplicate_charges", 1)) for st in stats)
-    both = _charged_in_two_groups(books, run)
+    both = cross_group_charges(books)  # the providers are this run's own
     _say("")
     _say("summary")
     _say(f"  charges          {total}: " + ", ".join(f"{s} {counts.get(s, 0)}" for s in FINAL))
@@ -339,15 +340,6 @@ def _routed(conn: Connection, run: str) -> dict[str, Any]:
         {"run": run},
     ).scalar_one()
     return {"endpoints": endpoints, "moved": moved}
-
-
-def _charged_in_two_groups(books: list[list[dict[str, Any]]], run: str) -> int:
-    """Keys of this run that more than one provider charged (must be 0)."""
-    charged = [
-        {b["idempotency_key"] for b in book if b.get("status") == "succeeded"} for book in books
-    ]
-    mine = {k for keys in charged for k in keys if k.startswith(f"demo-{run}-")}
-    return sum(1 for key in mine if sum(key in keys for keys in charged) > 1)
 
 
 if __name__ == "__main__":

@@ -12,16 +12,14 @@ from contextlib import contextmanager
 import redis
 from sqlalchemy import text
 
-from payq.constants import DeferralCause
 from payq.db import transaction
-from payq.gate import Wait
 from payq.processing import Result, process_charge
 from payq.routing import Route, Routes
 from payq.settings import Settings, load_settings
 from producers import enqueue_charge
 from provider_sim import SimulatorThread
 from tests.conftest import API_KEY, REDIS_URL
-from tests.helpers import TIMED_OUT, Sim, charge, unique_key
+from tests.helpers import Sim, charge, open_breaker, unique_key
 
 #: The breaker settings of both endpoints (the CLI's environment says the same).
 BREAKER = {"breaker_min_calls": 4, "breaker_open_s": 30}
@@ -47,15 +45,7 @@ class TwoEndpoints:
         return route
 
     def open_breaker(self, name: str) -> None:
-        """Calls through the endpoint's gate that time out, until its breaker opens."""
-        gate = self.route(name).gate
-        for _ in range(20):
-            entry = gate.enter()
-            if isinstance(entry, Wait):
-                assert entry.cause is DeferralCause.BREAKER_OPEN
-                return
-            gate.leave(entry, TIMED_OUT, 10)
-        raise AssertionError(f"the breaker of {name} did not open")
+        open_breaker(self.route(name).gate)
 
     def run(self, cid: uuid.UUID) -> Result:
         """One attempt at the charge (due now), through these routes."""

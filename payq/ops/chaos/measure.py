@@ -31,6 +31,7 @@ __all__ = [
     "Recovery",
     "across_groups",
     "claimed_before",
+    "cross_group_charges",
     "killed_in_flight",
     "ledger",
     "outage_calls",
@@ -226,14 +227,19 @@ def across_groups(
 ) -> dict[str, int]:
     """From the providers' side: ``cross_group_charges``, keys charged by more than one
     provider (must be 0); ``moved``, keys whose charge requests reached more than one."""
+    asked = Counter(key for log in logs for key in {r["idempotency_key"] for r in log})
+    return {
+        "cross_group_charges": cross_group_charges(books),
+        "moved": sum(1 for n in asked.values() if n > 1),
+    }
+
+
+def cross_group_charges(books: list[list[dict[str, Any]]]) -> int:
+    """Keys that more than one provider's books hold as charged (must be 0)."""
     charged = Counter(
         b["idempotency_key"] for book in books for b in book if b["status"] == "succeeded"
     )
-    asked = Counter(key for log in logs for key in {r["idempotency_key"] for r in log})
-    return {
-        "cross_group_charges": sum(1 for n in charged.values() if n > 1),
-        "moved": sum(1 for n in asked.values() if n > 1),
-    }
+    return sum(1 for n in charged.values() if n > 1)
 
 
 def ledger(
