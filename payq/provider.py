@@ -54,6 +54,11 @@ ANSWER_MAX_BYTES = 64 * 1024
 #: The longest charge id and decline code payq keeps (the columns they go to).
 CHARGE_ID_LIMIT = 255
 CODE_LIMIT = 64
+#: After giving up on an answer, the client waits this long before it returns. The
+#: provider counts a request as in flight until it sees the hang-up; the caller still
+#: holds its fleet slot meanwhile, so the next request sent on that slot never overlaps
+#: the abandoned one at the provider (PAYMENT_MAX_CONCURRENCY holds there, not only here).
+HANG_UP_GRACE_S = 0.2
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +191,7 @@ class ProviderClient:
                 "not sent: the process stalled past the time the request had to leave by"
             ) from None
         except httpx.TimeoutException as exc:
+            time.sleep(HANG_UP_GRACE_S)
             raise ProviderTimeout(
                 f"no answer within {self.timeout_s * 1000:.0f} ms ({type(exc).__name__})"
                 + _MAYBE_CHARGED.get(method, "")
@@ -202,6 +208,7 @@ class ProviderClient:
                 "PAYMENT_PROVIDER_URL and PAYMENT_PROVIDER_API_KEY"
             ) from None
         except httpx.HTTPError as exc:
+            time.sleep(HANG_UP_GRACE_S)
             raise ProviderConnectionError(
                 f"connection failed before a whole answer ({type(exc).__name__}: "
                 f"{str(exc)[:200]})" + _MAYBE_CHARGED.get(method, "")

@@ -245,7 +245,10 @@ async def _v1_middleware(request: web.Request, handler: Handler) -> web.StreamRe
     state = request.app[STATE_KEY]
     is_charge = request.method == "POST" and request.path == "/v1/charges"
     record = state.begin_request(
-        request.headers.get(IDEMPOTENCY_KEY_HEADER) if is_charge else None, is_charge=is_charge
+        request.headers.get(IDEMPOTENCY_KEY_HEADER) if is_charge else None,
+        is_charge=is_charge,
+        opened=request,
+        label=f"{request.method} {request.path}",
     )
     if record is not None:
         request[_RECORD_KEY] = record
@@ -263,7 +266,7 @@ async def _v1_middleware(request: web.Request, handler: Handler) -> web.StreamRe
         status = await _finish(request, response)
         return response
     finally:
-        state.end_request(record, status)
+        state.end_request(record, status, opened=request)
 
 
 # --- POST /v1/charges -------------------------------------------------------------

@@ -135,6 +135,7 @@ class SimulatorState:
     declines: int
     replays: int
     max_in_flight: int
+    peak: list[str]
     by_status: dict[str, int]
     charges: dict[str, JSONObject]
     _outcomes: dict[str, StoredOutcome]
@@ -151,6 +152,7 @@ class SimulatorState:
         self.script: deque[Step] = deque()
         self.outage_until: float | None = None
         self.in_flight = 0
+        self._open: dict[int, tuple[str, float]] = {}
         self._claims: dict[str, str] = {}  # idempotency key -> canonical body, in flight
         self._install(faults or Faults(), changed=set(KNOBS))
         self.reset_stats()
@@ -226,11 +228,23 @@ class SimulatorState:
         return self.rng.choice(ERROR_STATUSES)
 
     # request accounting
-    def begin_request(self, key: str | None, *, is_charge: bool) -> RequestRecord | None:
-        """Count a /v1 request on arrival; log it if it is a charge with a key."""
+    def begin_request(
+        self, key: str | None, *, is_charge: bool, opened: object = None, label: str = ""
+    ) -> RequestRecord | None:
+        """Count a /v1 request on arrival; log it if it is a charge with a key.
+
+        ``opened`` (any object, given again to ``end_request``) and ``label`` ("GET
+        /v1/charges") keep the request among the open ones, so that a new peak of
+        ``max_in_flight`` says which requests made it (``/_stats``'s ``peak``).
+        """
         self.requests += 1
         self.in_flight += 1
-        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        if opened is not None:
+            self._open[id(opened)] = (label, time.monotonic())
+        if self.in_flight > self.max_in_flight:
+            self.max_in_flight = self.in_flight
+            now = time.monotonic()
+            self.peak = [f"{lbl} {1000 * (now - at):.0f}ms" for lbl, at in self._open.values()]
         if not is_charge:
             return None
         self.charge_requests += 1
@@ -241,9 +255,12 @@ class SimulatorState:
         self._arrivals.append((key, record))
         return record
 
-    def end_request(self, record: RequestRecord | None, status: int | None) -> None:
+    def end_request(
+        self, record: RequestRecord | None, status: int | None, opened: object = None
+    ) -> None:
         """Count a /v1 request as finished with ``status`` (None: no answer)."""
         self.in_flight -= 1
+        self._open.pop(id(opened), None)
         label = "no_answer" if status is None else str(status)
         self.by_status[label] = self.by_status.get(label, 0) + 1
         if record is not None:
@@ -376,6 +393,8 @@ class SimulatorState:
             "duplicate_charges": sum(1 for n in self._new_charges_by_key.values() if n > 1),
             "in_flight": self.in_flight,
             "max_in_flight": self.max_in_flight,
+            # The open requests when max_in_flight was last raised: "METHOD path age".
+            "peak": list(self.peak),
             "charge_requests": self.charge_requests,
             "declines": self.declines,
             "stored_keys": len(self._outcomes),
@@ -390,6 +409,7 @@ class SimulatorState:
         self.declines = 0
         self.replays = 0
         self.max_in_flight = self.in_flight
+        self.peak: list[str] = []
         self.by_status = {}
         self.charges = {}
         self._outcomes = {}

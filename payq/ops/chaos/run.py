@@ -480,6 +480,11 @@ class _Run:
             "provider_requests": sum(int(st.get("requests", -1)) for st in stats),
             "duplicate_charges": sum(int(st.get("duplicate_charges", 1)) for st in stats),
             "max_in_flight": max(int(st.get("max_in_flight", -1)) for st in stats),
+            # Which requests were open at that peak, per provider: names a 9/8's cause.
+            "in_flight_peak": " | ".join(
+                f"provider {'ab'[i] if i < 2 else i}: {', '.join(st.get('peak', []))}"
+                for i, st in enumerate(stats)
+            ),
             "max_concurrency": plan.max_concurrency,
             "max_app_connections": self.sampler.max_total,
             # Every worker process's pool, and the relay's (one process, one pool).

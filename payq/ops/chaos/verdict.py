@@ -63,7 +63,8 @@ def checks(f: Mapping[str, Figure], plan: ChaosPlan, producer_exit: int) -> list
         (f["stalls"] == plan.stalls, f"stalls: {f['stalls']} of {plan.stalls} applied"),
         (
             0 <= int(f["max_in_flight"]) <= plan.max_concurrency,
-            f"max_in_flight: {f['max_in_flight']} > PAYMENT_MAX_CONCURRENCY {plan.max_concurrency}",
+            f"max_in_flight: {f['max_in_flight']} > PAYMENT_MAX_CONCURRENCY "
+            f"{plan.max_concurrency}; open at the peak: {f.get('in_flight_peak', '?')}",
         ),
         (
             int(f["max_app_connections"]) <= int(f["app_connection_bound"]),
