@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 BENCH_STAMP := $(VENV)/.bench-installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: install demo chaos test test-fast lint typecheck bench clean
+.PHONY: install demo chaos test test-fast lint typecheck bench scale clean
 
 install: $(STAMP)
 
@@ -39,6 +39,10 @@ typecheck: $(STAMP)
 # Under 15 minutes on 2 cores; benchmarks are not tests: nothing fails on a figure.
 bench: $(BENCH_STAMP)
 	$(BIN)/python -m benchmarks.run
+
+# A fleet of 1-8 worker hosts through a real PgBouncer, measured (benchmarks/scale.md).
+scale: $(BENCH_STAMP)
+	$(BIN)/python -m benchmarks.scale
 
 $(BENCH_STAMP): $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
