@@ -24,6 +24,7 @@ chaos: $(STAMP)
 	$(BIN)/payq chaos
 
 test: $(STAMP)
+	@bash devservices/system-packages.sh
 	$(BIN)/pytest
 
 test-fast: $(STAMP)
@@ -42,6 +43,7 @@ bench: $(BENCH_STAMP)
 
 # A fleet of 1-8 worker hosts through a real PgBouncer, measured (benchmarks/scale.md).
 scale: $(BENCH_STAMP)
+	@bash devservices/system-packages.sh
 	$(BIN)/python -m benchmarks.scale
 
 $(BENCH_STAMP): $(STAMP)
