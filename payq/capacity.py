@@ -11,7 +11,10 @@ It is a check, not a reservation. Pools open lazily, so "already open" is what o
 hold now, not what they may open later: size the fleet so ``sum(processes x (pool + 1))``
 plus everyone else fits. A restarted group is not refused for the group that died: its
 connections close with its sockets (a vanished host's when TCP keepalive notices).
-Behind a pooler (PgBouncer) the check is stricter than it needs to be.
+Behind a pooler in transaction mode (``DATABASE_POOLER=transaction``) the group's pools
+are the pooler's clients: what must fit in PostgreSQL is the pooler's server pool, and
+the group must fit in the pooler's client limit (``check_pooled_fleet_fits``,
+``payq.pooler``).
 """
 
 from __future__ import annotations
@@ -25,10 +28,13 @@ from payq.errors import ConfigError
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
+    from payq.pooler import PoolerBudget
+
 __all__ = [
     "HEALTH_CONNECTIONS_PER_PROCESS",
     "ConnectionBudget",
     "check_fleet_fits",
+    "check_pooled_fleet_fits",
     "read_connection_budget",
 ]
 
@@ -89,6 +95,44 @@ def check_fleet_fits(processes: int, pool_max_connections: int, budget: Connecti
             "DATABASE_POOL_MAX_CONNECTIONS, or raise max_connections"
         )
     return f"database connections: {need}; {allows}"
+
+
+def check_pooled_fleet_fits(
+    processes: int, pool_max_connections: int, budget: ConnectionBudget, pooler: PoolerBudget
+) -> str:
+    """``check_fleet_fits`` behind a pooler in transaction mode: the pooler's server pool
+    must fit in what PostgreSQL has left, and the group in the pooler's client limit."""
+    per_process = pool_max_connections + HEALTH_CONNECTIONS_PER_PROCESS
+    clients = processes * per_process
+    server = (
+        f"the pooler's server pool of {pooler.server_connections} ({pooler.source}) may open "
+        f"{pooler.server_more} more; PostgreSQL allows {budget.max_connections} "
+        f"(max_connections) - {budget.reserved} (reserved) - {budget.already_open} (already "
+        f"open) = {budget.available} more"
+    )
+    if pooler.server_more > budget.available:
+        raise ConfigError(
+            f"behind a pooler, {server}; lower the pooler's pool_size/max_db_connections or "
+            "DATABASE_POOLER_SERVER_CONNECTIONS, or raise max_connections"
+        )
+    group = (
+        f"{processes} process{'es' if processes != 1 else ''} x (DATABASE_POOL_MAX_CONNECTIONS "
+        f"{pool_max_connections} + {HEALTH_CONNECTIONS_PER_PROCESS} for health checks) = "
+        f"{clients} pooler clients"
+    )
+    available = pooler.clients_available
+    if available is None:
+        return f"database connections: {group} (the pooler's client limit unknown); {server}"
+    limit = (
+        f"the pooler allows {pooler.max_client_conn} (max_client_conn) - "
+        f"{pooler.clients_open} (already open) = {available} more"
+    )
+    if clients > available:
+        raise ConfigError(
+            f"{group}, but {limit}; lower --processes/WORKER_PROCESSES or "
+            "DATABASE_POOL_MAX_CONNECTIONS, or raise the pooler's max_client_conn"
+        )
+    return f"database connections: {group}, {limit}; {server}"
 
 
 def read_connection_budget(
