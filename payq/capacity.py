@@ -136,26 +136,27 @@ def check_pooled_fleet_fits(
 
 
 def read_connection_budget(
-    database_url: str, *, connect_timeout_s: int, wait_s: float
+    database_url: str, *, connect_timeout_s: int, wait_s: float, options: str | None = None
 ) -> ConnectionBudget:
     """Ask PostgreSQL for its connection budget over one short-lived connection.
 
     A worker is often started beside a PostgreSQL that is still starting (compose, a
     reboot): connection errors are retried with short waits (tenacity) for up to
     ``wait_s``, then ``ServiceUnavailable`` says what to start or check. The DSN is never
-    part of a message.
+    part of a message. ``options``: the startup parameter the group's connections will
+    send (``payq.db.startup_options``), so a pooler that refuses it refuses here, at once.
     """
     import tenacity
     from sqlalchemy.exc import OperationalError
 
     from payq.errors import ServiceUnavailable
 
-    engine = _budget_engine(database_url, connect_timeout_s)
+    engine = _budget_engine(database_url, connect_timeout_s, options)
     retrying = tenacity.Retrying(
         stop=tenacity.stop_after_delay(wait_s),
         wait=tenacity.wait_exponential(multiplier=0.2, max=2),
         retry=tenacity.retry_if_exception(
-            lambda exc: isinstance(exc, OperationalError) and not _full(exc)
+            lambda exc: isinstance(exc, OperationalError) and not _full(exc) and not _refused(exc)
         ),
         before_sleep=lambda state: log.warning(
             "PostgreSQL does not answer yet (attempt %d); retrying", state.attempt_number
@@ -166,6 +167,11 @@ def read_connection_budget(
         return retrying(_read_budget, engine)
     except OperationalError as exc:
         reason = str(exc.orig or exc).strip().splitlines()[0][:200]
+        if _refused(exc):
+            raise ConfigError(
+                f"the database at DATABASE_URL refused a connection parameter ({reason}): a "
+                "pooler in transaction mode? set DATABASE_POOLER=transaction"
+            ) from None
         if _full(exc):
             raise ConfigError(
                 f"PostgreSQL refused even one more connection ({reason}): max_connections is "
@@ -179,7 +185,7 @@ def read_connection_budget(
         engine.dispose()
 
 
-def _budget_engine(database_url: str, connect_timeout_s: int) -> Engine:
+def _budget_engine(database_url: str, connect_timeout_s: int, options: str | None) -> Engine:
     """An engine of one connection at a time, opened and closed per use."""
     from sqlalchemy import create_engine
     from sqlalchemy.engine import make_url
@@ -195,6 +201,7 @@ def _budget_engine(database_url: str, connect_timeout_s: int) -> Engine:
             # Not payq-worker-*: samplers that count a group's connections by that name
             # (the chaos run, the pool drill) must not see this one.
             "application_name": application_name("capacity-check"),
+            **({"options": options} if options is not None else {}),
         },
     )
 
@@ -218,3 +225,8 @@ def _full(exc: BaseException) -> bool:
     from sqlalchemy.exc import OperationalError
 
     return isinstance(exc, OperationalError) and any(sign in str(exc) for sign in _FULL_SIGNS)
+
+
+def _refused(exc: BaseException) -> bool:
+    """A pooler refused a startup parameter (PgBouncer: ``options``): no wait mends it."""
+    return "unsupported startup parameter" in str(exc)

@@ -55,6 +55,7 @@ __all__ = [
     "make_engine",
     "reset_engine",
     "set_role",
+    "startup_options",
     "transaction",
 ]
 
@@ -76,8 +77,9 @@ def make_engine(settings: Settings, role: str = "payq", *, url: str | None = Non
         "application_name": application_name(role),
     }
     pooled = settings.database_pooler == "transaction" and url is None
-    if not pooled:
-        connect_args["options"] = f"-c statement_timeout={settings.db_statement_timeout_ms}"
+    options = startup_options(settings, direct=url is not None)
+    if options is not None:
+        connect_args["options"] = options
     engine = create_engine(
         make_url(url or settings.database_url).set(drivername="postgresql+psycopg2"),
         pool_size=settings.database_pool_max_connections,
@@ -115,6 +117,14 @@ def _timeout_per_statement(engine: Engine, timeout_ms: int) -> None:
         # Several statements in one query run as one transaction (an implicit one in
         # autocommit): SET LOCAL holds for the statement after it and ends with it.
         return prefix + statement, parameters
+
+
+def startup_options(settings: Settings, *, direct: bool = False) -> str | None:
+    """The ``options`` startup parameter payq's connections send: the statement timeout,
+    except through a transaction pooler (``direct``: a URL past the pooler)."""
+    if settings.database_pooler == "transaction" and not direct:
+        return None
+    return f"-c statement_timeout={settings.db_statement_timeout_ms}"
 
 
 def _ping_after_idle(engine: Engine) -> None:

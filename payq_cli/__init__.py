@@ -71,10 +71,14 @@ def _check_database_capacity(settings: Settings, processes: int, wait_s: float) 
     import math
 
     from payq.capacity import check_fleet_fits, read_connection_budget
+    from payq.db import startup_options
 
     timeout_s = max(1, math.ceil(settings.db_timeout_ms / 1000))
     budget = read_connection_budget(
-        settings.database_url, connect_timeout_s=timeout_s, wait_s=wait_s
+        settings.database_url,
+        connect_timeout_s=timeout_s,
+        wait_s=wait_s,
+        options=startup_options(settings),
     )
     pool = settings.database_pool_max_connections
     if settings.database_pooler == "none":

@@ -281,3 +281,20 @@ def test_the_pooler_settings_are_checked() -> None:
     assert load_settings().migration_url == TEST_ENV["DATABASE_URL"]
     direct = "postgresql://postgres@127.0.0.1:5432/payq"
     assert load_settings(database_direct_url=direct).migration_url == direct
+
+
+def test_a_worker_without_the_setting_stops_at_start_saying_what_to_set(
+    pooler: ThrowawayPgBouncer,
+) -> None:
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "payq_cli", "worker", "--processes", "1", "--threads", "1"],
+        env={**TEST_ENV, "PATH": "/usr/bin:/bin", "DATABASE_URL": pooler.url(TEST_DB)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "refused a connection parameter" in result.stderr
+    assert "set DATABASE_POOLER=transaction" in result.stderr
+    assert time.monotonic() - started < 20  # refused at once, not waited out
