@@ -164,6 +164,7 @@ def test_a_fleet_through_pgbouncer_never_passes_its_server_pool(
             "RETRY_MAX_ATTEMPTS": "8",
             "PAYQ_API_TOKENS": INTAKE,
             "PAYQ_OPERATOR_TOKENS": OPERATOR,
+            "SERVE_RATE_LIMIT_PER_S": "100000",  # the test posts as fast as serve answers
         }
         migrated = _payq(env, "migrate")
         assert migrated.returncode == 0, migrated.stderr
