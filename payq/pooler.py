@@ -5,7 +5,9 @@ pooler's clients, not PostgreSQL's: however many there are, the pooler opens at 
 its server pool for payq's database (``pool_size`` + ``reserve_pool``, capped by
 ``max_db_connections``). That pool is what must fit in PostgreSQL's
 ``max_connections``, and the group's connections must fit in the pooler's
-``max_client_conn``. ``payq worker`` checks both at start (``payq.capacity``).
+``max_client_conn``. ``payq worker`` checks both at start (``payq.capacity``). The pool
+is PgBouncer's per database and user: other users of the same database have pools of
+their own, which only ``max_db_connections`` caps together.
 
 The numbers come from PgBouncer's admin console (the ``pgbouncer`` database at the
 pooler's address, as DATABASE_URL's user, which must be in PgBouncer's ``stats_users``
