@@ -11,7 +11,10 @@ It is a check, not a reservation. Pools open lazily, so "already open" is what o
 hold now, not what they may open later: size the fleet so ``sum(processes x (pool + 1))``
 plus everyone else fits. A restarted group is not refused for the group that died: its
 connections close with its sockets (a vanished host's when TCP keepalive notices).
-Behind a pooler (PgBouncer) the check is stricter than it needs to be.
+Behind a pooler in transaction mode (``DATABASE_POOLER=transaction``) the group's pools
+are the pooler's clients: what must fit in PostgreSQL is the pooler's server pool, and
+the group must fit in the pooler's client limit (``check_pooled_fleet_fits``,
+``payq.pooler``).
 """
 
 from __future__ import annotations
@@ -25,10 +28,13 @@ from payq.errors import ConfigError
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
+    from payq.pooler import PoolerBudget
+
 __all__ = [
     "HEALTH_CONNECTIONS_PER_PROCESS",
     "ConnectionBudget",
     "check_fleet_fits",
+    "check_pooled_fleet_fits",
     "read_connection_budget",
 ]
 
@@ -91,27 +97,66 @@ def check_fleet_fits(processes: int, pool_max_connections: int, budget: Connecti
     return f"database connections: {need}; {allows}"
 
 
+def check_pooled_fleet_fits(
+    processes: int, pool_max_connections: int, budget: ConnectionBudget, pooler: PoolerBudget
+) -> str:
+    """``check_fleet_fits`` behind a pooler in transaction mode: the pooler's server pool
+    must fit in what PostgreSQL has left, and the group in the pooler's client limit."""
+    per_process = pool_max_connections + HEALTH_CONNECTIONS_PER_PROCESS
+    clients = processes * per_process
+    server = (
+        f"the pooler's server pool of {pooler.server_connections} ({pooler.source}) may open "
+        f"{pooler.server_more} more; PostgreSQL allows {budget.max_connections} "
+        f"(max_connections) - {budget.reserved} (reserved) - {budget.already_open} (already "
+        f"open) = {budget.available} more"
+    )
+    if pooler.server_more > budget.available:
+        raise ConfigError(
+            f"behind a pooler, {server}; lower the pooler's pool_size/max_db_connections or "
+            "DATABASE_POOLER_SERVER_CONNECTIONS, or raise max_connections"
+        )
+    group = (
+        f"{processes} process{'es' if processes != 1 else ''} x (DATABASE_POOL_MAX_CONNECTIONS "
+        f"{pool_max_connections} + {HEALTH_CONNECTIONS_PER_PROCESS} for health checks) = "
+        f"{clients} pooler clients"
+    )
+    available = pooler.clients_available
+    if available is None:
+        return f"database connections: {group} (the pooler's client limit unknown); {server}"
+    limit = (
+        f"the pooler allows {pooler.max_client_conn} (max_client_conn) - "
+        f"{pooler.clients_open} (already open) = {available} more"
+    )
+    if clients > available:
+        raise ConfigError(
+            f"{group}, but {limit}; lower --processes/WORKER_PROCESSES or "
+            "DATABASE_POOL_MAX_CONNECTIONS, or raise the pooler's max_client_conn"
+        )
+    return f"database connections: {group}, {limit}; {server}"
+
+
 def read_connection_budget(
-    database_url: str, *, connect_timeout_s: int, wait_s: float
+    database_url: str, *, connect_timeout_s: int, wait_s: float, options: str | None = None
 ) -> ConnectionBudget:
     """Ask PostgreSQL for its connection budget over one short-lived connection.
 
     A worker is often started beside a PostgreSQL that is still starting (compose, a
     reboot): connection errors are retried with short waits (tenacity) for up to
     ``wait_s``, then ``ServiceUnavailable`` says what to start or check. The DSN is never
-    part of a message.
+    part of a message. ``options``: the startup parameter the group's connections will
+    send (``payq.db.startup_options``), so a pooler that refuses it refuses here, at once.
     """
     import tenacity
     from sqlalchemy.exc import OperationalError
 
     from payq.errors import ServiceUnavailable
 
-    engine = _budget_engine(database_url, connect_timeout_s)
+    engine = _budget_engine(database_url, connect_timeout_s, options)
     retrying = tenacity.Retrying(
         stop=tenacity.stop_after_delay(wait_s),
         wait=tenacity.wait_exponential(multiplier=0.2, max=2),
         retry=tenacity.retry_if_exception(
-            lambda exc: isinstance(exc, OperationalError) and not _full(exc)
+            lambda exc: isinstance(exc, OperationalError) and not _full(exc) and not _refused(exc)
         ),
         before_sleep=lambda state: log.warning(
             "PostgreSQL does not answer yet (attempt %d); retrying", state.attempt_number
@@ -122,6 +167,11 @@ def read_connection_budget(
         return retrying(_read_budget, engine)
     except OperationalError as exc:
         reason = str(exc.orig or exc).strip().splitlines()[0][:200]
+        if _refused(exc):
+            raise ConfigError(
+                f"the database at DATABASE_URL refused a connection parameter ({reason}): a "
+                "pooler in transaction mode? set DATABASE_POOLER=transaction"
+            ) from None
         if _full(exc):
             raise ConfigError(
                 f"PostgreSQL refused even one more connection ({reason}): max_connections is "
@@ -135,7 +185,7 @@ def read_connection_budget(
         engine.dispose()
 
 
-def _budget_engine(database_url: str, connect_timeout_s: int) -> Engine:
+def _budget_engine(database_url: str, connect_timeout_s: int, options: str | None) -> Engine:
     """An engine of one connection at a time, opened and closed per use."""
     from sqlalchemy import create_engine
     from sqlalchemy.engine import make_url
@@ -151,6 +201,7 @@ def _budget_engine(database_url: str, connect_timeout_s: int) -> Engine:
             # Not payq-worker-*: samplers that count a group's connections by that name
             # (the chaos run, the pool drill) must not see this one.
             "application_name": application_name("capacity-check"),
+            **({"options": options} if options is not None else {}),
         },
     )
 
@@ -174,3 +225,8 @@ def _full(exc: BaseException) -> bool:
     from sqlalchemy.exc import OperationalError
 
     return isinstance(exc, OperationalError) and any(sign in str(exc) for sign in _FULL_SIGNS)
+
+
+def _refused(exc: BaseException) -> bool:
+    """A pooler refused a startup parameter (PgBouncer: ``options``): no wait mends it."""
+    return "unsupported startup parameter" in str(exc)

@@ -11,6 +11,15 @@ worker that is a round trip per statement for connections used a few millisecond
 earlier. A connection in steady use that breaks fails its statement instead, which the
 callers handle (the claim defers the charge, the record retries), and SQLAlchemy then
 replaces every connection of the pool that predates the failure.
+
+Behind a pooler in transaction mode (``DATABASE_POOLER=transaction``, e.g. PgBouncer)
+consecutive transactions of one client connection may run on different server
+connections, and the pooler refuses or drops startup parameters. So payq then keeps
+nothing on a server connection between transactions: no ``PREPARE`` (``Prepared`` runs
+its plain SQL), and the statement timeout is not a startup parameter but a
+``SET LOCAL statement_timeout`` sent in the same query string as each statement
+(``_timeout_per_statement``), which holds for that statement's transaction and ends
+with it. ``application_name`` is a parameter PgBouncer passes on.
 """
 
 from __future__ import annotations
@@ -46,6 +55,7 @@ __all__ = [
     "make_engine",
     "reset_engine",
     "set_role",
+    "startup_options",
     "transaction",
 ]
 
@@ -59,14 +69,19 @@ def application_name(role: str) -> str:
     return f"payq-{role}-{os.getpid()}"[:63]
 
 
-def make_engine(settings: Settings, role: str = "payq") -> Engine:
+def make_engine(settings: Settings, role: str = "payq", *, url: str | None = None) -> Engine:
+    """This process's kind of engine for DATABASE_URL (``url``: another server's, reached
+    directly, e.g. ``settings.migration_url``: never through the pooler)."""
     connect_args: dict[str, object] = {
         "connect_timeout": max(1, math.ceil(settings.db_timeout_ms / 1000)),
         "application_name": application_name(role),
-        "options": f"-c statement_timeout={settings.db_statement_timeout_ms}",
     }
+    pooled = settings.database_pooler == "transaction" and url is None
+    options = startup_options(settings, direct=url is not None)
+    if options is not None:
+        connect_args["options"] = options
     engine = create_engine(
-        make_url(settings.database_url).set(drivername="postgresql+psycopg2"),
+        make_url(url or settings.database_url).set(drivername="postgresql+psycopg2"),
         pool_size=settings.database_pool_max_connections,
         max_overflow=0,
         pool_timeout=settings.db_timeout_ms / 1000,
@@ -76,7 +91,40 @@ def make_engine(settings: Settings, role: str = "payq") -> Engine:
         hide_parameters=True,
     )
     _ping_after_idle(engine)
+    if pooled:
+        _timeout_per_statement(engine, settings.db_statement_timeout_ms)
     return engine
+
+
+def _timeout_per_statement(engine: Engine, timeout_ms: int) -> None:
+    """Behind a transaction pooler: each statement carries its own statement timeout, and
+    no connection prepares statements (module docstring)."""
+    prefix = f"SET LOCAL statement_timeout = {int(timeout_ms)}; "
+
+    @event.listens_for(engine, "connect")
+    def _connected(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+        record.info["payq_unprepared"] = True  # read by Prepared.execute
+
+    @event.listens_for(engine, "before_cursor_execute", retval=True)
+    def _with_timeout(
+        conn: Connection,
+        cursor: Any,
+        statement: str,
+        parameters: Any,
+        context: Any,
+        executemany: bool,
+    ) -> tuple[str, Any]:
+        # Several statements in one query run as one transaction (an implicit one in
+        # autocommit): SET LOCAL holds for the statement after it and ends with it.
+        return prefix + statement, parameters
+
+
+def startup_options(settings: Settings, *, direct: bool = False) -> str | None:
+    """The ``options`` startup parameter payq's connections send: the statement timeout,
+    except through a transaction pooler (``direct``: a URL past the pooler)."""
+    if settings.database_pooler == "transaction" and not direct:
+        return None
+    return f"-c statement_timeout={settings.db_statement_timeout_ms}"
 
 
 def _ping_after_idle(engine: Engine) -> None:
@@ -266,6 +314,11 @@ def database_problem(exc: BaseException) -> tuple[int, str] | None:
         return 2, (
             "PostgreSQL answered, but the user DATABASE_URL names does not exist: create "
             "the role or fix DATABASE_URL"
+        )
+    if "unsupported startup parameter" in lowered:
+        return 2, (
+            f"a pooler at DATABASE_URL refused a connection parameter ({text}): set "
+            "DATABASE_POOLER=transaction for a pooler in transaction mode"
         )
     if "password authentication failed" in lowered or "pg_hba.conf" in lowered:
         return 2, "PostgreSQL refused the credentials in DATABASE_URL: fix them"

@@ -1,7 +1,11 @@
 """``payq migrate``: bring the schema to the newest Alembic revision.
 
 Several processes may run it at once (compose starts one per deploy): a
-PostgreSQL advisory lock makes them take turns.
+PostgreSQL advisory lock makes them take turns. The lock is transaction-scoped
+(``pg_advisory_xact_lock``) and the whole upgrade is one transaction, so it holds
+through a pooler in transaction mode too; ``DATABASE_DIRECT_URL`` points it at
+PostgreSQL itself all the same, where a pooler does not route the ``postgres``
+maintenance database that ``ensure_database`` creates the database from.
 """
 
 from __future__ import annotations

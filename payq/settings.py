@@ -26,6 +26,7 @@ _SECRET_FIELDS = frozenset(
         "payment_provider_api_key",
         "sentry_dsn",
         "database_url",
+        "database_direct_url",
         "redis_url",
         "payq_api_tokens",
         "payq_operator_tokens",
@@ -85,6 +86,14 @@ class Settings(BaseSettings):
     db_timeout_ms: int = Field(3000, ge=100, le=600_000)
     db_statement_timeout_ms: int = Field(5000, ge=100, le=3_600_000)
     database_pool_max_connections: int = Field(10, ge=1, le=1000)
+    # What stands between payq and PostgreSQL at DATABASE_URL (payq.db): "none", or
+    # "transaction" for a pooler in transaction mode (PgBouncer's pool_mode = transaction).
+    database_pooler: Literal["none", "transaction"] = "none"
+    # PostgreSQL itself, not through the pooler: `payq migrate` (unset: DATABASE_URL).
+    database_direct_url: str | None = Field(None, pattern=r"^postgresql(\+psycopg2)?://")
+    # Behind a pooler: the server connections it may open for payq's database, for the
+    # worker's start-time check (0: read from the pooler's admin console).
+    database_pooler_server_connections: int = Field(0, ge=0, le=100_000)
 
     # Workers.
     worker_processes: int = Field(2, ge=1, le=256)
@@ -155,6 +164,11 @@ class Settings(BaseSettings):
                 "WORKER_WATCHDOG_S: must be at least 2 x CHARGE_LEASE_S "
                 f"({2 * self.charge_lease_s} s), or 0 for three leases (got "
                 f"{self.worker_watchdog_s:g}); a charge may rightly take a lease and a lookup"
+            )
+        if self.database_pooler_server_connections and self.database_pooler == "none":
+            raise ValueError(
+                "DATABASE_POOLER_SERVER_CONNECTIONS: is for a pooler; set DATABASE_POOLER="
+                "transaction as well, or leave it 0"
             )
         self.endpoints  # noqa: B018  (resolving them checks each one's settings)
         risky = sorted(self.soft_declines & _NEVER_SOFT)
@@ -289,6 +303,12 @@ class Settings(BaseSettings):
         return self.provider_idempotency_ttl_s - self.charge_lease_s - self.payment_timeout_s
 
     @property
+    def migration_url(self) -> str:
+        """Where ``payq migrate`` connects: PostgreSQL itself (DATABASE_DIRECT_URL), else
+        DATABASE_URL."""
+        return self.database_direct_url or self.database_url
+
+    @property
     def payment_timeout_s(self) -> float:
         return self.payment_timeout_ms / 1000
 
@@ -361,6 +381,7 @@ def _split_tokens(value: SecretStr | None) -> tuple[str, ...]:
 _PATTERN_HINTS = {
     "redis_url": "must be a redis:// or rediss:// URL",
     "database_url": "must be a postgresql:// or postgresql+psycopg2:// URL",
+    "database_direct_url": "must be a postgresql:// or postgresql+psycopg2:// URL",
     "payment_provider_url": "must be an http:// or https:// URL",
     "payq_namespace": "must be 1-64 letters, digits, '_', '.' or '-'",
     "payment_soft_declines": "must be decline codes (the 402's error.code: lower-case letters, "

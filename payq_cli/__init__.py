@@ -45,8 +45,11 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     from payq.migrate import ensure_database_when_up, migrate
 
     settings = _settings()
-    created = ensure_database_when_up(settings.database_url, args.wait)
-    engine = make_engine(settings, "migrate")
+    # DATABASE_DIRECT_URL, when set, is PostgreSQL itself; without it the migration runs
+    # through DATABASE_URL, which works behind a transaction pooler too: it is one
+    # transaction, and its lock (pg_advisory_xact_lock) ends with it.
+    created = ensure_database_when_up(settings.migration_url, args.wait)
+    engine = make_engine(settings, "migrate", url=settings.database_direct_url)
     try:
         migrate(engine)
     finally:
@@ -68,13 +71,28 @@ def _check_database_capacity(settings: Settings, processes: int, wait_s: float) 
     import math
 
     from payq.capacity import check_fleet_fits, read_connection_budget
+    from payq.db import startup_options
 
+    timeout_s = max(1, math.ceil(settings.db_timeout_ms / 1000))
     budget = read_connection_budget(
         settings.database_url,
-        connect_timeout_s=max(1, math.ceil(settings.db_timeout_ms / 1000)),
+        connect_timeout_s=timeout_s,
         wait_s=wait_s,
+        options=startup_options(settings),
     )
-    line = check_fleet_fits(processes, settings.database_pool_max_connections, budget)
+    pool = settings.database_pool_max_connections
+    if settings.database_pooler == "none":
+        line = check_fleet_fits(processes, pool, budget)
+    else:
+        from payq.capacity import check_pooled_fleet_fits
+        from payq.pooler import read_pooler_budget
+
+        pooler = read_pooler_budget(
+            settings.database_url,
+            server_connections=settings.database_pooler_server_connections,
+            connect_timeout_s=timeout_s,
+        )
+        line = check_pooled_fleet_fits(processes, pool, budget, pooler)
     logging.getLogger("payq.worker").info(line)
 
 
