@@ -105,10 +105,10 @@ class Services:
 @contextlib.contextmanager
 def services(database_url: str | None) -> Iterator[Services]:
     """A private Redis, a database of the run's own, PgBouncer in front of it."""
-    from devservices.pgbouncer import ThrowawayPgBouncer
     from sqlalchemy.engine import make_url
 
     from devservices import ThrowawayPostgres, ThrowawayRedis, ensure_database, postgres_answers
+    from devservices.pgbouncer import ThrowawayPgBouncer
     from payq.settings import get_settings
 
     stack = contextlib.ExitStack()
@@ -126,10 +126,13 @@ def services(database_url: str | None) -> Iterator[Services]:
             notes.append("PostgreSQL: the configured one did not answer; a throwaway (fsync off)")
         ensure_database(dsn)
         bouncer = stack.enter_context(ThrowawayPgBouncer(dsn, pool_size=PGBOUNCER_POOL))
+        version = bouncer.show("VERSION")[0]
         notes.append(
-            f"PgBouncer {bouncer.version()}: transaction mode, {PGBOUNCER_POOL} server connections"
+            f"{next(iter(version.values()))}: transaction mode, at most {PGBOUNCER_POOL} "
+            "server connections to the database"
         )
-        yield Services(rds.url, dsn, bouncer.url, rds, bouncer, _postgres_processes(dsn), notes)
+        pooled = bouncer.url(DATABASE)
+        yield Services(rds.url, dsn, pooled, rds, bouncer, _postgres_processes(dsn), notes)
 
 
 def _postgres_processes(dsn: str) -> Any:
@@ -178,7 +181,8 @@ class Sampler(threading.Thread):
             with contextlib.suppress(Exception):
                 with self.engine.connect() as conn:
                     self.max_server = max(self.max_server, int(conn.execute(query).scalar_one()))
-                self.max_clients = max(self.max_clients, self.bouncer.client_connections())
+                clients = self.bouncer.client_connections(DATABASE)
+                self.max_clients = max(self.max_clients, clients)
 
 
 def _redis_calls(client: redis.Redis) -> int:
@@ -304,7 +308,7 @@ def measure_point(
         worker_ms=per_charge("workers"),
         postgres_ms=per_charge("postgres"),
         redis_ms=per_charge("redis_s"),
-        pgbouncer_ms=per_charge("pgbouncer_s"),
+        pgbouncer_ms=per_charge("pgbouncer"),
         charges=charges,
         window_s=seconds,
         duplicates=int(sim.stats()["duplicate_charges"]),
@@ -326,7 +330,9 @@ def _snapshot(
         "workers": cpu_by_pid(p for child in children for p in child.tree()),
         "postgres": cpu_by_pid(svc.postgres_pids()),
         "redis_s": redis_cpu_s(client),
-        "pgbouncer_s": svc.pgbouncer.cpu_s(),
+        "pgbouncer": cpu_by_pid(
+            [psutil.Process(svc.pgbouncer.pid)] if svc.pgbouncer.pid is not None else []
+        ),
     }
 
 
@@ -342,6 +348,7 @@ def _environment(svc: Services, sim_url: str, api_key: str) -> dict[str, str]:
             "REDIS_URL": svc.redis_url,
             "DATABASE_URL": svc.pooled_dsn,
             "DATABASE_DIRECT_URL": svc.server_dsn,
+            "DATABASE_POOLER": "transaction",
             "PAYQ_NAMESPACE": NAMESPACE,
             "PAYMENT_PROVIDER_URL": sim_url,
             "PAYMENT_PROVIDER_API_KEY": api_key,

@@ -167,6 +167,20 @@ class ThrowawayPgBouncer(_Throwaway):
             for state in ("sv_active", "sv_idle", "sv_used", "sv_tested", "sv_login")
         )
 
+    def client_connections(self, database: str) -> int:
+        """Client connections to ``database`` now, served or waiting for a server one."""
+        return sum(
+            int(row[state])
+            for row in self.show("POOLS")
+            if row["database"] == database
+            for state in ("cl_active", "cl_waiting")
+        )
+
+    @property
+    def pid(self) -> int | None:
+        """The pgbouncer process's id while it runs (for its CPU figures)."""
+        return self._proc.pid if self.is_running() and self._proc is not None else None
+
     def _stop_process(self, sig: signal.Signals = signal.SIGTERM) -> None:
         proc, self._proc = self._proc, None
         if proc is None or proc.poll() is not None:
