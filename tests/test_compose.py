@@ -504,6 +504,26 @@ def test_prometheus_holds_an_operator_token_for_serve(
     )
 
 
+def test_prometheus_config_passes_promtool(tmp_path: Path) -> None:
+    # Prometheus's own check (promtool, Debian package `prometheus`). It opens the
+    # token file, which only the container has: the copy points at a sample one.
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is missing: install the Debian package `prometheus`"
+    token = tmp_path / "payq-metrics-token"
+    token.write_text(SAMPLE_VARIABLES["PAYQ_METRICS_TOKEN"] + "\n", encoding="utf-8")
+    text = PROMETHEUS_FILE.read_text(encoding="utf-8")
+    config = tmp_path / "prometheus.yml"
+    config.write_text(text.replace("/run/secrets/payq-metrics-token", str(token)))
+    checked = subprocess.run(
+        [promtool, "check", "config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert checked.returncode == 0, f"promtool: {checked.stdout}{checked.stderr}".strip()
+
+
 def test_prometheus_reads_this_config(services: dict[str, Any]) -> None:
     prometheus = services["prometheus"]
     assert "command" not in prometheus, "the image's own flags read /etc/prometheus"
