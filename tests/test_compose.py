@@ -349,9 +349,12 @@ def container_settings(service: dict[str, Any], monkeypatch: pytest.MonkeyPatch)
         if name.lower() in fields
     }
     try:
+        # _env_file: pydantic-settings' own init keyword, which mypy's plugin does not know.
         return Settings(_env_file=None, **values)  # type: ignore[call-arg]
     except ValidationError as exc:
-        pytest.fail(f"payq refuses this environment: {exc.errors()[0]['msg']}")
+        error = exc.errors()[0]
+        where = ".".join(str(part).upper() for part in error["loc"]) or "settings"
+        pytest.fail(f"payq refuses this environment: {where}: {error['msg']}")
 
 
 def metrics_endpoints(
