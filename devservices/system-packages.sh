@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The Debian packages the tests and benchmarks start as real programs of their own:
-# PgBouncer, Redis Sentinel, Chromium for the dashboard's browser test, and Prometheus's
-# promtool, which checks deploy/prometheus.yml (tests/test_compose.py). Installed
+# PgBouncer, Redis Sentinel, Chromium for the dashboard's browser test, and Prometheus
+# (with promtool) for deploy/prometheus.yml's checks and scrape test. Installed
 # when missing and this runs as root with apt-get; otherwise it names what to install,
 # and the tests that need a missing one fail saying so.
 set -euo pipefail
