@@ -135,15 +135,29 @@ def services(database_url: str | None) -> Iterator[Services]:
         yield Services(rds.url, dsn, pooled, rds, bouncer, _postgres_processes(dsn), notes)
 
 
-def _postgres_processes(dsn: str) -> Any:
-    from sqlalchemy import create_engine, text
+#: The benchmark's own connections to PostgreSQL (not counted as the fleet's).
+PROBE = "payq-scale-probe"
 
-    engine = create_engine(dsn, pool_size=1, max_overflow=0)
+
+def _probe_engine(dsn: str) -> Any:
+    from sqlalchemy import create_engine
+
+    return create_engine(dsn, pool_size=1, max_overflow=0, connect_args={"application_name": PROBE})
+
+
+def _postgres_processes(dsn: str) -> Any:
+    from sqlalchemy import text
+
+    engine = _probe_engine(dsn)
 
     def backends() -> list[psutil.Process]:
         with engine.connect() as conn:
             pids = conn.execute(
-                text("SELECT pid FROM pg_stat_activity WHERE datname = current_database()")
+                text(
+                    "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND application_name <> :probe"
+                ),
+                {"probe": PROBE},
             ).scalars()
             found = []
             for pid in pids:
@@ -162,9 +176,8 @@ class Sampler(threading.Thread):
 
     def __init__(self, dsn: str, bouncer: Any) -> None:
         super().__init__(daemon=True)
-        from sqlalchemy import create_engine
 
-        self.engine = create_engine(dsn, pool_size=1, max_overflow=0)
+        self.engine = _probe_engine(dsn)
         self.bouncer = bouncer
         self.stop = threading.Event()
         self.max_server = 0
@@ -175,18 +188,19 @@ class Sampler(threading.Thread):
 
         query = text(
             "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-            "AND pid <> pg_backend_pid()"
+            "AND application_name <> :probe"
         )
         while not self.stop.wait(0.25):
             with contextlib.suppress(Exception):
                 with self.engine.connect() as conn:
-                    self.max_server = max(self.max_server, int(conn.execute(query).scalar_one()))
+                    count = int(conn.execute(query, {"probe": PROBE}).scalar_one())
+                    self.max_server = max(self.max_server, count)
                 clients = self.bouncer.client_connections(DATABASE)
                 self.max_clients = max(self.max_clients, clients)
 
 
 def _redis_calls(client: redis.Redis) -> int:
-    stats: dict[str, Any] = client.info("commandstats")  # type: ignore[assignment]
+    stats: dict[str, Any] = client.info("commandstats")
     return sum(int(v["calls"]) for v in stats.values())
 
 
