@@ -7,7 +7,8 @@ Every ``/ops`` path but the sign-in form and its static files needs an operator 
 their own: they parse input, call what ``payq status`` and ``payq dlq`` call
 (``payq.ops.status``, ``payq.ops.dlq``, ``payq.ops.reconcile``) and render the answer as
 HTML (``pages``); htmx, vendored in ``static/`` for offline machines, refetches a page's
-live fragment every few seconds.
+live fragment every few seconds. Pages read where ``payq.reads`` says (a replica when one
+is configured and close enough behind) and say so; actions write on the primary.
 
 A change is two steps: a confirmation page that dry-runs the function and shows what
 would change (count, ids, amounts), then a form POST with the session's CSRF token that
@@ -48,6 +49,7 @@ from payq.ops.dlq import DeadFilter, dead_charges, purge, replay, show, totals
 from payq.ops.reconcile import reconcile
 from payq.ops.status import snapshot
 from payq.provider import ProviderClient
+from payq.reads import read_engine
 from payq.routing import Routes
 from payq.settings import Settings
 from producers.intake.auth import Principal
@@ -217,7 +219,7 @@ router = APIRouter(prefix="/ops", tags=["ops"], include_in_schema=False)
 
 def _live_figures(settings: Settings) -> dict[str, Any]:
     snap = snapshot(settings)
-    snap["chart"] = chart(attempt_series(CHART_MINUTES))
+    snap["chart"] = chart(attempt_series(CHART_MINUTES, read_engine()))
     snap["dead_preview"] = dead_charges(DeadFilter(), limit=6)
     errors = snap["provider"]["last_60_min"]["errors_by_class"]
     snap["errors_max"] = max(errors.values(), default=1)
