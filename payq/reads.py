@@ -9,7 +9,9 @@ The replica is read only while it answers, is a standby that streams from the pr
 and is at most ``DATABASE_READ_MAX_LAG_S`` behind; else reads go to the primary and a
 warning says why (logged once per change, and carried by ``read_source()`` for status
 and the dashboard to show). A decision holds for ``RECHECK_S`` (a replica that did not
-answer: ``DOWN_RECHECK_S``), so a page does not measure the lag for every query.
+answer: ``DOWN_RECHECK_S``), so a page does not measure the lag for every query; a
+read that finds its connection to the replica cut ends the decision at once (that read
+fails, as any database error; the next one asks again).
 
 The lag is measured on the replica. A replica that has replayed everything it received
 is not behind, however long ago the primary's last commit was (an idle primary makes
@@ -30,8 +32,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Engine, text
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy import Engine, event, text
+from sqlalchemy.engine import ExceptionContext
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from payq.db import database_problem, get_engine, make_engine
@@ -127,6 +130,12 @@ class Reader:
         self._lock = threading.Lock()
         self._last: ReadSource | None = None
         self._warned: str | None = None  # the kind of the warning last logged
+
+        @event.listens_for(self.engine, "handle_error")
+        def _cut_off(context: ExceptionContext) -> None:
+            # The replica went away (or cancelled a query for its replay): ask again.
+            if context.is_disconnect or isinstance(context.sqlalchemy_exception, OperationalError):
+                self._last = None
 
     def source(self, primary: Engine) -> ReadSource:
         """The decision, measured again once ``RECHECK_S`` has passed."""

@@ -22,6 +22,7 @@ import httpx
 import psycopg2  # type: ignore[import-untyped, unused-ignore]
 import pytest
 from sqlalchemy import text, update
+from sqlalchemy.exc import OperationalError
 
 from devservices import ThrowawayPostgres
 from devservices.replica import ThrowawayReplica
@@ -31,6 +32,7 @@ from payq.db import get_engine, make_engine, transaction
 from payq.migrate import migrate
 from payq.models import charges
 from payq.ops.dlq import DeadFilter, dead_charges, purge, replay, show
+from payq.ops.reconcile import reconcile
 from payq.ops.status import render, snapshot
 from payq.reads import read_source
 from payq.runtime import Runtime, runtime, use
@@ -83,9 +85,9 @@ class Cluster:
             timeout=60,
         )
 
-    def dead(self, amount: int = 1999) -> uuid.UUID:
+    def dead(self, outcome: DeadOutcome = DeadOutcome.NOT_CHARGED) -> uuid.UUID:
         """A charge enqueued (on the primary, as every write) and then dead."""
-        cid = enqueue_charge(amount, "usd", "tok_visa", unique_key("replica")).id
+        cid = enqueue_charge(1999, "usd", "tok_visa", unique_key("replica")).id
         with transaction() as conn:
             conn.execute(
                 update(charges)
@@ -93,7 +95,7 @@ class Cluster:
                 .values(
                     status=ChargeStatus.DEAD,
                     dead_reason="declined for the test",
-                    dead_outcome=DeadOutcome.NOT_CHARGED,
+                    dead_outcome=outcome,
                 )
             )
         return cid
@@ -150,9 +152,10 @@ def test_reads_come_from_the_replica_and_writes_go_to_the_primary(cluster: Clust
     purged_before = cluster.fresh()
     seen = cluster.fresh()
     cluster.replica.pause()
-    unseen = cluster.dead()  # on the primary only, until replay resumes
+    unseen = cluster.dead(DeadOutcome.UNKNOWN)  # on the primary only, until replay resumes
     listed = {d.charge.id for d in dead_charges(DeadFilter())}
     assert listed == {replayed_before, purged_before, seen}  # the replica's view
+    assert reconcile(DeadFilter(), actor="test", dry_run=True).planned == []  # its search too
     source = read_source()
     assert source.replica and source.lag_s is not None and 0 <= source.lag_s <= MAX_LAG_S
     # The replica's own sessions show who reads there: this process's read pool.
@@ -236,7 +239,17 @@ def test_a_stopped_replica_sends_reads_to_the_primary_with_a_warning(
     cluster: Cluster, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cid = cluster.fresh()
+    monkeypatch.setattr(reads, "RECHECK_S", 60.0)  # only a failed read ends the decision
+    assert read_source().replica
     cluster.replica.stop(keep_data=True)
+    failed = 0
+    for _ in range(2):  # the read in flight may fail; the next one asks the replica again
+        try:
+            assert [d.charge.id for d in dead_charges(DeadFilter())] == [cid]
+            break
+        except OperationalError:
+            failed += 1
+    assert failed <= 1 and not read_source().replica
     monkeypatch.setattr(reads, "DOWN_RECHECK_S", 0.0)  # measure at every read
     with caplog.at_level(logging.WARNING, logger="payq.reads"):
         assert [d.charge.id for d in dead_charges(DeadFilter())] == [cid]
