@@ -299,6 +299,10 @@ async def test_the_dashboard_shows_the_lag_and_any_fallback(cluster: Cluster) ->
         cluster.replica.pause()
         unseen = cluster.dead()
         assert str(unseen) not in (await web.get("/ops/dead")).text  # from the replica
+        # A change's confirmation is the primary's: what it would touch, and its money.
+        confirm = await web.get(f"/ops/confirm/purge?id={unseen}")
+        assert confirm.status_code == 200, confirm.text
+        assert 'data-confirm-count="1"' in confirm.text and "19.99 USD" in confirm.text
         cluster.behind()
         live = await web.get("/ops/live")
         assert 'data-reads="primary"' in live.text and "DATABASE_READ_MAX_LAG_S" in live.text

@@ -174,9 +174,10 @@ def _fetch(query: Select[Any], engine: Engine | None = None) -> list[DeadCharge]
     return [DeadCharge(Charge.from_row(r)) for r in rows]
 
 
-def totals(flt: DeadFilter) -> dict[str, tuple[int, int]]:
-    """Count and total amount (minor units) by currency."""
-    with transaction(read_engine()) as conn:
+def totals(flt: DeadFilter, engine: Engine | None = None) -> dict[str, tuple[int, int]]:
+    """Count and total amount (minor units) by currency (read where ``payq.reads`` says,
+    unless ``engine`` is given)."""
+    with transaction(engine or read_engine()) as conn:
         rows = conn.execute(
             select(charges.c.currency, func.count(), func.sum(charges.c.amount))
             .where(flt.where())

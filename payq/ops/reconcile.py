@@ -6,9 +6,8 @@ by its idempotency key (``GET /v1/charges?idempotency_key=``), never charged aga
 found and succeeded → ``succeeded`` with the provider's id; found and declined →
 ``failed``; not found → it stays dead, marked verified not charged. Every lookup is
 recorded with the charge, every change audited. The search for candidates reads where
-``payq.reads`` says (a replica may be a moment behind: each settlement is a guarded
-settlement reads the charge again on the primary, locked, and leaves one settled
-meanwhile as it is).
+``payq.reads`` says (a replica may be a moment behind: each settlement reads the charge
+again on the primary, locked, and leaves one settled meanwhile as it is).
 """
 
 from __future__ import annotations

@@ -39,6 +39,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.datastructures import ImmutableMultiDict
 
 from payq.broker import get_broker
+from payq.db import get_engine
 from payq.errors import ChargeNotFound, ServiceUnavailable
 from payq.figures import attempt_series, breaker_figures
 from payq.ops.cli import parse_when
@@ -320,7 +321,8 @@ def _dry_run(action: str, flt: DeadFilter, actor: str, settings: Settings) -> di
         ids = purge(flt, actor=actor, dry_run=True)
     else:
         ids = reconcile(flt, actor=actor, dry_run=True, settings=settings).planned
-    money = totals(DeadFilter(ids=ids, include_purged=True)) if ids else {}
+    # The money of what the dry run found on the primary: from the primary too.
+    money = totals(DeadFilter(ids=ids, include_purged=True), get_engine()) if ids else {}
     return {"ids": ids, "skipped": skipped, "totals": money}
 
 
