@@ -339,3 +339,36 @@ def test_a_bad_read_url_is_one_line_naming_the_setting(cluster: Cluster) -> None
     finally:
         with_primary.close()
         use(before)
+
+
+def test_the_health_gauges_count_dead_charges_on_the_replica(cluster: Cluster) -> None:
+    from prometheus_client import REGISTRY
+
+    from payq.broker import get_broker
+    from payq.constants import redis_key
+    from workers.middleware.health import HealthChecks
+
+    def gauge() -> float | None:
+        return REGISTRY.get_sample_value("payq_dead_letters")
+
+    broker = get_broker()
+    leader = redis_key(broker.namespace, "health", "leader")
+    seen = cluster.fresh()
+    cluster.replica.pause()
+    cluster.dead()  # on the primary only
+    checks = HealthChecks(cluster.settings)
+    try:
+        broker.client.delete(leader)
+        checks()
+        assert gauge() == 1  # the replica's count
+        assert [d.charge.id for d in dead_charges(DeadFilter())] == [seen]
+        cluster.behind()
+        broker.client.delete(leader)
+        checks()
+        assert gauge() == 2  # past the bound: the primary's
+    finally:
+        broker.client.delete(leader)
+        for client in (checks._clients or {}).values():
+            client.close()
+        if checks._engine is not None:
+            checks._engine.dispose()
