@@ -19,7 +19,9 @@ is not behind, however long ago the primary's last commit was (an idle primary m
 WAL received but not yet replayed is behind by the age of the last commit it replayed:
 an overestimate right after a long idle spell, which sends reads to the primary for a
 moment, never to stale data. What it has not received it cannot know: so a replica whose
-WAL receiver is not running (its primary unreachable, or another one) is not read.
+WAL receiver is not running (its primary unreachable, or another one) is not read; one
+that has just reconnected counts as caught up with what it has received so far, until
+the backlog arrives (milliseconds on a local network).
 The primary's ``pg_stat_replication`` would tell its own view of the lag, but needs a
 round trip to the primary and a way to tell which standby is ours.
 """

@@ -29,6 +29,7 @@ from devservices.replica import ThrowawayReplica
 from payq import reads
 from payq.constants import ChargeStatus, DeadOutcome
 from payq.db import get_engine, make_engine, transaction
+from payq.errors import ChargeNotFound
 from payq.migrate import migrate
 from payq.models import charges
 from payq.ops.dlq import DeadFilter, dead_charges, purge, replay, show
@@ -167,7 +168,7 @@ def test_reads_come_from_the_replica_and_writes_go_to_the_primary(cluster: Clust
     assert snap["reads"]["from"] == "replica" and snap["charges"]["dead"] == 3
     assert snap["reads"]["lag_s"] <= MAX_LAG_S and snap["reads"]["warning"] is None
     assert "reads      from the replica, " in render(snap)
-    with pytest.raises(Exception, match=str(unseen)):
+    with pytest.raises(ChargeNotFound, match=str(unseen)):
         show(unseen)  # not on the replica yet
 
     # Writes, and the reads they decide by, are the primary's: they see what it has.
