@@ -27,6 +27,7 @@ _SECRET_FIELDS = frozenset(
         "sentry_dsn",
         "database_url",
         "database_direct_url",
+        "database_read_url",
         "redis_url",
         "payq_api_tokens",
         "payq_operator_tokens",
@@ -94,6 +95,9 @@ class Settings(BaseSettings):
     # Behind a pooler: the server connections it may open for payq's database, for the
     # worker's start-time check (0: read from the pooler's admin console).
     database_pooler_server_connections: int = Field(0, ge=0, le=100_000)
+    # Reads from a streaming replica (payq.reads): unset or empty, every read is the primary's.
+    database_read_url: SecretStr | None = None
+    database_read_max_lag_s: float = Field(5.0, gt=0, le=3600)
 
     # Workers.
     worker_processes: int = Field(2, ge=1, le=256)
@@ -171,6 +175,7 @@ class Settings(BaseSettings):
                 "transaction as well, or leave it 0"
             )
         self.endpoints  # noqa: B018  (resolving them checks each one's settings)
+        self.read_url  # noqa: B018  (reading it checks it)
         risky = sorted(self.soft_declines & _NEVER_SOFT)
         if risky:
             raise ValueError(
@@ -256,6 +261,19 @@ class Settings(BaseSettings):
         keys += [e.settings.payment_provider_api_key for e in self.endpoints]
         found = [k.get_secret_value() for k in keys if k is not None]
         return [s for s in (*found, *self.intake_tokens, *self.operator_tokens) if s]
+
+    @property
+    def read_url(self) -> str | None:
+        """``DATABASE_READ_URL`` (``ValueError`` if it is not a PostgreSQL URL), or ``None``
+        when it is unset or empty."""
+        raw = self.database_read_url
+        url = raw.get_secret_value().strip() if raw is not None else ""
+        if url and not re.fullmatch(r"postgresql(\+psycopg2)?://\S+", url):
+            raise ValueError(
+                "DATABASE_READ_URL: must be a postgresql:// or postgresql+psycopg2:// URL naming "
+                "a streaming replica of DATABASE_URL's server, or empty for none"
+            )
+        return url or None
 
     @property
     def soft_declines(self) -> frozenset[str]:

@@ -37,6 +37,7 @@ from payq.ops.dlq import (
 )
 from payq.ops.output import plural, spreadsheet_safe, terminal_safe
 from payq.ops.reconcile import reconcile
+from payq.reads import last_read_source
 
 __all__ = ["format_amount"]
 
@@ -129,7 +130,7 @@ def cmd_list(args: argparse.Namespace) -> int:
                 "purged": max(0, purged_count),
             }
         )
-        return 0
+        return _said_where_read()
     _table(
         [
             [
@@ -152,6 +153,15 @@ def cmd_list(args: argparse.Namespace) -> int:
         f"; {plural(purged_count, 'purged charge')} listed, not counted" if purged_count > 0 else ""
     )
     print(f"\n{plural(count, 'dead charge')} in the view{shown}: {money}{also}")
+    return _said_where_read()
+
+
+def _said_where_read() -> int:
+    """A read that was meant for the replica but went to the primary says why, on stderr
+    (the output itself stays what it is: a table, JSON, CSV)."""
+    source = last_read_source()
+    if source is not None and source.warning is not None:
+        print(f"payq: read {source.describe()}", file=sys.stderr)
     return 0
 
 
@@ -177,6 +187,7 @@ def _limited(items: Iterable[DeadCharge], limit: int | None) -> Iterable[DeadCha
 
 def cmd_show(args: argparse.Namespace) -> int:
     dead, attempts = show(args.id)
+    _said_where_read()
     if args.json:
         _print_json({**dead.as_dict(), "status": dead.charge.status.value, "attempts": attempts})
         return 0
@@ -331,7 +342,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.format == "jsonl":
         for row in rows:
             sys.stdout.write(json.dumps(row, default=str) + "\n")
-        return 0
+        return _said_where_read()
     fields = [
         "id", "idempotency_key", "amount", "currency", "description", "attempts", "dead_reason",
         "last_error_class", "last_error", "dead_outcome", "created_at", "dead_at",
@@ -344,7 +355,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             {k: spreadsheet_safe(terminal_safe(v) if isinstance(v, str) else v)
              for k, v in row.items()}
         )  # fmt: skip
-    return 0
+    return _said_where_read()
 
 
 def cmd_reconcile(args: argparse.Namespace) -> int:

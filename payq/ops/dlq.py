@@ -3,7 +3,9 @@
 Dead charges live in PostgreSQL and never expire. Operators list, inspect, replay
 (same idempotency key, bounded rate), purge (out of the view, never deleted) and
 export them; every replay, purge and reconciliation is written to
-``operator_actions``.
+``operator_actions``. Listing, showing and exporting read where ``payq.reads`` says (a
+replica when one is configured and close enough behind); replay and purge, which write
+and must see what they change, read and write the primary.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Select, and_, func, select, update
+from sqlalchemy import Engine, Select, and_, func, select, update
 from sqlalchemy.sql.elements import ColumnElement
 
 from payq.broker import new_message_id, publish_or_leave_to_relay
@@ -24,6 +26,7 @@ from payq.db import transaction
 from payq.errors import ChargeNotFound
 from payq.ledger import NOT_DEAD, audit, key_forgotten, retention
 from payq.models import Charge, charge_attempts, charges
+from payq.reads import read_engine
 from payq.settings import Settings, get_settings
 
 __all__ = [
@@ -149,6 +152,7 @@ def dead_charges(flt: DeadFilter, limit: int | None = None) -> list[DeadCharge]:
 def iter_dead_charges(flt: DeadFilter, batch: int = 1000) -> Iterator[DeadCharge]:
     """Every matching dead charge, a batch at a time (for exports of any size)."""
     after: tuple[dt.datetime, uuid.UUID] | None = None
+    engine = read_engine()  # one source for the whole export, not one per batch
     while True:
         query = _dead_select(flt).limit(batch)
         if after is not None:
@@ -156,7 +160,7 @@ def iter_dead_charges(flt: DeadFilter, batch: int = 1000) -> Iterator[DeadCharge
                 (charges.c.updated_at > after[0])
                 | and_(charges.c.updated_at == after[0], charges.c.id > after[1])
             )
-        page = _fetch(query)
+        page = _fetch(query, engine)
         if not page:
             return
         yield from page
@@ -164,15 +168,16 @@ def iter_dead_charges(flt: DeadFilter, batch: int = 1000) -> Iterator[DeadCharge
         after = (last.updated_at, last.id)
 
 
-def _fetch(query: Select[Any]) -> list[DeadCharge]:
-    with transaction() as conn:
+def _fetch(query: Select[Any], engine: Engine | None = None) -> list[DeadCharge]:
+    with transaction(engine or read_engine()) as conn:
         rows = conn.execute(query).mappings().all()
     return [DeadCharge(Charge.from_row(r)) for r in rows]
 
 
-def totals(flt: DeadFilter) -> dict[str, tuple[int, int]]:
-    """Count and total amount (minor units) by currency."""
-    with transaction() as conn:
+def totals(flt: DeadFilter, engine: Engine | None = None) -> dict[str, tuple[int, int]]:
+    """Count and total amount (minor units) by currency (read where ``payq.reads`` says,
+    unless ``engine`` is given)."""
+    with transaction(engine or read_engine()) as conn:
         rows = conn.execute(
             select(charges.c.currency, func.count(), func.sum(charges.c.amount))
             .where(flt.where())
@@ -184,7 +189,7 @@ def totals(flt: DeadFilter) -> dict[str, tuple[int, int]]:
 
 def show(charge_id: uuid.UUID) -> tuple[DeadCharge, list[dict[str, Any]]]:
     """One charge (dead or not) with every attempt, oldest first."""
-    with transaction() as conn:
+    with transaction(read_engine()) as conn:
         row = conn.execute(select(charges).where(charges.c.id == charge_id)).mappings().first()
         if row is None:
             raise ChargeNotFound(str(charge_id))

@@ -5,7 +5,9 @@ operator runs this to ask at once, for the charges a filter names. Each one is l
 by its idempotency key (``GET /v1/charges?idempotency_key=``), never charged again:
 found and succeeded → ``succeeded`` with the provider's id; found and declined →
 ``failed``; not found → it stays dead, marked verified not charged. Every lookup is
-recorded with the charge, every change audited.
+recorded with the charge, every change audited. The search for candidates reads where
+``payq.reads`` says (a replica may be a moment behind: each settlement reads the charge
+again on the primary, locked, and leaves one settled meanwhile as it is).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from payq.ledger import audit
 from payq.models import charges
 from payq.ops.dlq import DeadFilter, key_may_be_forgotten
 from payq.provider import ProviderClient
+from payq.reads import read_engine
 from payq.settings import Settings, get_settings
 from payq.sweep import resolve
 
@@ -55,7 +58,7 @@ def reconcile(
     """
     settings = settings or get_settings()
     report = ReconcileReport()
-    with transaction() as conn:
+    with transaction(read_engine()) as conn:
         candidates = conn.execute(
             select(
                 charges.c.id,

@@ -4,7 +4,9 @@ Queue depths, charges by status and dead charges by what the provider did, provi
 success rate and latency over the last 5 and 60 minutes, errors by class, the fleet's
 circuit breaker and slots (the first-priority endpoint's), each provider endpoint's own
 breaker, slots and figures, deferrals, and each live worker's own report. The figures
-themselves are ``payq.figures``'s, shared with health and the dashboard.
+themselves are ``payq.figures``'s, shared with health and the dashboard. The database's
+are read where ``payq.reads`` says (a replica, if one is configured and close enough
+behind), and the snapshot says where they came from.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import datetime as dt
 from dataclasses import asdict
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import Engine, func, select
 
 from payq.broker import get_broker
 from payq.constants import QUEUE_NAME, ChargeStatus, DeadOutcome
@@ -30,6 +32,7 @@ from payq.figures import (
 )
 from payq.models import charges
 from payq.ops.output import plural
+from payq.reads import read_source
 from payq.routing import Route, Routes
 from payq.settings import Settings, get_settings
 from payq.sweep import backlog
@@ -51,7 +54,9 @@ def snapshot(settings: Settings | None = None) -> dict[str, Any]:
         pipe.hlen(layout.messages(layout.delayed(QUEUE_NAME)))
         pipe.zcard(layout.dead(QUEUE_NAME))
         ready, delayed, broker_dead = pipe.execute()
-    with transaction() as conn:
+    reads = read_source()
+    engine = reads.engine
+    with transaction(engine) as conn:
         by_status: dict[str, int] = dict(
             conn.execute(select(charges.c.status, func.count()).group_by(charges.c.status)).all()
         )
@@ -71,13 +76,13 @@ def snapshot(settings: Settings | None = None) -> dict[str, Any]:
         "at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "queues": {"ready": ready, "delayed": delayed, "broker_dead_letters": broker_dead},
         "charges": {s.value: int(by_status.get(s.value, 0)) for s in ChargeStatus},
-        "dead_in_view": dead_count(),
+        "dead_in_view": dead_count(engine),
         # What the dead charges in the view did at the provider, and the sweep's work.
         "dead_outcomes": {o.value: int(dead_by_outcome.get(o.value, 0)) for o in DeadOutcome},
-        "sweep": backlog(settings),
+        "sweep": backlog(settings, engine),
         "provider": {
-            "last_5_min": asdict(attempt_stats(5)),
-            "last_60_min": asdict(attempt_stats(60)),
+            "last_5_min": asdict(attempt_stats(5, engine)),
+            "last_60_min": asdict(attempt_stats(60, engine)),
         },
         "breaker": breaker_figures(gate.breaker),
         "fleet": {
@@ -85,18 +90,20 @@ def snapshot(settings: Settings | None = None) -> dict[str, Any]:
             "max_concurrency": gate.fleet.limit,
             "provider_calls_in_flight": sum(w["http_in_use"] for w in workers),
         },
-        "endpoints": endpoint_figures(routes),
+        "endpoints": endpoint_figures(routes, engine),
         # Summed over the live workers' reports: since each process started.
         "deferrals": dict(sorted(deferrals.items(), key=lambda kv: -kv[1])),
         "workers": workers,
+        # Where the database's figures came from (payq.reads).
+        "reads": reads.as_dict() | {"said": reads.describe()},
     }
 
 
-def endpoint_figures(routes: Routes) -> list[dict[str, Any]]:
+def endpoint_figures(routes: Routes, engine: Engine | None = None) -> list[dict[str, Any]]:
     """Each endpoint, highest priority first: its place, breaker, slots and figures over
     the last 5 and 60 minutes; then any endpoint that is no longer configured but had
     requests in the hour (``None``: recorded before requests named their endpoint)."""
-    windows = {"last_5_min": endpoint_stats(5), "last_60_min": endpoint_stats(60)}
+    windows = {"last_5_min": endpoint_stats(5, engine), "last_60_min": endpoint_stats(60, engine)}
     listed = [_endpoint(route, windows) for route in routes.all]
     configured = {route.name for route in routes.all}
     for name in windows["last_60_min"]:
@@ -199,8 +206,10 @@ def _endpoint_cells(e: dict[str, Any]) -> list[str]:
 
 def render(snap: dict[str, Any]) -> str:
     q, c = snap["queues"], snap["charges"]
+    reads = snap.get("reads") or {}  # a snapshot saved before reads could come from a replica
     lines = [
         f"payq status at {snap['at']}",
+        *([f"reads      {reads['said']}"] if reads.get("replica_configured") else []),
         f"queues     ready {q['ready']} · delayed {q['delayed']} · "
         f"broker dead letters {q['broker_dead_letters']}",
         "charges    " + " · ".join(f"{k} {v}" for k, v in c.items())

@@ -1,7 +1,8 @@
 """The health checks every ``HEALTH_CHECK_INTERVAL_S``, by one process of the fleet at a
 time (a Redis key held for the interval), over connections of their own; logged as one
 line, an alert for each check that goes bad (the breaker alerts itself when it opens),
-and the dead-letter and unknown-outcome gauges."""
+and the dead-letter and unknown-outcome gauges (read from a replica when ``payq.reads``
+says so)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from payq.errors import ConfigError
 from payq.figures import dead_count
 from payq.health import Check, Level, run_checks, worst
 from payq.provider import ProviderClient
+from payq.reads import read_engine
 from payq.sentry import alert
 from payq.settings import Settings
 from payq.sweep import backlog
@@ -44,8 +46,9 @@ class HealthChecks:
         checks = run_checks(self.settings, engine=self._engine, clients=self._clients)
         self._log(checks)
         self._alert(checks)
-        metrics.DEAD_LETTERS.set(dead_count(self._engine))
-        figures = backlog(self.settings, self._engine)
+        figures_from = read_engine(self._engine)
+        metrics.DEAD_LETTERS.set(dead_count(figures_from))
+        figures = backlog(self.settings, figures_from)
         metrics.UNKNOWN_OUTCOMES.labels("within").set(figures["unknown"])
         metrics.UNKNOWN_OUTCOMES.labels("past").set(figures["unknown_past_retention"])
 

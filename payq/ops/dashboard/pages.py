@@ -22,6 +22,7 @@ from fastapi.templating import Jinja2Templates
 
 from payq.figures import MinuteStats, describe_breaker
 from payq.ops.commands import format_amount
+from payq.reads import last_read_source
 from producers.intake.auth import Principal
 
 __all__ = ["STATIC_DIR", "chart", "page"]
@@ -74,7 +75,13 @@ def page(
     return templates.TemplateResponse(
         request,
         name,
-        {"principal": principal, "session": session, **(context or {})},
+        # Where the page's figures were read (a banner when not from the replica as asked).
+        {
+            "principal": principal,
+            "session": session,
+            "reads": last_read_source(),
+            **(context or {}),
+        },
         status_code=status,
         headers=HEADERS,
     )

@@ -7,7 +7,8 @@ Every ``/ops`` path but the sign-in form and its static files needs an operator 
 their own: they parse input, call what ``payq status`` and ``payq dlq`` call
 (``payq.ops.status``, ``payq.ops.dlq``, ``payq.ops.reconcile``) and render the answer as
 HTML (``pages``); htmx, vendored in ``static/`` for offline machines, refetches a page's
-live fragment every few seconds.
+live fragment every few seconds. Pages read where ``payq.reads`` says (a replica when one
+is configured and close enough behind) and say so; actions write on the primary.
 
 A change is two steps: a confirmation page that dry-runs the function and shows what
 would change (count, ids, amounts), then a form POST with the session's CSRF token that
@@ -38,6 +39,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.datastructures import ImmutableMultiDict
 
 from payq.broker import get_broker
+from payq.db import get_engine
 from payq.errors import ChargeNotFound, ServiceUnavailable
 from payq.figures import attempt_series, breaker_figures
 from payq.ops.cli import parse_when
@@ -48,6 +50,7 @@ from payq.ops.dlq import DeadFilter, dead_charges, purge, replay, show, totals
 from payq.ops.reconcile import reconcile
 from payq.ops.status import snapshot
 from payq.provider import ProviderClient
+from payq.reads import read_engine
 from payq.routing import Routes
 from payq.settings import Settings
 from producers.intake.auth import Principal
@@ -217,7 +220,7 @@ router = APIRouter(prefix="/ops", tags=["ops"], include_in_schema=False)
 
 def _live_figures(settings: Settings) -> dict[str, Any]:
     snap = snapshot(settings)
-    snap["chart"] = chart(attempt_series(CHART_MINUTES))
+    snap["chart"] = chart(attempt_series(CHART_MINUTES, read_engine()))
     snap["dead_preview"] = dead_charges(DeadFilter(), limit=6)
     errors = snap["provider"]["last_60_min"]["errors_by_class"]
     snap["errors_max"] = max(errors.values(), default=1)
@@ -318,7 +321,8 @@ def _dry_run(action: str, flt: DeadFilter, actor: str, settings: Settings) -> di
         ids = purge(flt, actor=actor, dry_run=True)
     else:
         ids = reconcile(flt, actor=actor, dry_run=True, settings=settings).planned
-    money = totals(DeadFilter(ids=ids, include_purged=True)) if ids else {}
+    # The money of what the dry run found on the primary: from the primary too.
+    money = totals(DeadFilter(ids=ids, include_purged=True), get_engine()) if ids else {}
     return {"ids": ids, "skipped": skipped, "totals": money}
 
 
