@@ -22,6 +22,7 @@ from dramatiq.middleware import Middleware, TimeLimit, default_middleware
 from payq.constants import ACTOR_NAME, QUEUE_NAME, UNDECODABLE_ACTOR_NAME
 from payq.dramatiq_redis import Layout
 from payq.errors import ServiceUnavailable
+from payq.redis_client import redis_client
 from payq.runtime import Part, Runtime, runtime
 from payq.settings import Settings
 
@@ -38,9 +39,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-REDIS_SOCKET_TIMEOUT_S = 5.0
-REDIS_CONNECT_TIMEOUT_S = 2.0
 
 
 class SafeJSONEncoder(JSONEncoder):
@@ -132,14 +130,8 @@ def _middleware() -> list[Middleware]:
 
 
 def make_broker(settings: Settings) -> RedisBroker:
-    client = redis.Redis.from_url(
-        settings.redis_url,
-        socket_timeout=REDIS_SOCKET_TIMEOUT_S,
-        socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
-        health_check_interval=30,
-    )
     return ChargeBroker(  # type: ignore[no-untyped-call]
-        client=client, namespace=settings.payq_namespace, middleware=_middleware()
+        client=redis_client(settings), namespace=settings.payq_namespace, middleware=_middleware()
     )
 
 
@@ -211,8 +203,8 @@ def publish(
             pipe.execute()
     except redis.RedisError as exc:
         raise ServiceUnavailable(
-            f"Redis did not answer ({type(exc).__name__}); check REDIS_URL and that Redis is "
-            "running. The charges are saved and the relay will publish them."
+            f"Redis did not answer ({type(exc).__name__}); check REDIS_URL (or REDIS_SENTINELS) "
+            "and that Redis is running. The charges are saved and the relay will publish them."
         ) from exc
     return len(pairs)
 
