@@ -193,10 +193,15 @@ class ThrowawayRedis(_Throwaway):
     """A private ``redis-server`` on 127.0.0.1 that saves nothing (``--save ""``, no AOF)."""
 
     def __init__(
-        self, workdir: Path | None = None, port: int | None = None, start_timeout_s: float = 10.0
+        self,
+        workdir: Path | None = None,
+        port: int | None = None,
+        start_timeout_s: float = 10.0,
+        extra_args: tuple[str, ...] = (),
     ) -> None:
         super().__init__(workdir, port, "payq-redis-")
         self.start_timeout_s = start_timeout_s
+        self.extra_args = extra_args  # more redis-server options, e.g. --replicaof
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -224,7 +229,7 @@ class ThrowawayRedis(_Throwaway):
             raise DevServiceError(f"port {self.port} on 127.0.0.1 is already in use")
         args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
         args += ["--appendonly", "no", "--daemonize", "no", "--dir", str(self.workdir)]
-        args += ["--logfile", ""]  # stdout, which goes to redis.log
+        args += ["--logfile", "", *self.extra_args]  # stdout, which goes to redis.log
         with self.log_path.open("ab") as log:
             self._proc = subprocess.Popen(
                 args, stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=self.workdir
