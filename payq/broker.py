@@ -17,6 +17,7 @@ import dramatiq
 import redis
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.encoder import JSONEncoder, MessageData
+from dramatiq.errors import ConnectionClosed
 from dramatiq.middleware import Middleware, TimeLimit, default_middleware
 
 from payq.constants import ACTOR_NAME, QUEUE_NAME, UNDECODABLE_ACTOR_NAME
@@ -101,6 +102,20 @@ class ChargeBroker(RedisBroker):
     """
 
     def enqueue(self, message: dramatiq.Message[Any], *, delay: int | None = None) -> Any:
+        """Send a message; a Redis that does not answer raises Dramatiq's ``ConnectionClosed``.
+
+        Dramatiq's own consumer calls this to move a delayed message that fell due, and
+        restarts itself on a broker connection error (dropping the delayed messages it
+        holds, which the relay sends again). Any other error there ends its thread for
+        good, since its cleanup needs Redis too: that process would move no delayed
+        message again (a failover or a Redis restart did this to every worker process).
+        """
+        try:
+            return self._enqueue(message, delay=delay)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise ConnectionClosed(exc) from exc  # type: ignore[no-untyped-call]
+
+    def _enqueue(self, message: dramatiq.Message[Any], *, delay: int | None) -> Any:
         if message.actor_name != ACTOR_NAME:
             return super().enqueue(message, delay=delay)
         queue_name = message.queue_name
