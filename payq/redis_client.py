@@ -57,7 +57,16 @@ def redis_client(
     )
     client: redis.Redis = sentinels.master_for(
         settings.redis_sentinel_master,
+        redis_class=_PrimaryClient,
         health_check_interval=HEALTH_CHECK_INTERVAL_S,
         **{**timeouts, **primary},
     )
     return client
+
+
+class _PrimaryClient(redis.Redis):
+    """The primary's client, which closes its connections to the sentinels too."""
+
+    def close(self) -> None:
+        super().close()
+        self.connection_pool.sentinel_manager.close()  # type: ignore[attr-defined]
