@@ -214,6 +214,11 @@ class ThrowawayRedis(_Throwaway):
         """Where redis-server writes its log."""
         return self.workdir / "redis.log"
 
+    @property
+    def pid(self) -> int | None:
+        """The redis-server process's id while it runs."""
+        return self._proc.pid if self.is_running() and self._proc is not None else None
+
     def is_running(self) -> bool:
         """True while our redis-server process is alive."""
         return self._proc is not None and self._proc.poll() is None

@@ -9,6 +9,7 @@ in temporary directories removed on ``stop()``. The sentinels are quick to act
 from __future__ import annotations
 
 import atexit
+import os
 import shutil
 import signal
 import subprocess
@@ -145,6 +146,24 @@ class ThrowawaySentinels:
             if address:
                 return int(address[1])
         raise DevServiceError("no sentinel names a primary")
+
+    def freeze_replicas(self) -> None:
+        """SIGSTOP every replica and drop the primary's links to them: writes to the
+        primary from now on stay there, as the last writes before a crash do when
+        replication lags (``thaw_replicas`` lets them reconnect)."""
+        self._signal_replicas(signal.SIGSTOP)
+        with _client(self.primary_port()) as primary:
+            primary.client_kill_filter(_type="replica")
+
+    def thaw_replicas(self) -> None:
+        """SIGCONT the replicas frozen by ``freeze_replicas``."""
+        self._signal_replicas(signal.SIGCONT)
+
+    def _signal_replicas(self, sig: signal.Signals) -> None:
+        primary = self.primary_port()
+        for node in self.nodes:
+            if node.port != primary and node.pid is not None:
+                os.kill(node.pid, sig)
 
     def kill_primary(self) -> int:
         """SIGKILL the current primary (a crash: no goodbye to anyone); its port."""
