@@ -193,10 +193,15 @@ class ThrowawayRedis(_Throwaway):
     """A private ``redis-server`` on 127.0.0.1 that saves nothing (``--save ""``, no AOF)."""
 
     def __init__(
-        self, workdir: Path | None = None, port: int | None = None, start_timeout_s: float = 10.0
+        self,
+        workdir: Path | None = None,
+        port: int | None = None,
+        start_timeout_s: float = 10.0,
+        extra_args: tuple[str, ...] = (),
     ) -> None:
         super().__init__(workdir, port, "payq-redis-")
         self.start_timeout_s = start_timeout_s
+        self.extra_args = extra_args  # more redis-server options, e.g. --replicaof
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -208,6 +213,11 @@ class ThrowawayRedis(_Throwaway):
     def log_path(self) -> Path:
         """Where redis-server writes its log."""
         return self.workdir / "redis.log"
+
+    @property
+    def pid(self) -> int | None:
+        """The redis-server process's id while it runs."""
+        return self._proc.pid if self.is_running() and self._proc is not None else None
 
     def is_running(self) -> bool:
         """True while our redis-server process is alive."""
@@ -224,7 +234,7 @@ class ThrowawayRedis(_Throwaway):
             raise DevServiceError(f"port {self.port} on 127.0.0.1 is already in use")
         args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
         args += ["--appendonly", "no", "--daemonize", "no", "--dir", str(self.workdir)]
-        args += ["--logfile", ""]  # stdout, which goes to redis.log
+        args += ["--logfile", "", *self.extra_args]  # stdout, which goes to redis.log
         with self.log_path.open("ab") as log:
             self._proc = subprocess.Popen(
                 args, stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=self.workdir

@@ -17,11 +17,13 @@ import dramatiq
 import redis
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.encoder import JSONEncoder, MessageData
+from dramatiq.errors import ConnectionClosed
 from dramatiq.middleware import Middleware, TimeLimit, default_middleware
 
 from payq.constants import ACTOR_NAME, QUEUE_NAME, UNDECODABLE_ACTOR_NAME
 from payq.dramatiq_redis import Layout
 from payq.errors import ServiceUnavailable
+from payq.redis_client import redis_client
 from payq.runtime import Part, Runtime, runtime
 from payq.settings import Settings
 
@@ -38,9 +40,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-REDIS_SOCKET_TIMEOUT_S = 5.0
-REDIS_CONNECT_TIMEOUT_S = 2.0
 
 
 class SafeJSONEncoder(JSONEncoder):
@@ -103,6 +102,20 @@ class ChargeBroker(RedisBroker):
     """
 
     def enqueue(self, message: dramatiq.Message[Any], *, delay: int | None = None) -> Any:
+        """Send a message; a Redis that does not answer raises Dramatiq's ``ConnectionClosed``.
+
+        Dramatiq's own consumer calls this to move a delayed message that fell due, and
+        restarts itself on a broker connection error (dropping the delayed messages it
+        holds, which the relay sends again). Any other error there ends its thread for
+        good, since its cleanup needs Redis too: that process would move no delayed
+        message again (a failover or a Redis restart did this to every worker process).
+        """
+        try:
+            return self._enqueue(message, delay=delay)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise ConnectionClosed(exc) from exc  # type: ignore[no-untyped-call]
+
+    def _enqueue(self, message: dramatiq.Message[Any], *, delay: int | None) -> Any:
         if message.actor_name != ACTOR_NAME:
             return super().enqueue(message, delay=delay)
         queue_name = message.queue_name
@@ -132,14 +145,8 @@ def _middleware() -> list[Middleware]:
 
 
 def make_broker(settings: Settings) -> RedisBroker:
-    client = redis.Redis.from_url(
-        settings.redis_url,
-        socket_timeout=REDIS_SOCKET_TIMEOUT_S,
-        socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
-        health_check_interval=30,
-    )
     return ChargeBroker(  # type: ignore[no-untyped-call]
-        client=client, namespace=settings.payq_namespace, middleware=_middleware()
+        client=redis_client(settings), namespace=settings.payq_namespace, middleware=_middleware()
     )
 
 
@@ -211,8 +218,8 @@ def publish(
             pipe.execute()
     except redis.RedisError as exc:
         raise ServiceUnavailable(
-            f"Redis did not answer ({type(exc).__name__}); check REDIS_URL and that Redis is "
-            "running. The charges are saved and the relay will publish them."
+            f"Redis did not answer ({type(exc).__name__}); check REDIS_URL (or REDIS_SENTINELS) "
+            "and that Redis is running. The charges are saved and the relay will publish them."
         ) from exc
     return len(pairs)
 

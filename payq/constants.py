@@ -117,7 +117,7 @@ class DeferralCause(StrEnum):
     BREAKER_OPEN = "breaker_open"  # the fleet's circuit breaker is open
     BREAKER_HALF_OPEN = "breaker_half_open"  # half-open, its probes are out
     FLEET_FULL = "fleet_full"  # every fleet slot (PAYMENT_MAX_CONCURRENCY) is in use
-    FLEET_STARTING = "fleet_starting"  # a new or emptied Redis: slots re-registering
+    FLEET_STARTING = "fleet_starting"  # a new, emptied or promoted Redis: slots re-registering
     REDIS = "redis"  # Redis did not answer the gate
     DB_POOL = "db_pool"  # no database connection within DB_TIMEOUT_MS
     DATABASE = "database"  # PostgreSQL did not answer the claim

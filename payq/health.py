@@ -100,7 +100,7 @@ def check_provider(
     tells the breaker nothing: the breaker judges charges, and a check every 30 s
     would only tip it one way. When the gate says wait, the provider is not probed:
 
-    - the fleet is full, or its slots are being registered (a new or emptied Redis): OK.
+    - the fleet is full, or its slots are being registered (a new, emptied or promoted Redis): OK.
       Calls are in flight or about to be; the breaker and error_rate checks judge them.
     - the breaker is open, or half-open (its probes are for charges): DEGRADED, as the
       breaker check says; calling past it is what it exists to stop.

@@ -29,6 +29,7 @@ _SECRET_FIELDS = frozenset(
         "database_direct_url",
         "database_read_url",
         "redis_url",
+        "redis_sentinel_password",
         "payq_api_tokens",
         "payq_operator_tokens",
         "payment_endpoints",
@@ -39,6 +40,8 @@ _SECRET_FIELDS = frozenset(
 _API_TOKEN = re.compile(r"[\x21-\x2b\x2d-\x7e]{16,512}")
 # ``app=token`` in PAYQ_API_TOKENS: the web app a token belongs to.
 _APP_TOKEN = re.compile(r"([a-z0-9_-]{1,32})=([\x21-\x2b\x2d-\x7e]{16,512})")
+# One entry of REDIS_SENTINELS: a host name, IPv4 or [IPv6] address, and a port.
+_SENTINEL = re.compile(r"([A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\]):([0-9]{1,5})")
 #: Declines that must never be tried at another acquirer (PAYMENT_SOFT_DECLINES).
 _NEVER_SOFT = frozenset(
     {
@@ -64,6 +67,11 @@ class Settings(BaseSettings):
 
     # Services.
     redis_url: str = Field("redis://127.0.0.1:6379/0", pattern=r"^rediss?://")
+    # Redis Sentinel (payq.redis_client): host:port of each sentinel, comma-separated;
+    # set, the primary's address comes from them and REDIS_URL gives the rest.
+    redis_sentinels: str = Field("", max_length=2000)
+    redis_sentinel_master: str = Field("mymaster", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    redis_sentinel_password: SecretStr | None = None
     database_url: str = Field(
         "postgresql+psycopg2://postgres@127.0.0.1:5432/payq", pattern=r"^postgresql(\+psycopg2)?://"
     )
@@ -158,6 +166,7 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
         self.check_provider_settings()
+        self.sentinels  # noqa: B018  (parsing them checks REDIS_SENTINELS)
         if self.retry_backoff_min_s > self.retry_backoff_max_s:
             raise ValueError(
                 "RETRY_BACKOFF_MIN_S: must not exceed RETRY_BACKOFF_MAX_S "
@@ -230,6 +239,24 @@ class Settings(BaseSettings):
                 "PAYMENT_PROVIDER_API_KEY: contains a space, newline or other control "
                 "character (a secret file's trailing newline?); set the bare key"
             )
+
+    @property
+    def sentinels(self) -> tuple[tuple[str, int], ...]:
+        """``(host, port)`` of each Redis Sentinel (``REDIS_SENTINELS``); none: REDIS_URL
+        names the Redis itself. Raises ``ValueError`` naming the variable."""
+        found = []
+        for entry in (e.strip() for e in self.redis_sentinels.split(",")):
+            if not entry:
+                continue
+            parsed = _SENTINEL.fullmatch(entry)
+            port = int(parsed.group(2)) if parsed else 0
+            if parsed is None or not 1 <= port <= 65535:
+                raise ValueError(
+                    f"REDIS_SENTINELS: {entry[:80]!r} is not host:port; list each sentinel "
+                    "as host:port, separated by commas (e.g. 10.0.0.1:26379,10.0.0.2:26379)"
+                )
+            found.append((parsed.group(1).strip("[]"), port))
+        return tuple(found)
 
     @property
     def endpoints(self) -> tuple[Endpoint, ...]:
@@ -398,6 +425,8 @@ def _split_tokens(value: SecretStr | None) -> tuple[str, ...]:
 
 _PATTERN_HINTS = {
     "redis_url": "must be a redis:// or rediss:// URL",
+    "redis_sentinel_master": "must be the name the sentinels monitor the primary by: 1-64 "
+    "letters, digits, '_', '.' or '-'",
     "database_url": "must be a postgresql:// or postgresql+psycopg2:// URL",
     "database_direct_url": "must be a postgresql:// or postgresql+psycopg2:// URL",
     "payment_provider_url": "must be an http:// or https:// URL",

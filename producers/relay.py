@@ -212,7 +212,7 @@ def run_relay(stop: threading.Event | None = None, settings: Settings | None = N
         except (ServiceUnavailable, redis.RedisError, OperationalError, PoolTimeout) as exc:
             log.warning(
                 "relay pass failed (%s: %s); check that PostgreSQL (DATABASE_URL) and Redis "
-                "(REDIS_URL) answer. Trying again.",
+                "(REDIS_URL or REDIS_SENTINELS) answer. Trying again.",
                 type(exc).__name__,
                 str(exc).splitlines()[0][:300] if str(exc) else "",
             )

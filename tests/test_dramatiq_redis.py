@@ -74,3 +74,18 @@ def test_the_script_it_comes_from_still_says_so() -> None:
     ):
         assert documented in script, documented
     assert dramatiq.__version__.startswith("2."), "a new Dramatiq: check payq.dramatiq_redis"
+
+
+def test_a_charge_broker_that_cannot_reach_redis_raises_dramatiqs_connection_error() -> None:
+    """What Dramatiq's delay-queue consumer restarts on: any other error ends its thread."""
+    from dramatiq.errors import ConnectionClosed
+
+    from devservices import free_port
+    from payq.broker import charge_message, make_broker
+    from payq.settings import load_settings
+
+    broker = make_broker(load_settings(redis_url=f"redis://127.0.0.1:{free_port()}/0"))
+    for delay in (None, 10):
+        with pytest.raises(ConnectionClosed):
+            broker.enqueue(charge_message(uuid.uuid4()), delay=delay)
+    broker.close()

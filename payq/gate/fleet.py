@@ -6,9 +6,11 @@ renews its slots every third of a lease, so a call of any length keeps its slot 
 SIGKILLed worker's slot comes back within one lease (Dramatiq's
 ``ConcurrentRateLimiter`` does not renew, so its ttl must outlast the longest call).
 When the set's epoch marker is missing (a new or wiped Redis, maybe with calls in
-flight) no slot is granted for one renewal interval and a margin, while the renewers
-put their slots back. The scripts are ``lua/_fleet.lua`` (the grant, inside the gate's
-enter) and ``lua/fleet_*.lua``, timed by the server's clock.
+flight), or was written by another Redis server process (a replica that a failover
+promoted, or a restart from a dump: either may lack the last slots granted), no slot is
+granted for one renewal interval and a margin, while the renewers put their slots back.
+The scripts are ``lua/_fleet.lua`` (the grant, inside the gate's enter), ``_epoch.lua``
+and ``lua/fleet_*.lua``, timed by the server's clock.
 """
 
 from __future__ import annotations
@@ -137,7 +139,8 @@ class FleetLimit:
         For a system started from nothing (tests, a fresh demo); never after Redis lost
         its data while workers were running.
         """
-        self.client.set(self.epoch_key, 0)
+        run_id = self.client.info("server")["run_id"]
+        self.client.set(self.epoch_key, f"0 {run_id}")
 
     def held(self) -> int:
         with self._lock:

@@ -175,7 +175,8 @@ class ProviderGate:
             return Wait(
                 DeferralCause.FLEET_STARTING,
                 slot.wait_ms + jitter_ms(0, 500),
-                "fleet slots are being registered (a new or emptied Redis): a moment's grace",
+                "fleet slots are being registered (a new, emptied or promoted Redis): "
+                "a moment's grace",
             )
         kept = self._kept.take()  # one of this process's calls may just have ended
         if kept is not None:

@@ -61,7 +61,7 @@ class Release:
 @dataclass(frozen=True, slots=True)
 class EnterArgs(GateScript):
     script: ClassVar[str] = "enter"
-    uses: ClassVar[tuple[str, ...]] = ("_now", "_breaker", "_fleet")
+    uses: ClassVar[tuple[str, ...]] = ("_now", "_epoch", "_breaker", "_fleet")
 
     breaker: str = field(metadata=KEY)
     slots: str = field(metadata=KEY)
@@ -77,7 +77,7 @@ class EnterArgs(GateScript):
 @dataclass(frozen=True, slots=True)
 class LookupEnterArgs(GateScript):
     script: ClassVar[str] = "enter_lookup"
-    uses: ClassVar[tuple[str, ...]] = ("_now", "_fleet")
+    uses: ClassVar[tuple[str, ...]] = ("_now", "_epoch", "_fleet")
 
     slots: str = field(metadata=KEY)
     epoch: str = field(metadata=KEY)
@@ -115,6 +115,7 @@ class SnapshotArgs(GateScript):
 @dataclass(frozen=True, slots=True)
 class RenewArgs(GateScript):
     script: ClassVar[str] = "fleet_renew"
+    uses: ClassVar[tuple[str, ...]] = ("_now", "_epoch")
 
     slots: str = field(metadata=KEY)
     epoch: str = field(metadata=KEY)

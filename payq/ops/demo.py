@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import redis
 from sqlalchemy import Connection, Engine, func, select, text
 
 from devservices import (
@@ -38,6 +37,7 @@ from payq.migrate import migrate
 from payq.models import charge_attempts, charges
 from payq.ops.chaos.measure import cross_group_charges
 from payq.ops.system import LocalSystem, start_local_system
+from payq.redis_client import redis_client
 from payq.routing import Routes
 from payq.settings import Settings, get_settings, load_settings
 
@@ -144,7 +144,7 @@ def _run(env: _Env, total: int, workdir: Path, run: str) -> int:
         started = time.monotonic()
         _enqueue(settings, total, run)
         _say(f"· enqueued {total} charges in {time.monotonic() - started:.1f} s")
-        client = redis.Redis.from_url(settings.redis_url)
+        client = redis_client(settings)
         routed = load_settings(payment_endpoints=system.env["PAYMENT_ENDPOINTS"], breaker_open_s=4)
         breakers = {r.name: r.gate.breaker for r in Routes.build(routed, client).all}
         finished = _watch(engine, run, total, system, started, breakers)

@@ -92,6 +92,26 @@ def test_redis_losing_its_data_does_not_let_the_fleet_overrun(
     assert b.fleet.in_use() == 3  # the running calls re-registered their slots
 
 
+def test_a_promoted_replica_counts_as_a_redis_that_lost_slots(
+    two: tuple[ProviderGate, ProviderGate],
+) -> None:
+    """A failover's promoted replica holds the old primary's epoch marker, but may lack
+    the last slots granted: a marker another Redis server process wrote begins a fresh
+    epoch, as a missing one does, and the running calls put their slots back first."""
+    a, b = two
+    for _ in range(3):
+        passed(a.enter())
+    client = a.fleet.client
+    _, other = client.get(a.fleet.epoch_key).split()  # type: ignore[union-attr]
+    assert other.decode() == client.info("server")["run_id"]
+    client.set(a.fleet.epoch_key, f"0 {'ab' * 20}")  # replicated from another primary
+    client.zpopmax(a.fleet.slots_key)  # whose last grant never reached the replica
+    assert refused(b.enter(), DeferralCause.FLEET_STARTING)
+    time.sleep(b.fleet.grace_ms / 1000 + 0.05)
+    assert refused(b.enter(), DeferralCause.FLEET_FULL)
+    assert b.fleet.in_use() == 3
+
+
 def test_a_settled_namespace_grants_at_once(gates: Gates, settings: Settings) -> None:
     fresh = gates(settings.model_copy(update={"payq_namespace": NAMESPACE + "-fresh"}))
     client: redis.Redis = fresh.fleet.client

@@ -1,16 +1,11 @@
 -- The fleet's slots: one sorted set (K.slots), each member a token scored by the
--- moment its lease runs out, and an epoch marker (K.epoch) set when the set was new.
+-- moment its lease runs out, and an epoch marker (K.epoch, _epoch.lua).
 
 -- A slot for A.token if fewer than A.limit leases run; none during the grace after a
--- fresh epoch (a new or wiped Redis: the renewers are still putting their slots back).
--- Returns {granted (0/1), wait_ms, in_use}.
+-- fresh epoch (a new, wiped or promoted Redis: the renewers are still putting their
+-- slots back). Returns {granted (0/1), wait_ms, in_use}.
 local function fleet_acquire(now)
-    local epoch = redis.call('GET', K.epoch)
-    if not epoch then
-        redis.call('SET', K.epoch, now)
-        epoch = now
-    end
-    local open_at = tonumber(epoch) + A.grace_ms
+    local open_at = fleet_epoch(now) + A.grace_ms
     if now < open_at then
         return {0, open_at - now, redis.call('ZCARD', K.slots)}
     end

@@ -1,8 +1,7 @@
 -- Extend this process's slots (RenewArgs). Inside the grace after a fresh epoch, slots
 -- Redis lost are put back; after it, a slot that is gone stays gone (released
 -- meanwhile, or its lease ran out) and is reported lost. Returns {restored, lost}.
-redis.call('SET', K.epoch, now, 'NX')
-local restoring = now < tonumber(redis.call('GET', K.epoch)) + A.grace_ms
+local restoring = now < fleet_epoch(now) + A.grace_ms
 local restored, lost = 0, {}
 for _, token in ipairs(A.tokens) do
     if restoring then

@@ -30,6 +30,7 @@ from payq.ops.drills.names import DRILLS
 from payq.ops.drills.orchestration import Drill, Figure, Story, say_verdict
 from payq.ops.drills.payment_timeout import drill_payment_timeout
 from payq.ops.drills.pool_exhaustion import drill_database_pool_exhaustion
+from payq.redis_client import redis_client
 from payq.settings import Settings, get_settings, load_settings
 
 __all__ = ["DRILLS", "DrillRefused", "DrillResult", "run_drill"]
@@ -140,9 +141,7 @@ def _require_services(settings: Settings) -> None:
 def _refuse_live_workers(settings: Settings) -> None:
     """A drill's charges must reach its own workers and its own simulator: workers it does
     not own, consuming the same queues, would charge them through the live provider."""
-    import redis
-
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
+    client = redis_client(settings)
     try:
         # Dramatiq's broker stamps a worker's heartbeat at each of its Redis commands.
         cutoff_ms = (time.time() - settings.relay_dead_worker_s) * 1000
