@@ -9,7 +9,8 @@ each is checked about once per ``RELAY_STALE_AFTER_S``) and publishes again:
   delayed message overdue by ``RELAY_STALE_AFTER_S`` (lost in a live worker's memory,
   see ``payq.broker.queued``);
 - ``processing`` charges whose lease ran out: at once, then every ``RELAY_STALE_AFTER_S``
-  while nobody takes them over.
+  while nobody takes them over. A pass first ends the leases of charges whose worker
+  process is proven dead (``producers.takeover``), so those go out in the same pass.
 
 A pass also puts back the ack sets of workers silent for ``RELAY_DEAD_WORKER_S``
 (Dramatiq would only after a 60 s heartbeat timeout and a random, unbounded maintenance
@@ -37,9 +38,11 @@ from payq.constants import ChargeStatus
 from payq.db import transaction
 from payq.dramatiq_redis import Layout, RequeueAcks, dramatiq_scripts
 from payq.errors import ConfigError, ServiceUnavailable
+from payq.liveness import Heartbeat
 from payq.models import charges
 from payq.settings import Settings, get_settings
 from payq.sweep import sweep_once
+from producers.takeover import take_over_dead
 
 __all__ = ["RelayPass", "relay_once", "run_relay"]
 
@@ -53,6 +56,7 @@ class RelayPass:
     republished: int
     lease_expired: int
     recovered: int = 0
+    taken_over: int = 0  # of lease_expired: leases ended early, their worker dead
 
 
 def relay_once(settings: Settings | None = None, broker: RedisBroker | None = None) -> RelayPass:
@@ -60,6 +64,7 @@ def relay_once(settings: Settings | None = None, broker: RedisBroker | None = No
     settings = settings or get_settings()
     broker = broker or get_broker()
     recovered = recover_dead_workers(broker, settings.relay_dead_worker_s)
+    taken_over = take_over_dead(settings, broker)
     now = func.now()
     stale = now - dt.timedelta(seconds=settings.relay_stale_after_s)
     last_seen = func.coalesce(charges.c.published_at, charges.c.created_at)
@@ -85,7 +90,7 @@ def relay_once(settings: Settings | None = None, broker: RedisBroker | None = No
             .with_for_update(skip_locked=True)
         ).all()
         if not rows:
-            return RelayPass(0, 0, 0, recovered)
+            return RelayPass(0, 0, 0, recovered, taken_over)
         expired = [r.id for r in rows if r.status == S.PROCESSING]
         waiting = [r for r in rows if r.status != S.PROCESSING]
         present = queued(
@@ -111,7 +116,7 @@ def relay_once(settings: Settings | None = None, broker: RedisBroker | None = No
                 else charges.c.message_id,
             )
         )
-    result = RelayPass(len(rows), len(lost), len(expired), recovered)
+    result = RelayPass(len(rows), len(lost), len(expired), recovered, taken_over)
     if fresh:
         log.warning(
             "relay published %d charges again (%d lost messages, %d expired leases)",
@@ -194,6 +199,11 @@ def run_relay(stop: threading.Event | None = None, settings: Settings | None = N
     settings = settings or get_settings()
     stop = stop or threading.Event()
     pace = _Pace(settings.sweep_lookups_per_s) if _sweeping(settings) else None
+    # The relay hears Redis beside the workers: one dead worker's silence proves its death
+    # even when no other worker beats (``payq.liveness``).
+    broker = get_broker()
+    witness = Heartbeat(broker.client, broker.namespace, settings, witness=True)
+    witness.start()
     log.info(
         "relay started",
         extra={
@@ -205,7 +215,7 @@ def run_relay(stop: threading.Event | None = None, settings: Settings | None = N
     while not stop.is_set():
         started = time.monotonic()
         try:
-            result = relay_once(settings)
+            result = relay_once(settings, broker)
             busy = result.checked >= settings.relay_batch_size
             if pace is not None and (budget := pace.take()):
                 _sweep(settings, budget)
@@ -219,4 +229,5 @@ def run_relay(stop: threading.Event | None = None, settings: Settings | None = N
             busy = False
         if not busy:
             stop.wait(max(0.0, settings.relay_interval_s - (time.monotonic() - started)))
+    witness.stop()
     log.info("relay stopped")

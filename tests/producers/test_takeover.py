@@ -1,0 +1,140 @@
+"""A dead worker process's charges are taken over at once; nobody else's, and never on
+silence that proves nothing (a holder never heard of, a gap in what Redis heard)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+import redis
+from sqlalchemy import text
+
+from payq.db import transaction
+from payq.liveness import Heartbeat, known_dead
+from payq.settings import Settings, load_settings
+from producers import enqueue_charge
+from producers.relay import relay_once
+from tests.conftest import NAMESPACE, REDIS_URL
+from tests.helpers import charge
+
+pytestmark = pytest.mark.usefixtures("clean")
+
+# Fast beats, so that a death is proven in well under a second.
+FAST = {"worker_heartbeat_s": 0.1, "takeover_after_s": 0.5, "charge_lease_s": 30}
+
+
+def settings(**overrides: object) -> Settings:
+    return load_settings(payq_namespace=NAMESPACE, **{**FAST, **overrides})
+
+
+def client() -> redis.Redis:
+    return redis.Redis.from_url(REDIS_URL)
+
+
+def held_by(holder: str | None, key: str) -> uuid.UUID:
+    """A charge claimed by ``holder`` just now: its lease runs 30 s more."""
+    c = enqueue_charge(100, "usd", "tok_visa", key)
+    with transaction() as conn:
+        conn.execute(
+            text(
+                "UPDATE charges SET status = 'processing', attempts = 1, holder = :holder, "
+                "lease_expires_at = now() + interval '30 s' WHERE id = :id"
+            ),
+            {"holder": holder, "id": c.id},
+        )
+    return c.id
+
+
+def test_a_silent_holder_is_dead_a_beating_one_and_a_stranger_are_not() -> None:
+    s = settings()
+    witness = Heartbeat(client(), NAMESPACE, s, witness=True)
+    alive, dying = Heartbeat(client(), NAMESPACE, s), Heartbeat(client(), NAMESPACE, s)
+    for beating in (witness, alive, dying):
+        beating.start()
+    try:
+        time.sleep(0.3)
+        dying.stop()
+        holders = [alive.holder, dying.holder, "elsewhere:1:00000000"]
+        assert known_dead(client(), NAMESPACE, holders, s) == []  # too soon
+        time.sleep(0.8)
+        assert known_dead(client(), NAMESPACE, holders, s) == [dying.holder]
+    finally:
+        witness.stop()
+        alive.stop()
+
+
+def test_silence_across_a_gap_in_what_redis_heard_proves_nothing() -> None:
+    """Redis down or cut off from everyone: nobody beats, then all at once again. Those
+    silent since before the gap are not dead on that; their leases decide."""
+    s = settings()
+    dying = Heartbeat(client(), NAMESPACE, s)
+    dying.beat()
+    time.sleep(0.8)  # nobody beats: a gap (over two heartbeats)
+    witness = Heartbeat(client(), NAMESPACE, s, witness=True)
+    witness.start()
+    try:
+        time.sleep(0.8)
+        assert known_dead(client(), NAMESPACE, [dying.holder], s) == []
+    finally:
+        witness.stop()
+
+
+def test_the_relay_takes_over_a_dead_holders_charges_at_once_and_only_those() -> None:
+    s = settings()
+    witness = Heartbeat(client(), NAMESPACE, s, witness=True)
+    alive, dead = Heartbeat(client(), NAMESPACE, s), Heartbeat(client(), NAMESPACE, s)
+    for beating in (witness, alive):
+        beating.start()
+    dead.beat()  # it beat once, then died
+    try:
+        dead_ids = [held_by(dead.holder, f"takeover-dead-{i}") for i in range(2)]
+        alive_id = held_by(alive.holder, "takeover-alive")
+        unknown_id = held_by("never-beat:1:00000000", "takeover-unknown")
+        unnamed_id = held_by(None, "takeover-unnamed")
+        time.sleep(0.8)
+        result = relay_once(s)
+        assert (result.taken_over, result.lease_expired) == (2, 2)
+        for cid in dead_ids:
+            assert charge(cid).lease_expires_at is not None
+            assert charge(cid).published_at is not None  # sent again in the same pass
+        still_held = [alive_id, unknown_id, unnamed_id]
+        with transaction() as conn:
+            over = conn.execute(
+                text("SELECT id, lease_expires_at < now() AS over FROM charges")
+            ).all()
+        assert {r.id for r in over if r.over} == set(dead_ids)
+        assert not any(r.over for r in over if r.id in still_held)
+        assert relay_once(s).taken_over == 0  # once
+    finally:
+        witness.stop()
+        alive.stop()
+
+
+def test_off_the_lease_alone_decides() -> None:
+    s = settings(takeover_after_s=0)
+    witness = Heartbeat(client(), NAMESPACE, s, witness=True)
+    witness.start()
+    dead = Heartbeat(client(), NAMESPACE, s)
+    dead.beat()
+    try:
+        held_by(dead.holder, "takeover-off")
+        time.sleep(0.8)
+        assert relay_once(s).lease_expired == 0
+    finally:
+        witness.stop()
+
+
+def test_a_claim_names_its_process_only_while_it_beats() -> None:
+    from payq import liveness
+
+    s = settings()
+    assert liveness.holder() is None  # never beat: no claim names it
+    beating = Heartbeat(client(), NAMESPACE, s)
+    beating.start()
+    try:
+        time.sleep(0.2)
+        assert liveness.holder() == beating.holder
+    finally:
+        beating.stop()
+    assert liveness.holder() is None
