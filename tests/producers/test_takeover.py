@@ -138,3 +138,33 @@ def test_a_claim_names_its_process_only_while_it_beats() -> None:
     finally:
         beating.stop()
     assert liveness.holder() is None
+
+
+def test_after_a_takeover_the_dead_call_still_bounds_what_a_lookup_proves() -> None:
+    """The takeover ends the lease, not the dead process's call: that call may still reach
+    the provider until its claim plus the lease, and until then a lookup that finds no
+    charge proves nothing (``ledger.pending_calls_s``)."""
+    from payq import ledger
+
+    s = settings()
+    witness = Heartbeat(client(), NAMESPACE, s, witness=True)
+    witness.start()
+    dead = Heartbeat(client(), NAMESPACE, s)
+    dead.beat()
+    try:
+        cid = held_by(dead.holder, "takeover-bound")
+        with transaction() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO charge_attempts (charge_id, number, call_id, kind, started_at, "
+                    "outcome) VALUES (:id, 1, gen_random_uuid(), 'charge', now(), 'in_flight')"
+                ),
+                {"id": cid},
+            )
+        time.sleep(0.8)
+        assert relay_once(s).taken_over == 1
+        with transaction() as conn:
+            left_s = ledger.pending_calls_s(conn, cid, s.charge_lease_s)
+        assert s.charge_lease_s - 3 < left_s <= s.charge_lease_s
+    finally:
+        witness.stop()
