@@ -36,13 +36,13 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from payq.broker import get_broker, new_message_id, publish, queued
 from payq.constants import ChargeStatus
 from payq.db import transaction
-from payq.dramatiq_redis import Layout, RequeueAcks, dramatiq_scripts
+from payq.dramatiq_redis import Layout, requeue_worker
 from payq.errors import ConfigError, ServiceUnavailable
 from payq.liveness import Heartbeat
 from payq.models import charges
 from payq.settings import Settings, get_settings
 from payq.sweep import sweep_once
-from producers.takeover import take_over_dead
+from producers.takeover import requeue_fetched_of_dead, take_over_dead
 
 __all__ = ["RelayPass", "relay_once", "run_relay"]
 
@@ -65,6 +65,7 @@ def relay_once(settings: Settings | None = None, broker: RedisBroker | None = No
     broker = broker or get_broker()
     recovered = recover_dead_workers(broker, settings.relay_dead_worker_s)
     taken_over = take_over_dead(settings, broker)
+    recovered += requeue_fetched_of_dead(settings, broker)
     now = func.now()
     stale = now - dt.timedelta(seconds=settings.relay_stale_after_s)
     last_seen = func.coalesce(charges.c.published_at, charges.c.created_at)
@@ -131,17 +132,11 @@ def relay_once(settings: Settings | None = None, broker: RedisBroker | None = No
 def recover_dead_workers(broker: RedisBroker, dead_after_s: float) -> int:
     """Requeue what workers silent for ``dead_after_s`` had fetched; return how many."""
     client, layout = broker.client, Layout(broker.namespace)
-    scripts = dramatiq_scripts(client)
     cutoff_ms = int((time.time() - dead_after_s) * 1000)
     moved = 0
     for raw_id in client.zrangebyscore(layout.heartbeats, 0, cutoff_ms):
         worker_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
-        prefix = layout.acks_prefix(worker_id)
-        for raw_key in client.scan_iter(match=f"{prefix}*", count=500):
-            key = raw_key.decode() if isinstance(raw_key, bytes) else str(raw_key)
-            queue = key[len(prefix) :]
-            moved += int(scripts.run(RequeueAcks.of(layout, key, queue)))
-        client.zrem(layout.heartbeats, worker_id)
+        moved += requeue_worker(client, broker.namespace, worker_id)
         log.warning(
             "worker %s silent for over %g s: its fetched messages are back on the queue",
             worker_id,

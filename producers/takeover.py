@@ -8,7 +8,9 @@ the head of the queue. The next call carries the charge's own idempotency key, s
 provider replays or refuses (``409 in_use``) whatever the dead process had asked. Its
 call's row, marked abandoned by the next claim, keeps its own bound: no lookup that finds
 nothing proves "not charged" before its claim plus ``CHARGE_LEASE_S`` (``payq.ledger``).
-``TAKEOVER_AFTER_S=0`` turns this off: the lease alone decides, as before.
+The messages a dead process had fetched but not started go back on the queue in the
+same pass, rather than after ``RELAY_DEAD_WORKER_S``. ``TAKEOVER_AFTER_S=0`` turns all
+this off: the lease alone decides, as before.
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ from sqlalchemy import func, select, update
 from payq import liveness
 from payq.constants import ChargeStatus
 from payq.db import transaction
+from payq.dramatiq_redis import requeue_worker
 from payq.models import charges
 from payq.settings import Settings
 
-__all__ = ["take_over_dead"]
+__all__ = ["requeue_fetched_of_dead", "take_over_dead"]
 
 log = logging.getLogger("payq.relay")
 
@@ -65,3 +68,18 @@ def take_over_dead(settings: Settings, broker: RedisBroker) -> int:
             extra={"taken_over": len(taken), "dead_holders": dead},
         )
     return len(taken)
+
+
+def requeue_fetched_of_dead(settings: Settings, broker: RedisBroker) -> int:
+    """Put back the messages dead processes had fetched and not started; how many."""
+    if not settings.takeover_after_s:
+        return 0
+    moved = 0
+    for worker_id in liveness.dead_aliases(broker.client, broker.namespace, settings):
+        moved += requeue_worker(broker.client, broker.namespace, worker_id)
+        log.warning(
+            "worker %s proven dead: its fetched messages are back on the queue",
+            worker_id,
+            extra={"worker_id": worker_id},
+        )
+    return moved

@@ -6,6 +6,8 @@ beat into one sorted set. A claim names its holder on the charge row while the p
 beats, so the relay can end the lease of a dead process's charges at once
 (``producers.takeover``) rather than after ``CHARGE_LEASE_S``; the same idempotency key
 makes the second call safe, and the lease stays the bound for a live but stuck process.
+The messages a dead process had fetched but not started (Dramatiq's ack sets, under its
+worker id: the holder's alias) go back on the queue in the same pass.
 
 Dead must be proven, never guessed: a holder is dead when it beat once, has been silent
 for ``TAKEOVER_AFTER_S``, and Redis heard the fleet (other processes' beats, the relay's
@@ -36,7 +38,7 @@ from payq.constants import redis_key
 from payq.redis_scripts import KEY, ScriptArgs, Scripts
 from payq.settings import Settings
 
-__all__ = ["Heartbeat", "holder", "known_dead"]
+__all__ = ["Heartbeat", "dead_aliases", "holder", "known_dead"]
 
 log = logging.getLogger("payq.liveness")
 
@@ -52,7 +54,9 @@ class BeatArgs(_LivenessScript):
 
     beats: str = field(metadata=KEY)
     heard: str = field(metadata=KEY)
+    aliases: str = field(metadata=KEY)
     holder: str  # empty: a witness
+    alias: str  # the process's Dramatiq worker id (empty: none)
     gap_ms: int
     keep_ms: int
 
@@ -68,11 +72,28 @@ class DeadArgs(_LivenessScript):
     dead_after_ms: int
 
 
+@dataclass(frozen=True, slots=True)
+class DeadAliasesArgs(_LivenessScript):
+    script: ClassVar[str] = "dead_aliases"
+
+    beats: str = field(metadata=KEY)
+    heard: str = field(metadata=KEY)
+    aliases: str = field(metadata=KEY)
+    gap_ms: int
+    dead_after_ms: int
+
+
 def _keys(namespace: str) -> dict[str, str]:
     return {
         "beats": redis_key(namespace, "liveness", "beats"),
         "heard": redis_key(namespace, "liveness", "heard"),
     }
+
+
+def _aliases(namespace: str) -> str:
+    """Each holder's Dramatiq worker id (its broker's ``broker_id``): whose ack sets
+    hold the messages it had fetched."""
+    return redis_key(namespace, "liveness", "aliases")
 
 
 def _gap_ms(settings: Settings) -> int:
@@ -85,7 +106,13 @@ class Heartbeat:
     that claims nothing (the relay) but keeps the run of beats going."""
 
     def __init__(
-        self, client: redis.Redis, namespace: str, settings: Settings, *, witness: bool = False
+        self,
+        client: redis.Redis,
+        namespace: str,
+        settings: Settings,
+        *,
+        witness: bool = False,
+        alias: str = "",
     ) -> None:
         self.client = client
         self.settings = settings
@@ -93,7 +120,9 @@ class Heartbeat:
         self._scripts = Scripts(client, (BeatArgs,))
         self._args = BeatArgs(
             **_keys(namespace),
+            aliases=_aliases(namespace),
             holder=self.holder,
+            alias=alias,
             gap_ms=_gap_ms(settings),
             # A silent holder stays listed while its charges' leases may still run.
             keep_ms=int(2 * (settings.charge_lease_s + settings.takeover_after_s) * 1000),
@@ -165,6 +194,19 @@ def known_dead(
         h.decode() if isinstance(h, bytes) else str(h)
         for h in Scripts(client, (DeadArgs,)).run(args)
     ]
+
+
+def dead_aliases(client: redis.Redis, namespace: str, settings: Settings) -> list[str]:
+    """The Dramatiq worker ids of processes proven dead since last asked, each once.
+    Raises ``redis.RedisError`` if Redis does not answer."""
+    args = DeadAliasesArgs(
+        **_keys(namespace),
+        aliases=_aliases(namespace),
+        gap_ms=_gap_ms(settings),
+        dead_after_ms=int(settings.takeover_after_s * 1000),
+    )
+    found = Scripts(client, (DeadAliasesArgs,)).run(args)
+    return [a.decode() if isinstance(a, bytes) else str(a) for a in found]
 
 
 def _new_holder() -> str:

@@ -129,8 +129,12 @@ def test_a_killed_groups_charges_are_final_well_before_their_lease(sim: Sim) -> 
         killed_at = time.monotonic()
         wait_until(lambda: all_final(in_flight), BOUND_S, "the killed group's charges to end")
         took_s = time.monotonic() - killed_at
-        wait_until(lambda: all_final(ids), 30, "every charge to end final")
+        # What it had fetched but not started is back on the queue in the same pass, not
+        # after RELAY_DEAD_WORKER_S (15 s): every charge is final well before.
+        wait_until(lambda: all_final(ids), 25, "every charge to end final")
+        all_s = time.monotonic() - killed_at
     assert took_s < BOUND_S, took_s
+    print(f"every charge final {all_s:.1f} s after")
     print(f"final again {took_s:.1f} s after")
     for cid in in_flight:
         assert charge(cid).attempts >= 2  # taken over: a second claim

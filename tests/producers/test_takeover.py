@@ -168,3 +168,31 @@ def test_after_a_takeover_the_dead_call_still_bounds_what_a_lookup_proves() -> N
         assert s.charge_lease_s - 3 < left_s <= s.charge_lease_s
     finally:
         witness.stop()
+
+
+def test_what_a_dead_process_had_fetched_goes_back_on_the_queue_at_once() -> None:
+    """Dramatiq's own heartbeat is still fresh (a kill leaves it so for
+    ``RELAY_DEAD_WORKER_S``); the proven death is enough, once."""
+    s = settings()
+    c = enqueue_charge(100, "usd", "tok_visa", "takeover-fetched")
+    r, ns = client(), NAMESPACE
+    r.lrem(f"{ns}:charges", 0, c.message_id)  # fetched: off the list, into an ack set
+    r.zadd(f"{ns}:__heartbeats__", {"dead-worker": int(time.time() * 1000)})
+    r.sadd(f"{ns}:__acks__.dead-worker.charges", c.message_id)
+    witness = Heartbeat(client(), NAMESPACE, s, witness=True)
+    witness.start()
+    dead = Heartbeat(client(), NAMESPACE, s, alias="dead-worker")
+    alive = Heartbeat(client(), NAMESPACE, s, alias="live-worker")
+    alive.start()
+    dead.beat()
+    try:
+        assert relay_once(s).recovered == 0  # not yet proven
+        time.sleep(0.8)
+        assert relay_once(s).recovered == 1
+        assert r.lrange(f"{ns}:charges", 0, -1) == [c.message_id.encode()]  # type: ignore[union-attr]
+        assert not r.exists(f"{ns}:__acks__.dead-worker.charges")
+        assert relay_once(s).recovered == 0  # once
+    finally:
+        witness.stop()
+        alive.stop()
+        r.close()

@@ -20,7 +20,9 @@ class Beating(Middleware):
 
     def after_worker_boot(self, broker: Any, worker: Any) -> None:
         # In the worker process itself (a fork of Dramatiq's master): its own holder.
-        self.heartbeat = Heartbeat(broker.client, broker.namespace, self.settings)
+        self.heartbeat = Heartbeat(
+            broker.client, broker.namespace, self.settings, alias=broker.broker_id
+        )
         self.heartbeat.start()
 
     def after_worker_shutdown(self, broker: Any, worker: Any) -> None:
