@@ -18,8 +18,9 @@ class Beating(Middleware):
         self.settings = settings
         self.heartbeat: Heartbeat | None = None
 
-    def after_worker_boot(self, broker: Any, worker: Any) -> None:
-        # In the worker process itself (a fork of Dramatiq's master): its own holder.
+    def before_worker_boot(self, broker: Any, worker: Any) -> None:
+        # In the worker process itself (a fork of Dramatiq's master): its own holder,
+        # started before the first message is taken, so that its claims name it.
         self.heartbeat = Heartbeat(
             broker.client, broker.namespace, self.settings, alias=broker.broker_id
         )
