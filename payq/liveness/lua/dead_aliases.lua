@@ -10,4 +10,10 @@ for _, holder in ipairs(redis.call('ZRANGEBYSCORE', K.beats, since, now - A.dead
         table.insert(found, alias)
     end
 end
+-- Holders whose beats were trimmed (silent longer than A.keep_ms) leave no alias behind.
+for _, holder in ipairs(redis.call('HKEYS', K.aliases)) do
+    if not redis.call('ZSCORE', K.beats, holder) then
+        redis.call('HDEL', K.aliases, holder)
+    end
+end
 return found
