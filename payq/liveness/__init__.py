@@ -144,11 +144,14 @@ class Heartbeat:
         if self.holder:
             _current = self
 
-    def stop(self) -> None:
+    def stop(self, wait_s: float = 0.0) -> None:
+        """No more beats; ``wait_s``: wait that long for a beat under way."""
         global _current
         self._stop.set()
         if _current is self:
             _current = None
+        if wait_s and self._thread is not None:
+            self._thread.join(wait_s)
 
     def current_holder(self) -> str | None:
         """The holder, while its last beat is recent: a claim names it only then (a

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Iterator
 
 import pytest
 import redis
@@ -28,8 +29,19 @@ def settings(**overrides: object) -> Settings:
     return load_settings(payq_namespace=NAMESPACE, **{**FAST, **overrides})
 
 
+_CLIENTS: list[redis.Redis] = []
+
+
 def client() -> redis.Redis:
-    return redis.Redis.from_url(REDIS_URL)
+    _CLIENTS.append(redis.Redis.from_url(REDIS_URL))
+    return _CLIENTS[-1]
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    yield
+    while _CLIENTS:
+        _CLIENTS.pop().close()
 
 
 def held_by(holder: str | None, key: str) -> uuid.UUID:
@@ -54,14 +66,14 @@ def test_a_silent_holder_is_dead_a_beating_one_and_a_stranger_are_not() -> None:
         beating.start()
     try:
         time.sleep(0.3)
-        dying.stop()
+        dying.stop(wait_s=2)
         holders = [alive.holder, dying.holder, "elsewhere:1:00000000"]
         assert known_dead(client(), NAMESPACE, holders, s) == []  # too soon
         time.sleep(0.8)
         assert known_dead(client(), NAMESPACE, holders, s) == [dying.holder]
     finally:
-        witness.stop()
-        alive.stop()
+        witness.stop(wait_s=2)
+        alive.stop(wait_s=2)
 
 
 def test_silence_across_a_gap_in_what_redis_heard_proves_nothing() -> None:
@@ -77,7 +89,7 @@ def test_silence_across_a_gap_in_what_redis_heard_proves_nothing() -> None:
         time.sleep(0.8)
         assert known_dead(client(), NAMESPACE, [dying.holder], s) == []
     finally:
-        witness.stop()
+        witness.stop(wait_s=2)
 
 
 def test_the_relay_takes_over_a_dead_holders_charges_at_once_and_only_those() -> None:
@@ -107,8 +119,8 @@ def test_the_relay_takes_over_a_dead_holders_charges_at_once_and_only_those() ->
         assert not any(r.over for r in over if r.id in still_held)
         assert relay_once(s).taken_over == 0  # once
     finally:
-        witness.stop()
-        alive.stop()
+        witness.stop(wait_s=2)
+        alive.stop(wait_s=2)
 
 
 def test_off_the_lease_alone_decides() -> None:
@@ -122,7 +134,7 @@ def test_off_the_lease_alone_decides() -> None:
         time.sleep(0.8)
         assert relay_once(s).lease_expired == 0
     finally:
-        witness.stop()
+        witness.stop(wait_s=2)
 
 
 def test_a_claim_names_its_process_only_while_it_beats() -> None:
@@ -136,7 +148,7 @@ def test_a_claim_names_its_process_only_while_it_beats() -> None:
         time.sleep(0.2)
         assert liveness.holder() == beating.holder
     finally:
-        beating.stop()
+        beating.stop(wait_s=2)
     assert liveness.holder() is None
 
 
@@ -167,7 +179,7 @@ def test_after_a_takeover_the_dead_call_still_bounds_what_a_lookup_proves() -> N
             left_s = ledger.pending_calls_s(conn, cid, s.charge_lease_s)
         assert s.charge_lease_s - 3 < left_s <= s.charge_lease_s
     finally:
-        witness.stop()
+        witness.stop(wait_s=2)
 
 
 def test_what_a_dead_process_had_fetched_goes_back_on_the_queue_at_once() -> None:
@@ -193,6 +205,6 @@ def test_what_a_dead_process_had_fetched_goes_back_on_the_queue_at_once() -> Non
         assert not r.exists(f"{ns}:__acks__.dead-worker.charges")
         assert relay_once(s).recovered == 0  # once
     finally:
-        witness.stop()
-        alive.stop()
+        witness.stop(wait_s=2)
+        alive.stop(wait_s=2)
         r.close()
