@@ -17,8 +17,9 @@ counts, and the lease decides as before. A process cut off from Redis alone, or 
 (a VM pause, SIGSTOP), is taken for dead: its call is fenced like one past its lease,
 and its answer still settles the charge (``payq.ledger``).
 
-Own code: Dramatiq's worker heartbeats are per consumer and judged on each host's clock,
-and say nothing about a gap in Redis itself.
+Own code: Dramatiq's worker heartbeat is written when a process fetches messages (a
+busy one may go quiet for a while), stamped by each host's clock, and says nothing about
+a gap in Redis itself.
 """
 
 from __future__ import annotations
