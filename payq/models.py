@@ -98,6 +98,9 @@ charges = Table(
     Column("ledger_group", String(32)),
     # The endpoint whose answer (or lookup) said charged or declined.
     Column("charged_endpoint", String(32)),
+    # The worker process that made the last claim (``payq.liveness``: host, pid and a
+    # start nonce), if it was beating then: known dead, its claim ends at once.
+    Column("holder", String(128)),
     CheckConstraint("amount > 0", name="amount_positive"),
     CheckConstraint(f"status IN ({_STATUSES})", name="status_known"),
     CheckConstraint("attempts >= 0", name="attempts_not_negative"),
@@ -223,6 +226,7 @@ class Charge:
     app: str | None
     ledger_group: str | None
     charged_endpoint: str | None
+    holder: str | None
 
     def __repr__(self) -> str:
         """The payment token is masked: a repr ends up in logs and tracebacks."""

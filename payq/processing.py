@@ -65,7 +65,7 @@ from tenacity import (
     wait_exponential,
 )
 
-from payq import failover, ledger, metrics
+from payq import failover, ledger, liveness, metrics
 from payq.broker import new_message_id, publish_or_leave_to_relay, queued
 from payq.constants import (
     CHARGED_NOTHING,
@@ -163,6 +163,8 @@ _CLAIMED = (
         attempts=charges.c.attempts + 1,
         ledger_group=bindparam("group"),  # pinned before the request can leave
         lease_expires_at=func.now() + bindparam("lease", type_=Interval),
+        # The claiming process, if it beats: dead, its lease ends early (payq.liveness).
+        holder=bindparam("holder", type_=String(128)),
         call_id=func.gen_random_uuid(),
         updated_at=func.now(),
     )
@@ -781,6 +783,7 @@ def _claim(conn: Connection, cid: uuid.UUID, settings: Settings, route: Route) -
         "send_window": dt.timedelta(seconds=settings.key_send_window_s),
         "retention": ledger.retention(settings),
         "max_attempts": settings.retry_max_attempts,
+        "holder": liveness.holder(),
     }
     row = _CLAIM.execute(conn, params).mappings().first()
     if row is None:

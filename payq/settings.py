@@ -115,6 +115,10 @@ class Settings(BaseSettings):
     # 0: three leases. A message in progress longer than this (time the process was
     # frozen does not count) means a wedged thread: the process ends to be restarted.
     worker_watchdog_s: float = Field(0.0, ge=0, le=86_400)
+    # Each worker process's heartbeat in Redis (payq.liveness), and how long a silent one
+    # waits before the relay takes its charges over (0: not before their lease runs out).
+    worker_heartbeat_s: float = Field(1.0, ge=0.1, le=60)
+    takeover_after_s: float = Field(3.0, ge=0, le=3600)
 
     # Retries between attempts (delayed messages, never sleeps).
     retry_max_attempts: int = Field(8, ge=1, le=100)
@@ -182,6 +186,12 @@ class Settings(BaseSettings):
             raise ValueError(
                 "DATABASE_POOLER_SERVER_CONNECTIONS: is for a pooler; set DATABASE_POOLER="
                 "transaction as well, or leave it 0"
+            )
+        if self.takeover_after_s and self.takeover_after_s < 2 * self.worker_heartbeat_s:
+            raise ValueError(
+                "TAKEOVER_AFTER_S: must be at least 2 x WORKER_HEARTBEAT_S "
+                f"({2 * self.worker_heartbeat_s:g} s), or 0 to wait for the lease (got "
+                f"{self.takeover_after_s:g}); one late heartbeat is no death"
             )
         self.endpoints  # noqa: B018  (resolving them checks each one's settings)
         self.read_url  # noqa: B018  (reading it checks it)

@@ -9,7 +9,8 @@ each is checked about once per ``RELAY_STALE_AFTER_S``) and publishes again:
   delayed message overdue by ``RELAY_STALE_AFTER_S`` (lost in a live worker's memory,
   see ``payq.broker.queued``);
 - ``processing`` charges whose lease ran out: at once, then every ``RELAY_STALE_AFTER_S``
-  while nobody takes them over.
+  while nobody takes them over. A pass first ends the leases of charges whose worker
+  process is proven dead (``producers.takeover``), so those go out in the same pass.
 
 A pass also puts back the ack sets of workers silent for ``RELAY_DEAD_WORKER_S``
 (Dramatiq would only after a 60 s heartbeat timeout and a random, unbounded maintenance
@@ -35,11 +36,13 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from payq.broker import get_broker, new_message_id, publish, queued
 from payq.constants import ChargeStatus
 from payq.db import transaction
-from payq.dramatiq_redis import Layout, RequeueAcks, dramatiq_scripts
+from payq.dramatiq_redis import Layout, requeue_worker
 from payq.errors import ConfigError, ServiceUnavailable
+from payq.liveness import Heartbeat
 from payq.models import charges
 from payq.settings import Settings, get_settings
 from payq.sweep import sweep_once
+from producers.takeover import requeue_fetched_of_dead, take_over_dead
 
 __all__ = ["RelayPass", "relay_once", "run_relay"]
 
@@ -53,6 +56,7 @@ class RelayPass:
     republished: int
     lease_expired: int
     recovered: int = 0
+    taken_over: int = 0  # of lease_expired: leases ended early, their worker dead
 
 
 def relay_once(settings: Settings | None = None, broker: RedisBroker | None = None) -> RelayPass:
@@ -60,6 +64,8 @@ def relay_once(settings: Settings | None = None, broker: RedisBroker | None = No
     settings = settings or get_settings()
     broker = broker or get_broker()
     recovered = recover_dead_workers(broker, settings.relay_dead_worker_s)
+    taken_over = take_over_dead(settings, broker)
+    recovered += requeue_fetched_of_dead(settings, broker)
     now = func.now()
     stale = now - dt.timedelta(seconds=settings.relay_stale_after_s)
     last_seen = func.coalesce(charges.c.published_at, charges.c.created_at)
@@ -85,7 +91,7 @@ def relay_once(settings: Settings | None = None, broker: RedisBroker | None = No
             .with_for_update(skip_locked=True)
         ).all()
         if not rows:
-            return RelayPass(0, 0, 0, recovered)
+            return RelayPass(0, 0, 0, recovered, taken_over)
         expired = [r.id for r in rows if r.status == S.PROCESSING]
         waiting = [r for r in rows if r.status != S.PROCESSING]
         present = queued(
@@ -111,7 +117,7 @@ def relay_once(settings: Settings | None = None, broker: RedisBroker | None = No
                 else charges.c.message_id,
             )
         )
-    result = RelayPass(len(rows), len(lost), len(expired), recovered)
+    result = RelayPass(len(rows), len(lost), len(expired), recovered, taken_over)
     if fresh:
         log.warning(
             "relay published %d charges again (%d lost messages, %d expired leases)",
@@ -126,17 +132,11 @@ def relay_once(settings: Settings | None = None, broker: RedisBroker | None = No
 def recover_dead_workers(broker: RedisBroker, dead_after_s: float) -> int:
     """Requeue what workers silent for ``dead_after_s`` had fetched; return how many."""
     client, layout = broker.client, Layout(broker.namespace)
-    scripts = dramatiq_scripts(client)
     cutoff_ms = int((time.time() - dead_after_s) * 1000)
     moved = 0
     for raw_id in client.zrangebyscore(layout.heartbeats, 0, cutoff_ms):
         worker_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
-        prefix = layout.acks_prefix(worker_id)
-        for raw_key in client.scan_iter(match=f"{prefix}*", count=500):
-            key = raw_key.decode() if isinstance(raw_key, bytes) else str(raw_key)
-            queue = key[len(prefix) :]
-            moved += int(scripts.run(RequeueAcks.of(layout, key, queue)))
-        client.zrem(layout.heartbeats, worker_id)
+        moved += requeue_worker(client, broker.namespace, worker_id)
         log.warning(
             "worker %s silent for over %g s: its fetched messages are back on the queue",
             worker_id,
@@ -194,6 +194,11 @@ def run_relay(stop: threading.Event | None = None, settings: Settings | None = N
     settings = settings or get_settings()
     stop = stop or threading.Event()
     pace = _Pace(settings.sweep_lookups_per_s) if _sweeping(settings) else None
+    # The relay hears Redis beside the workers: one dead worker's silence proves its death
+    # even when no other worker beats (``payq.liveness``).
+    broker = get_broker()
+    witness = Heartbeat(broker.client, broker.namespace, settings, witness=True)
+    witness.start()
     log.info(
         "relay started",
         extra={
@@ -205,7 +210,7 @@ def run_relay(stop: threading.Event | None = None, settings: Settings | None = N
     while not stop.is_set():
         started = time.monotonic()
         try:
-            result = relay_once(settings)
+            result = relay_once(settings, broker)
             busy = result.checked >= settings.relay_batch_size
             if pace is not None and (budget := pace.take()):
                 _sweep(settings, budget)
@@ -219,4 +224,5 @@ def run_relay(stop: threading.Event | None = None, settings: Settings | None = N
             busy = False
         if not busy:
             stop.wait(max(0.0, settings.relay_interval_s - (time.monotonic() - started)))
+    witness.stop()
     log.info("relay stopped")

@@ -115,6 +115,12 @@ def test_settings_are_frozen(clean_env: pytest.MonkeyPatch) -> None:
         ({"RETRY_BACKOFF_MAX_S": "soon"}, "RETRY_BACKOFF_MAX_S", "valid number"),
         ({"BREAKER_FAILURE_RATE": "1.5"}, "BREAKER_FAILURE_RATE", "less than or equal to 1"),
         ({"LOG_FORMAT": "xml"}, "LOG_FORMAT", "'console' or 'json'"),
+        (
+            {"WORKER_HEARTBEAT_S": "2", "TAKEOVER_AFTER_S": "3"},
+            "TAKEOVER_AFTER_S",
+            "at least 2 x WORKER_HEARTBEAT_S",
+        ),
+        ({"WORKER_HEARTBEAT_S": "0"}, "WORKER_HEARTBEAT_S", "greater than or equal to 0.1"),
         ({"PAYQ_NAMESPACE": "has space"}, "PAYQ_NAMESPACE", "1-64 letters"),
         ({"LOG_LEVEL": "TRACE"}, "LOG_LEVEL", "'DEBUG', 'INFO', 'WARNING' or 'ERROR'"),
         ({"DATABASE_URL": "mysql://payq@127.0.0.1/payq"}, "DATABASE_URL", "postgresql"),
@@ -159,6 +165,8 @@ def test_bad_value_names_the_variable_and_what_is_allowed(
         {"PAYMENT_CONNECT_TIMEOUT_MS": "5000"},  # equal to the total: allowed
         {"RETRY_BACKOFF_MIN_S": "5", "RETRY_BACKOFF_MAX_S": "5"},
         {"CHARGE_LEASE_S": "22"},  # just above the 21 s worst case
+        {"WORKER_HEARTBEAT_S": "2", "TAKEOVER_AFTER_S": "4"},
+        {"WORKER_HEARTBEAT_S": "2", "TAKEOVER_AFTER_S": "0"},  # off: the lease decides
         {
             "PAYMENT_TIMEOUT_MS": "100",
             "PAYMENT_CONNECT_TIMEOUT_MS": "100",

@@ -16,7 +16,7 @@ from payq.errors import ConfigError
 from payq.logs import configure_logging
 from payq.sentry import init_sentry, tag_charge
 from payq.settings import get_settings
-from workers.middleware import BusyCount, DrainOnce, FleetMember, PoolGuard, Reporter
+from workers.middleware import Beating, BusyCount, DrainOnce, FleetMember, PoolGuard, Reporter
 from workers.watchdog import Watchdog
 
 __all__ = ["broker", "process_charge"]
@@ -39,6 +39,7 @@ broker.add_middleware(DrainOnce())
 busy = BusyCount()
 broker.add_middleware(busy)
 broker.add_middleware(FleetMember())
+broker.add_middleware(Beating(settings))
 reporter = Reporter(settings, busy)
 broker.add_middleware(reporter)
 broker.add_middleware(

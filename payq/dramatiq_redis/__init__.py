@@ -28,7 +28,7 @@ from dramatiq.common import dq_name
 
 from payq.redis_scripts import KEY, ScriptArgs, Scripts
 
-__all__ = ["Layout", "RequeueAcks", "RequeueDead", "dramatiq_scripts"]
+__all__ = ["Layout", "RequeueAcks", "RequeueDead", "dramatiq_scripts", "requeue_worker"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,3 +117,16 @@ class RequeueDead(_DramatiqScript):
 def dramatiq_scripts(client: redis.Redis) -> Scripts:
     """The scripts that move Dramatiq's messages, registered on this client."""
     return Scripts(client, (RequeueAcks, RequeueDead))
+
+
+def requeue_worker(client: redis.Redis, namespace: str, worker_id: str) -> int:
+    """Put back on their queues the messages worker ``worker_id`` had fetched and not
+    acknowledged, and forget its heartbeat; return how many."""
+    layout, scripts = Layout(namespace), dramatiq_scripts(client)
+    prefix = layout.acks_prefix(worker_id)
+    moved = 0
+    for raw_key in client.scan_iter(match=f"{prefix}*", count=500):
+        key = raw_key.decode() if isinstance(raw_key, bytes) else str(raw_key)
+        moved += int(scripts.run(RequeueAcks.of(layout, key, key[len(prefix) :])))
+    client.zrem(layout.heartbeats, worker_id)
+    return moved

@@ -3,6 +3,7 @@
 PoolGuard    refuses to boot threads that could outnumber the connection pools
 DrainOnce    a second SIGTERM right after the first is the same request to stop
 BusyCount    how many messages the process is on, and has done
+Beating      the process's heartbeat in Redis: proven dead, its charges are taken over
 FleetMember  joins the fleet's slot accounting at boot, gives its slots back at the end
 Reporter     every REPORT_INTERVAL_S: the process's report in Redis (report.py), the
              pool gauges and alerts (pools.py), the breaker and fleet gauges
@@ -14,6 +15,7 @@ from workers.middleware.busy import BusyCount
 from workers.middleware.drain import DrainOnce
 from workers.middleware.fleet import FleetMember
 from workers.middleware.guard import PoolGuard
+from workers.middleware.heartbeat import Beating
 from workers.middleware.reporter import Reporter
 
-__all__ = ["BusyCount", "DrainOnce", "FleetMember", "PoolGuard", "Reporter"]
+__all__ = ["Beating", "BusyCount", "DrainOnce", "FleetMember", "PoolGuard", "Reporter"]
