@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import re
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -76,6 +77,9 @@ class Settings(BaseSettings):
         "postgresql+psycopg2://postgres@127.0.0.1:5432/payq", pattern=r"^postgresql(\+psycopg2)?://"
     )
     payq_namespace: str = Field("payq", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    # The host a process reports as (worker reports, the heartbeat's holder on a charge).
+    # Empty: the machine's host name. For several "hosts" on one machine (make scale).
+    payq_host: str = Field("", pattern=r"^[A-Za-z0-9_.-]{0,100}$")
 
     # The payment provider.
     payment_provider_url: str = Field("http://127.0.0.1:8099", pattern=r"^https?://[^\s]+$")
@@ -249,6 +253,11 @@ class Settings(BaseSettings):
                 "PAYMENT_PROVIDER_API_KEY: contains a space, newline or other control "
                 "character (a secret file's trailing newline?); set the bare key"
             )
+
+    @property
+    def host(self) -> str:
+        """``PAYQ_HOST``, or the machine's host name."""
+        return self.payq_host or socket.gethostname()[:100]
 
     @property
     def sentinels(self) -> tuple[tuple[str, int], ...]:
@@ -441,6 +450,7 @@ _PATTERN_HINTS = {
     "database_direct_url": "must be a postgresql:// or postgresql+psycopg2:// URL",
     "payment_provider_url": "must be an http:// or https:// URL",
     "payq_namespace": "must be 1-64 letters, digits, '_', '.' or '-'",
+    "payq_host": "must be up to 100 letters, digits, '_', '.' or '-' (empty: the host name)",
     "payment_soft_declines": "must be decline codes (the 402's error.code: lower-case letters, "
     "digits, _ or -) separated by commas, e.g. insufficient_funds,try_again_later",
 }

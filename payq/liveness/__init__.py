@@ -27,7 +27,6 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -117,7 +116,7 @@ class Heartbeat:
     ) -> None:
         self.client = client
         self.settings = settings
-        self.holder = "" if witness else _new_holder()
+        self.holder = "" if witness else _new_holder(settings.host)
         self._scripts = Scripts(client, (BeatArgs,))
         self._args = BeatArgs(
             **_keys(namespace),
@@ -213,6 +212,6 @@ def dead_aliases(client: redis.Redis, namespace: str, settings: Settings) -> lis
     return [a.decode() if isinstance(a, bytes) else str(a) for a in found]
 
 
-def _new_holder() -> str:
+def _new_holder(host: str) -> str:
     """host:pid:nonce, at most 128 characters (the charge row's column)."""
-    return f"{socket.gethostname()[:100]}:{os.getpid()}:{secrets.token_hex(4)}"
+    return f"{host[:100]}:{os.getpid()}:{secrets.token_hex(4)}"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 from typing import Any
 
@@ -13,6 +12,7 @@ from payq import db, metrics
 from payq.broker import get_broker
 from payq.constants import redis_key
 from payq.routing import get_provider
+from payq.settings import get_settings
 from workers.middleware.busy import BusyCount
 
 __all__ = ["REPORT_INTERVAL_S", "ProcessReport"]
@@ -27,13 +27,13 @@ class ProcessReport:
         self.key = ""
 
     def open(self, namespace: str) -> None:
-        self.key = redis_key(namespace, "workers", f"{socket.gethostname()}:{os.getpid()}")
+        self.key = redis_key(namespace, "workers", f"{get_settings().host}:{os.getpid()}")
 
     def figures(self) -> dict[str, Any]:
         pool: Any = db.get_engine().pool
         provider = get_provider()
         return {
-            "host": socket.gethostname(),
+            "host": get_settings().host,
             "pid": os.getpid(),
             "group": os.getppid(),
             "threads": self.busy.threads,
