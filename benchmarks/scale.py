@@ -61,6 +61,7 @@ FILL_BATCH = 500
 @dataclass(frozen=True)
 class Point:
     hosts: int
+    via: str  # "PgBouncer", or "direct" for the baseline
     processes: int
     threads: int
     bound_per_s: float
@@ -172,12 +173,20 @@ def _postgres_processes(dsn: str) -> Any:
 
 
 class Sampler(threading.Thread):
-    """Server connections and PgBouncer's clients, every 0.25 s, their maxima."""
+    """Server connections and PgBouncer's clients, every 0.25 s, their maxima.
 
-    def __init__(self, dsn: str, bouncer: Any) -> None:
+    ``direct``: only the connections opened since the sampler was made (the fleet's own;
+    not those PgBouncer keeps open from the points before)."""
+
+    def __init__(self, dsn: str, bouncer: Any, *, direct: bool = False) -> None:
         super().__init__(daemon=True)
-
         self.engine = _probe_engine(dsn)
+        self.since: Any = None
+        if direct:
+            from sqlalchemy import text
+
+            with self.engine.connect() as conn:
+                self.since = conn.execute(text("SELECT now()")).scalar_one()
         self.bouncer = bouncer
         self.stop = threading.Event()
         self.max_server = 0
@@ -188,12 +197,14 @@ class Sampler(threading.Thread):
 
         query = text(
             "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-            "AND application_name <> :probe"
+            "AND application_name <> :probe "
+            "AND (CAST(:since AS timestamptz) IS NULL OR backend_start >= :since)"
         )
         while not self.stop.wait(0.25):
             with contextlib.suppress(Exception):
                 with self.engine.connect() as conn:
-                    count = int(conn.execute(query, {"probe": PROBE}).scalar_one())
+                    found = conn.execute(query, {"probe": PROBE, "since": self.since})
+                    count = int(found.scalar_one())
                     self.max_server = max(self.max_server, count)
                 clients = self.bouncer.client_connections(DATABASE)
                 self.max_clients = max(self.max_clients, clients)
@@ -265,7 +276,13 @@ def measure_point(
     env: dict[str, str],
     logdir: Path,
     say: Any,
+    *,
+    direct: bool = False,
 ) -> Point:
+    """One fleet of ``hosts``, through PgBouncer, or straight to PostgreSQL (``direct``:
+    the baseline, prepared statements and all)."""
+    if direct:
+        env = {**env, "DATABASE_URL": svc.server_dsn, "DATABASE_POOLER": "none"}
     client = redis.Redis.from_url(svc.redis_url)
     processes = hosts * PROCESSES_PER_HOST
     threads = processes * THREADS
@@ -273,7 +290,7 @@ def measure_point(
     _purge(client)
     sim.reset()
     children = _start_hosts(hosts, env, logdir)
-    sampler = Sampler(svc.server_dsn, svc.pgbouncer)
+    sampler = Sampler(svc.server_dsn, svc.pgbouncer, direct=direct)
     try:
         wait_until(
             lambda: _ready(client, processes), READY_TIMEOUT_S, f"{processes} workers", children
@@ -308,6 +325,7 @@ def measure_point(
 
     point = Point(
         hosts=hosts,
+        via="direct" if direct else "PgBouncer",
         processes=processes,
         threads=threads,
         bound_per_s=bound,
@@ -328,7 +346,7 @@ def measure_point(
         duplicates=int(sim.stats()["duplicate_charges"]),
     )
     say(
-        f"{hosts} host(s): {point.rate_per_s:.1f} charges/s of {bound:.0f}/s, "
+        f"{hosts} host(s) {point.via}: {point.rate_per_s:.1f} charges/s of {bound:.0f}/s, "
         f"server connections {point.server_connections} (pools {point.pools_without_pooler})"
     )
     return point
@@ -400,6 +418,12 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--window-s", type=float, default=30.0, help="measured window per point")
     parser.add_argument("--warmup-s", type=float, default=10.0, help="warm-up before a window")
     parser.add_argument("--idle-s", type=float, default=10.0, help="idle window per point")
+    parser.add_argument(
+        "--baseline-hosts",
+        type=int,
+        default=4,
+        help="the baseline: this many hosts straight to PostgreSQL (0: none)",
+    )
     parser.add_argument("--quick", action="store_true", help="1 and 2 hosts, short windows")
     parser.add_argument("--database-url", help="PostgreSQL server (default: DATABASE_URL)")
     parser.add_argument(
@@ -411,6 +435,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
     hosts = (1, 2) if args.quick else tuple(int(h) for h in args.hosts.split(","))
+    if args.quick:
+        args.baseline_hosts = 1
     plan = Plan(4, 6, 3) if args.quick else Plan(args.warmup_s, args.window_s, args.idle_s)
     output = args.output or (None if args.quick else RESULTS)
     started = time.monotonic()
@@ -437,6 +463,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             ).raise_for_status()
             for count in hosts:
                 run.points.append(measure_point(count, plan, svc, sim, env, logdir, say))
+            if args.baseline_hosts:
+                point = measure_point(
+                    args.baseline_hosts, plan, svc, sim, env, logdir, say, direct=True
+                )
+                run.points.append(point)
         finally:
             sim.child.stop()
         run.notes = svc.notes
@@ -457,6 +488,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 _COLUMNS = (
     ("hosts", "{p.hosts}"),
+    ("database via", "{p.via}"),
     ("procs x threads", "{p.processes} x {THREADS}"),
     ("bound/s", "{p.bound_per_s:.0f}"),
     ("charges/s", "{p.rate_per_s:.1f}"),
@@ -503,6 +535,9 @@ def render(run: Run) -> str:
         "- PG server conns: the most backends on the benchmark database seen in "
         "`pg_stat_activity` (every 0.25 s); pools w/o pooler: processes x (pool + 1), what "
         "the same fleet would hold open on PostgreSQL directly.",
+        "- The row via `direct` is the baseline, in the same run: the same kind of fleet "
+        "straight to PostgreSQL (`DATABASE_POOLER=none`: its statements prepared once per "
+        "connection), each process with its own pool.",
         "- Redis cmds: `INFO commandstats` calls (commands a Lua script runs count too) over "
         "the window per charge; idle: over the idle window before any charge, per process.",
         "- CPU: psutil user+system of the worker process groups, the database's backends, "
