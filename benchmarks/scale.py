@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import math
 import os
+import statistics
 import sys
 import tempfile
 import threading
@@ -69,6 +70,7 @@ class Point:
     server_connections: int  # max sampled, PostgreSQL backends of the benchmark database
     pools_without_pooler: int  # what the hosts' pools (+1 each for health checks) would open
     pooler_clients: int  # max sampled client connections at PgBouncer
+    server_in_use: float  # mean of PgBouncer's server connections in use (sv_active)
     redis_per_charge: float
     redis_idle_per_process_s: float
     worker_ms: float
@@ -191,6 +193,7 @@ class Sampler(threading.Thread):
         self.stop = threading.Event()
         self.max_server = 0
         self.max_clients = 0
+        self.active: list[int] = []  # PgBouncer's server connections in use, each sample
 
     def run(self) -> None:
         from sqlalchemy import text
@@ -206,8 +209,10 @@ class Sampler(threading.Thread):
                     found = conn.execute(query, {"probe": PROBE, "since": self.since})
                     count = int(found.scalar_one())
                     self.max_server = max(self.max_server, count)
-                clients = self.bouncer.client_connections(DATABASE)
+                pools = [r for r in self.bouncer.show("POOLS") if r["database"] == DATABASE]
+                clients = sum(int(r["cl_active"]) + int(r["cl_waiting"]) for r in pools)
                 self.max_clients = max(self.max_clients, clients)
+                self.active.append(sum(int(r["sv_active"]) for r in pools))
 
 
 def _redis_calls(client: redis.Redis) -> int:
@@ -333,6 +338,7 @@ def measure_point(
         server_connections=sampler.max_server,
         pools_without_pooler=processes * (DB_POOL + 1),
         pooler_clients=sampler.max_clients,
+        server_in_use=statistics.fmean(sampler.active) if sampler.active else math.nan,
         redis_per_charge=(after["redis_calls"] - before["redis_calls"]) / charges
         if charges
         else math.nan,
@@ -495,6 +501,7 @@ _COLUMNS = (
     ("PG server conns", "{p.server_connections}"),
     ("pools w/o pooler", "{p.pools_without_pooler}"),
     ("PgBouncer clients", "{p.pooler_clients}"),
+    ("server conns in use (mean)", "{p.server_in_use:.1f}"),
     ("Redis cmds/charge", "{p.redis_per_charge:.1f}"),
     ("Redis cmds/s idle proc", "{p.redis_idle_per_process_s:.1f}"),
     ("worker ms/charge", "{p.worker_ms:.2f}"),
@@ -534,7 +541,8 @@ def render(run: Run) -> str:
         "min(threads, limit) / mean latency.",
         "- PG server conns: the most backends on the benchmark database seen in "
         "`pg_stat_activity` (every 0.25 s); pools w/o pooler: processes x (pool + 1), what "
-        "the same fleet would hold open on PostgreSQL directly.",
+        "the same fleet would hold open on PostgreSQL directly; in use: the mean of "
+        "PgBouncer's `sv_active` over the samples (server connections running a transaction).",
         "- The row via `direct` is the baseline, in the same run: the same kind of fleet "
         "straight to PostgreSQL (`DATABASE_POOLER=none`: its statements prepared once per "
         "connection), each process with its own pool.",
