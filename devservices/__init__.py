@@ -44,6 +44,7 @@ __all__ = [
     "DevServiceError",
     "ThrowawayPostgres",
     "ThrowawayRedis",
+    "end_process",
     "ensure_database",
     "free_port",
     "postgres_answers",
@@ -90,6 +91,18 @@ def _log_tail(path: Path, lines: int = 20) -> str:
     except OSError:
         return "(no log)"
     return "\n".join(text.splitlines()[-lines:]) or "(empty log)"
+
+
+def end_process(proc: subprocess.Popen[bytes] | None, sig: signal.Signals) -> None:
+    """Send ``sig`` to a server process still running and wait for it (SIGKILL after 10 s)."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def redis_answers(url: str, timeout_s: float = 1.0) -> bool:
@@ -252,15 +265,7 @@ class ThrowawayRedis(_Throwaway):
 
     def _stop_process(self, sig: signal.Signals = signal.SIGTERM) -> None:
         proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.send_signal(sig)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        end_process(proc, sig)
 
     def stop(self) -> None:
         """Stop redis-server (SIGTERM, nothing saved) and remove its temp dir."""

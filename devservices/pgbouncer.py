@@ -26,7 +26,7 @@ from typing import Any
 
 import psycopg2  # type: ignore[import-untyped, unused-ignore]
 
-from devservices import DevServiceError, _log_tail, _port_in_use, _Throwaway
+from devservices import DevServiceError, _log_tail, _port_in_use, _Throwaway, end_process
 from payq.migrate import conn_params
 
 __all__ = ["PGBOUNCER_MISSING", "ThrowawayPgBouncer"]
@@ -183,14 +183,7 @@ class ThrowawayPgBouncer(_Throwaway):
 
     def _stop_process(self, sig: signal.Signals = signal.SIGTERM) -> None:
         proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(sig)  # SIGTERM: immediate shutdown, clients cut
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        end_process(proc, sig)  # SIGTERM: immediate shutdown, clients cut
 
     def stop(self) -> None:
         """Stop pgbouncer (its clients are cut) and remove its temp dir."""
