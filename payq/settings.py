@@ -102,8 +102,9 @@ class Settings(BaseSettings):
     # What stands between payq and PostgreSQL at DATABASE_URL (payq.db): "none", or
     # "transaction" for a pooler in transaction mode (PgBouncer's pool_mode = transaction).
     database_pooler: Literal["none", "transaction"] = "none"
-    # PostgreSQL itself, not through the pooler: `payq migrate` (unset: DATABASE_URL).
-    database_direct_url: str | None = Field(None, pattern=r"^postgresql(\+psycopg2)?://")
+    # PostgreSQL itself, not through the pooler: `payq migrate` (unset or empty, as
+    # .env.example has it: DATABASE_URL).
+    database_direct_url: str | None = Field(None, pattern=r"^(postgresql(\+psycopg2)?://|$)")
     # Behind a pooler: the server connections it may open for payq's database, for the
     # worker's start-time check (0: read from the pooler's admin console).
     database_pooler_server_connections: int = Field(0, ge=0, le=100_000)
@@ -447,7 +448,7 @@ _PATTERN_HINTS = {
     "redis_sentinel_master": "must be the name the sentinels monitor the primary by: 1-64 "
     "letters, digits, '_', '.' or '-'",
     "database_url": "must be a postgresql:// or postgresql+psycopg2:// URL",
-    "database_direct_url": "must be a postgresql:// or postgresql+psycopg2:// URL",
+    "database_direct_url": "must be a postgresql:// or postgresql+psycopg2:// URL, or empty",
     "payment_provider_url": "must be an http:// or https:// URL",
     "payq_namespace": "must be 1-64 letters, digits, '_', '.' or '-'",
     "payq_host": "must be up to 100 letters, digits, '_', '.' or '-' (empty: the host name)",

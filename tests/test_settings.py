@@ -297,3 +297,8 @@ def test_cli_bad_setting_exits_2_with_one_line(
     assert lines[0].startswith(f"payq: {name}: ")
     assert process.returncode == 2
     assert stdout == ""
+
+
+def test_an_empty_database_direct_url_means_database_url(clean_env: pytest.MonkeyPatch) -> None:
+    settings = load(clean_env, DATABASE_DIRECT_URL="")
+    assert settings.migration_url == settings.database_url
