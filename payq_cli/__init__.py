@@ -48,7 +48,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     # DATABASE_DIRECT_URL, when set, is PostgreSQL itself; without it the migration runs
     # through DATABASE_URL, which works behind a transaction pooler too: it is one
     # transaction, and its lock (pg_advisory_xact_lock) ends with it.
-    created = ensure_database_when_up(settings.migration_url, args.wait)
+    direct = "DATABASE_DIRECT_URL" if settings.database_direct_url else "DATABASE_URL"
+    created = ensure_database_when_up(settings.migration_url, args.wait, setting=direct)
     engine = make_engine(settings, "migrate", url=settings.database_direct_url)
     try:
         migrate(engine)
