@@ -44,6 +44,8 @@ _API_TOKEN = re.compile(r"[\x21-\x2b\x2d-\x7e]{16,512}")
 _APP_TOKEN = re.compile(r"([a-z0-9_-]{1,32})=([\x21-\x2b\x2d-\x7e]{16,512})")
 # One entry of REDIS_SENTINELS: a host name, IPv4 or [IPv6] address, and a port.
 _SENTINEL = re.compile(r"([A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\]):([0-9]{1,5})")
+# A control character: no password holds one, a secret file's trailing newline does.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # Settings that are URLs which may carry a password: repr shows them with it masked.
 _URL_FIELDS = frozenset({"redis_url", "database_url", "database_direct_url"})
 # A URL's password: in its user part (up to the last "@" before the path), or a query
@@ -191,6 +193,12 @@ class Settings(BaseSettings):
     def _consistent(self) -> Settings:
         self.check_provider_settings()
         self.sentinels  # noqa: B018  (parsing them checks REDIS_SENTINELS)
+        sentinel_password = self.redis_sentinel_password
+        if sentinel_password is not None and _CONTROL.search(sentinel_password.get_secret_value()):
+            raise ValueError(
+                "REDIS_SENTINEL_PASSWORD: contains a newline or other control character (a "
+                "secret file's trailing newline?); set the bare password"
+            )
         if self.retry_backoff_min_s > self.retry_backoff_max_s:
             raise ValueError(
                 "RETRY_BACKOFF_MIN_S: must not exceed RETRY_BACKOFF_MAX_S "

@@ -150,3 +150,15 @@ def test_the_cli_names_the_sentinel_settings_when_no_sentinel_names_a_primary(
     assert code == 3
     assert "REDIS_SENTINELS" in line and "REDIS_SENTINEL_MASTER" in line and "'pq'" in line
     assert "check Redis and REDIS_URL" not in line
+
+
+@pytest.mark.parametrize("password", ["s3ntinelPw\n", "s3ntinelPw\r\n", "s3ntinel\tPw"])
+def test_a_sentinel_password_with_a_control_character_is_refused_without_echo(
+    env: pytest.MonkeyPatch, password: str
+) -> None:
+    """A secret file's trailing newline would fail every AUTH to the sentinels with no hint."""
+    with pytest.raises(ConfigError) as info:
+        load(env, REDIS_SENTINEL_PASSWORD=password)
+    message = str(info.value)
+    assert message.startswith("REDIS_SENTINEL_PASSWORD: ") and "\n" not in message
+    assert "s3ntinel" not in message
