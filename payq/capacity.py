@@ -156,7 +156,12 @@ def read_connection_budget(
         stop=tenacity.stop_after_delay(wait_s),
         wait=tenacity.wait_exponential(multiplier=0.2, max=2),
         retry=tenacity.retry_if_exception(
-            lambda exc: isinstance(exc, OperationalError) and not _full(exc) and not _refused(exc)
+            lambda exc: (
+                isinstance(exc, OperationalError)
+                and not _full(exc)
+                and not _refused(exc)
+                and _denial(exc) is None
+            )
         ),
         before_sleep=lambda state: log.warning(
             "PostgreSQL does not answer yet (attempt %d); retrying", state.attempt_number
@@ -177,12 +182,23 @@ def read_connection_budget(
                 f"PostgreSQL refused even one more connection ({reason}): max_connections is "
                 "used up; stop something or raise max_connections before adding workers"
             ) from None
+        if (denial := _denial(exc)) is not None:  # it answered: a wait would not help
+            raise ConfigError(f"{denial}; the worker was not started") from None
         raise ServiceUnavailable(
             f"PostgreSQL did not accept a connection at DATABASE_URL within {wait_s:g} s "
             f"({reason}): start it or check DATABASE_URL; the worker was not started"
         ) from None
     finally:
         engine.dispose()
+
+
+def _denial(exc: BaseException) -> str | None:
+    """What PostgreSQL said when it answered and turned the connection down (an unknown
+    user or database, a wrong password), as ``payq.db`` says it; ``None`` otherwise."""
+    from payq.db import database_problem
+
+    problem = database_problem(exc)
+    return problem[1] if problem is not None and problem[0] == 2 else None
 
 
 def _budget_engine(database_url: str, connect_timeout_s: int, options: str | None) -> Engine:

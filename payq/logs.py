@@ -18,10 +18,13 @@ from pythonjsonlogger.json import JsonFormatter
 from payq.cardnumbers import mask_card_numbers
 from payq.settings import Settings
 
-__all__ = ["configure_logging"]
+__all__ = ["configure_logging", "mask_bearer", "mask_url_passwords"]
 
 _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
 _DSN_PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@\s]+@")
+# A password given as a URL's query parameter (libpq's password= and sslpassword=,
+# redis-py's password=), which the user part's pattern above does not see.
+_QUERY_PASSWORD = re.compile(r"([?&](?:ssl)?password=)[^&#\s\"']+", re.IGNORECASE)
 
 
 #: A bearer token, however it got into a text (an echoed header, a repr of headers).
@@ -33,6 +36,11 @@ def mask_bearer(text: str, mask: str = "***") -> str:
     return _BEARER.sub(rf"\g<1>{mask}", text)
 
 
+def mask_url_passwords(text: str, mask: str = "***") -> str:
+    """``text`` with every URL's password, in its user part or its query, replaced."""
+    return _QUERY_PASSWORD.sub(rf"\g<1>{mask}", _DSN_PASSWORD.sub(rf"\g<1>{mask}@", text))
+
+
 class _Redacting(logging.Formatter):
     """Wraps a formatter and masks secrets in the whole line: message, extras, traceback."""
 
@@ -42,7 +50,7 @@ class _Redacting(logging.Formatter):
         self.secrets = [s for s in secrets if len(s) >= 6]
 
     def format(self, record: logging.LogRecord) -> str:
-        line = _DSN_PASSWORD.sub(r"\1***@", self.inner.format(_card_free(record)))
+        line = mask_url_passwords(self.inner.format(_card_free(record)))
         line = mask_bearer(line)
         for secret in self.secrets:
             line = line.replace(secret, "***")

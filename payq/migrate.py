@@ -35,18 +35,22 @@ log = logging.getLogger("payq.migrate")
 _LOCK_ID = 0x70617971  # "payq"
 
 
-def ensure_database_when_up(dsn: str, wait_s: float = 30.0) -> bool:
+def ensure_database_when_up(
+    dsn: str, wait_s: float = 30.0, *, setting: str = "DATABASE_URL"
+) -> bool:
     """Create the database if needed, waiting up to ``wait_s`` for PostgreSQL to answer.
 
     A deploy often starts ``payq migrate`` beside a PostgreSQL that is still starting;
-    short retries (tenacity) ride that out. Returns True if the database was created.
+    short retries (tenacity) ride that out. A server that answers and refuses (an
+    unknown user, a wrong password, pg_hba.conf) is no wait: it is said at once, naming
+    ``setting`` (the variable ``dsn`` came from). Returns True if the database was created.
     """
     from payq.errors import ServiceUnavailable
 
     retrying = tenacity.Retrying(
         stop=tenacity.stop_after_delay(wait_s),
         wait=tenacity.wait_exponential(multiplier=0.2, max=2),
-        retry=tenacity.retry_if_exception_type(psycopg2.OperationalError),
+        retry=tenacity.retry_if_exception(_not_answering),
         before_sleep=lambda state: log.warning(
             "PostgreSQL does not answer yet (attempt %d); retrying", state.attempt_number
         ),
@@ -55,10 +59,28 @@ def ensure_database_when_up(dsn: str, wait_s: float = 30.0) -> bool:
     try:
         return bool(retrying(ensure_database, dsn))
     except psycopg2.OperationalError as exc:
+        said = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        if not _not_answering(exc):
+            raise ConfigError(
+                f"PostgreSQL at {setting} answered and refused the connection ({said}): fix "
+                f"{setting} (its user, password or host), or the server's roles or pg_hba.conf"
+            ) from None
         raise ServiceUnavailable(
-            f"PostgreSQL did not answer at DATABASE_URL within {wait_s:g} s "
-            f"({str(exc).strip().splitlines()[0][:200]}): start it or fix DATABASE_URL"
+            f"PostgreSQL did not answer at {setting} within {wait_s:g} s "
+            f"({said}): start it or fix {setting}"
         ) from None
+
+
+# What a server says when it answered and refused (libpq's and PostgreSQL's own words).
+_REFUSALS = ("does not exist", "password authentication failed", "pg_hba.conf", "no password")
+
+
+def _not_answering(exc: BaseException) -> bool:
+    """A connection error worth waiting out: PostgreSQL down or starting, not refusing."""
+    if not isinstance(exc, psycopg2.OperationalError):
+        return False
+    lowered = str(exc).lower()
+    return not any(refusal in lowered for refusal in _REFUSALS)
 
 
 def conn_params(dsn: str) -> dict[str, str]:

@@ -209,9 +209,15 @@ def _unanswered(exc: BaseException) -> str:
     the URL itself)."""
     problem = database_problem(exc)
     detail = problem[1] if problem else type(exc).__name__
-    return "the replica at DATABASE_READ_URL did not answer or refused: " + detail.replace(
-        "DATABASE_URL", "DATABASE_READ_URL"
-    )
+    said = "the replica at DATABASE_READ_URL did not answer or refused: "
+    if "the database DATABASE_URL names does not exist" in detail:
+        # Not "run payq migrate": a replica is read-only, and has its primary's databases.
+        return said + (
+            "PostgreSQL answered, but the database DATABASE_READ_URL names does not exist "
+            "there: name DATABASE_URL's database (a replica has its primary's), and check "
+            "that DATABASE_READ_URL is a replica of DATABASE_URL's server"
+        )
+    return said + detail.replace("DATABASE_URL", "DATABASE_READ_URL")
 
 
 #: This process's replica (``None``: no ``DATABASE_READ_URL``), its engine renewed after a

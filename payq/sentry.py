@@ -28,7 +28,7 @@ from sentry_sdk.types import Event, Hint
 
 from payq import __version__
 from payq.cardnumbers import looks_like_card_number
-from payq.logs import mask_bearer
+from payq.logs import mask_bearer, mask_url_passwords
 from payq.settings import Settings
 
 __all__ = ["FILTERED", "capture_alert", "init_sentry", "scrub", "tag_charge"]
@@ -42,7 +42,6 @@ _SENSITIVE = (
 _SENSITIVE_KEY = re.compile(_SENSITIVE, re.IGNORECASE)
 _SENSITIVE_OPTION = re.compile(rf"--?[\w-]*(?:{_SENSITIVE})[\w-]*", re.IGNORECASE)
 _OPTION_VALUE = re.compile(rf"({_SENSITIVE_OPTION.pattern}[= ])(\"[^\"]*\"|'[^']*'|\S+)", re.I)
-_URL_PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@\s]+@")
 # Written by sentry-sdk, never secret; ids could pass for card numbers (digits + Luhn).
 _SDK_KEYS = frozenset(
     {
@@ -87,7 +86,7 @@ def _scrub(value: Any, secrets: tuple[str, ...]) -> Any:
         for secret in secrets:
             value = value.replace(secret, FILTERED)
         value = mask_bearer(value, FILTERED)
-        value = _URL_PASSWORD.sub(rf"\g<1>{FILTERED}@", value)
+        value = mask_url_passwords(value, FILTERED)
         return _OPTION_VALUE.sub(rf"\g<1>{FILTERED}", value)
     if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**12:
         return FILTERED if looks_like_card_number(str(value)) else value

@@ -9,9 +9,10 @@ from __future__ import annotations
 import functools
 import re
 import socket
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
+from urllib.parse import unquote, urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -43,6 +44,14 @@ _API_TOKEN = re.compile(r"[\x21-\x2b\x2d-\x7e]{16,512}")
 _APP_TOKEN = re.compile(r"([a-z0-9_-]{1,32})=([\x21-\x2b\x2d-\x7e]{16,512})")
 # One entry of REDIS_SENTINELS: a host name, IPv4 or [IPv6] address, and a port.
 _SENTINEL = re.compile(r"([A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\]):([0-9]{1,5})")
+# A control character: no password holds one, a secret file's trailing newline does.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# Settings that are URLs which may carry a password: repr shows them with it masked.
+_URL_FIELDS = frozenset({"redis_url", "database_url", "database_direct_url"})
+# A URL's password: in its user part (up to the last "@" before the path), or a query
+# parameter (libpq's password and sslpassword, redis-py's password).
+_URL_USER_PASSWORD = re.compile(r"^([A-Za-z0-9+.-]+://[^:/?#@]*):[^/?#]*@")
+_URL_QUERY_PASSWORD = re.compile(r"([?&](?:ssl)?password=)[^&#]*", re.IGNORECASE)
 #: Declines that must never be tried at another acquirer (PAYMENT_SOFT_DECLINES).
 _NEVER_SOFT = frozenset(
     {
@@ -102,8 +111,9 @@ class Settings(BaseSettings):
     # What stands between payq and PostgreSQL at DATABASE_URL (payq.db): "none", or
     # "transaction" for a pooler in transaction mode (PgBouncer's pool_mode = transaction).
     database_pooler: Literal["none", "transaction"] = "none"
-    # PostgreSQL itself, not through the pooler: `payq migrate` (unset: DATABASE_URL).
-    database_direct_url: str | None = Field(None, pattern=r"^postgresql(\+psycopg2)?://")
+    # PostgreSQL itself, not through the pooler: `payq migrate` (unset or empty, as
+    # .env.example has it: DATABASE_URL).
+    database_direct_url: str | None = Field(None, pattern=r"^(postgresql(\+psycopg2)?://|$)")
     # Behind a pooler: the server connections it may open for payq's database, for the
     # worker's start-time check (0: read from the pooler's admin console).
     database_pooler_server_connections: int = Field(0, ge=0, le=100_000)
@@ -171,10 +181,24 @@ class Settings(BaseSettings):
     serve_max_body_bytes: int = Field(32_768, ge=1024, le=10_485_760)
     serve_rate_limit_per_s: int = Field(100, ge=1, le=100_000)
 
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        """What repr and str show: the URLs without their passwords (the secret fields are
+        ``SecretStr`` already), so that settings printed or logged by accident leak none."""
+        for name, value in super().__repr_args__():
+            if name in _URL_FIELDS and isinstance(value, str):
+                value = _without_password(value)
+            yield name, value
+
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
         self.check_provider_settings()
         self.sentinels  # noqa: B018  (parsing them checks REDIS_SENTINELS)
+        sentinel_password = self.redis_sentinel_password
+        if sentinel_password is not None and _CONTROL.search(sentinel_password.get_secret_value()):
+            raise ValueError(
+                "REDIS_SENTINEL_PASSWORD: contains a newline or other control character (a "
+                "secret file's trailing newline?); set the bare password"
+            )
         if self.retry_backoff_min_s > self.retry_backoff_max_s:
             raise ValueError(
                 "RETRY_BACKOFF_MIN_S: must not exceed RETRY_BACKOFF_MAX_S "
@@ -302,11 +326,18 @@ class Settings(BaseSettings):
 
     def secret_values(self) -> list[str]:
         """Every secret these settings hold, for logs and Sentry to mask: the API keys
-        (each endpoint's too), the Sentry DSN, the intake and operator tokens."""
-        keys = [self.payment_provider_api_key, self.sentry_dsn]
+        (each endpoint's too), the Sentry DSN, the intake and operator tokens, the
+        sentinels' password and the passwords in the Redis and database URLs."""
+        keys = [self.payment_provider_api_key, self.sentry_dsn, self.redis_sentinel_password]
         keys += [e.settings.payment_provider_api_key for e in self.endpoints]
         found = [k.get_secret_value() for k in keys if k is not None]
-        return [s for s in (*found, *self.intake_tokens, *self.operator_tokens) if s]
+        read = self.database_read_url
+        urls = (self.redis_url, self.database_url, self.database_direct_url or "")
+        passwords = [
+            p for u in (*urls, read.get_secret_value() if read else "") for p in _url_passwords(u)
+        ]
+        tokens = (*self.intake_tokens, *self.operator_tokens)
+        return [s for s in (*found, *tokens, *passwords) if s]
 
     @property
     def read_url(self) -> str | None:
@@ -436,6 +467,20 @@ class Endpoint:
         return self.settings.payment_provider_url
 
 
+def _url_passwords(url: str) -> list[str]:
+    """The password in ``url``'s user part, as written and percent-decoded (none: [])."""
+    try:
+        password = urlsplit(url).password
+    except ValueError:  # not a URL the settings would accept anyway
+        return []
+    return [] if not password else sorted({password, unquote(password)})
+
+
+def _without_password(url: str) -> str:
+    """``url`` with its password, in the user part or the query, replaced by ``***``."""
+    return _URL_QUERY_PASSWORD.sub(r"\1***", _URL_USER_PASSWORD.sub(r"\1:***@", url))
+
+
 def _split_tokens(value: SecretStr | None) -> tuple[str, ...]:
     if value is None:
         return ()
@@ -447,7 +492,7 @@ _PATTERN_HINTS = {
     "redis_sentinel_master": "must be the name the sentinels monitor the primary by: 1-64 "
     "letters, digits, '_', '.' or '-'",
     "database_url": "must be a postgresql:// or postgresql+psycopg2:// URL",
-    "database_direct_url": "must be a postgresql:// or postgresql+psycopg2:// URL",
+    "database_direct_url": "must be a postgresql:// or postgresql+psycopg2:// URL, or empty",
     "payment_provider_url": "must be an http:// or https:// URL",
     "payq_namespace": "must be 1-64 letters, digits, '_', '.' or '-'",
     "payq_host": "must be up to 100 letters, digits, '_', '.' or '-' (empty: the host name)",

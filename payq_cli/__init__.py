@@ -48,7 +48,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     # DATABASE_DIRECT_URL, when set, is PostgreSQL itself; without it the migration runs
     # through DATABASE_URL, which works behind a transaction pooler too: it is one
     # transaction, and its lock (pg_advisory_xact_lock) ends with it.
-    created = ensure_database_when_up(settings.migration_url, args.wait)
+    direct = "DATABASE_DIRECT_URL" if settings.database_direct_url else "DATABASE_URL"
+    created = ensure_database_when_up(settings.migration_url, args.wait, setting=direct)
     engine = make_engine(settings, "migrate", url=settings.database_direct_url)
     try:
         migrate(engine)
@@ -367,8 +368,35 @@ def _unavailable_service(exc: BaseException) -> tuple[int, str] | None:
     if (problem := database_problem(exc)) is not None:
         return problem
     if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
-        return 3, f"Redis did not answer ({type(exc).__name__}); check Redis and REDIS_URL"
+        return 3, _redis_problem(exc)
     return None
+
+
+def _redis_problem(exc: BaseException) -> str:
+    """One line for a Redis that did not answer, naming the settings that say where it is:
+    through Sentinel, the sentinels and the primary's name, not REDIS_URL's host."""
+    from redis.sentinel import MasterNotFoundError
+
+    from payq.settings import get_settings
+
+    sentinels: tuple[tuple[str, int], ...] = ()
+    master = ""
+    try:
+        settings = get_settings()
+        sentinels, master = settings.sentinels, f" named {settings.redis_sentinel_master!r}"
+    except ConfigError:  # a command that ran on settings of its own
+        pass
+    if isinstance(exc, MasterNotFoundError):
+        return (
+            f"no sentinel in REDIS_SENTINELS answered with a primary{master} "
+            "(MasterNotFoundError): check that the sentinels run and are reachable, and that "
+            "REDIS_SENTINEL_MASTER is the name in their `sentinel monitor` "
+            "(and REDIS_SENTINEL_PASSWORD, if they have one)"
+        )
+    where = "REDIS_URL"
+    if sentinels:
+        where = "REDIS_SENTINELS and REDIS_URL (its password, database and TLS)"
+    return f"Redis did not answer ({type(exc).__name__}); check Redis and {where}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

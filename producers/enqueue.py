@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, SessionTransaction
 
 from payq.broker import new_message_id, publish_or_leave_to_relay
 from payq.constants import ChargeStatus
-from payq.db import autocommit, transaction
+from payq.db import autocommit, database_problem, transaction
 from payq.errors import ChargeInputError, ChargeNotFound, IdempotencyConflict, ServiceUnavailable
 from payq.models import Charge, charges
 from payq.settings import get_settings
@@ -198,6 +198,9 @@ def _enqueue(
         with _writing(validated) as conn:
             result, fresh = _insert(conn, validated)
     except (OperationalError, PoolTimeout) as exc:
+        problem = database_problem(exc)
+        if problem is not None and problem[0] == 2:  # it answered: what to fix, not to wait
+            raise ServiceUnavailable(f"{problem[1]}; nothing was written") from exc
         raise ServiceUnavailable(
             f"PostgreSQL did not answer ({type(exc).__name__}); nothing was written. Check "
             "DATABASE_URL and that PostgreSQL is running, then enqueue again with the same key."

@@ -121,6 +121,15 @@ def test_a_server_that_does_not_answer_says_what_to_start_and_keeps_the_password
     assert "start it or check DATABASE_URL" in message and "hunter2secret" not in message
 
 
+def test_a_server_that_answers_and_denies_the_user_is_a_refusal_not_a_wait() -> None:
+    """Reproduced before: an unknown user was retried for the whole wait, then said as
+    "did not accept a connection ... start it" (exit 3), though README promises such a
+    refusal in one line, exit 2, never as "did not answer"."""
+    url = f"{PG_SERVER.replace('postgres@', 'payq_no_such_role@')}/{TEST_DB}"
+    with pytest.raises(ConfigError, match=r"the user DATABASE_URL names does not exist"):
+        read_connection_budget(url, connect_timeout_s=2, wait_s=30)
+
+
 def payq_worker(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "payq_cli", "worker", *args],

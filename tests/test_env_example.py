@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-from payq.settings import Settings
+import pytest
+
+from payq.settings import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,3 +33,14 @@ def test_listed_defaults_are_the_real_defaults() -> None:
         assert value == expected, (
             f"{name}: .env.example says {value!r}, the default is {expected!r}"
         )
+
+
+def test_the_example_copied_to_env_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`cp .env.example .env` is how a newcomer starts: every value in it must load.
+    Reproduced before: its empty `DATABASE_DIRECT_URL=` stopped every command (exit 2,
+    "DATABASE_DIRECT_URL: must be a postgresql:// ... URL")."""
+    for name in list(os.environ):
+        if name.lower() in Settings.model_fields:
+            monkeypatch.delenv(name)
+    settings = load_settings(_env_file=ROOT / ".env.example")
+    assert settings.migration_url == settings.database_url

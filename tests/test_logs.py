@@ -87,3 +87,16 @@ def test_a_formatters_escapes_do_not_hide_a_card_number(
     text = stream.getvalue()
     assert text.count("[card number]") >= 4, text
     assert "1111" not in text.replace("[card number]", ""), text
+
+
+@pytest.mark.parametrize("log_format", ["json", "console"])
+def test_query_passwords_and_the_sentinel_password_are_masked(
+    stream: io.StringIO, log_format: str
+) -> None:
+    configure_logging(load_settings(log_format=log_format, redis_sentinel_password="sentinelPw7q"))
+    log = logging.getLogger("payq.test")
+    log.warning("db at postgresql://app@db/payq?sslmode=require&password=queryPw7q&x=1")
+    log.warning("sentinel refused AUTH sentinelPw7q")
+    text = stream.getvalue()
+    assert "queryPw7q" not in text and "sentinelPw7q" not in text
+    assert "password=***&x=1" in text

@@ -342,6 +342,15 @@ def test_a_bad_read_url_is_one_line_naming_the_setting(cluster: Cluster) -> None
         use(before)
 
 
+def test_a_read_url_naming_another_database_says_to_name_the_primarys(cluster: Cluster) -> None:
+    """Reproduced before: "... the database DATABASE_READ_URL names does not exist: run
+    `payq migrate` (it creates it)", which a read-only replica cannot follow."""
+    status = cluster.cli("status", DATABASE_READ_URL=cluster.replica.dsn("payq_not_there"))
+    assert status.returncode == 0, status.stderr
+    assert "does not exist there: name DATABASE_URL's database" in status.stdout
+    assert "payq migrate" not in status.stdout + status.stderr
+
+
 def test_the_health_gauges_count_dead_charges_on_the_replica(cluster: Cluster) -> None:
     from prometheus_client import REGISTRY
 

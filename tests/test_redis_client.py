@@ -123,3 +123,42 @@ def test_an_unreachable_sentinel_is_a_connection_error(env: pytest.MonkeyPatch) 
     settings = load(env, REDIS_SENTINELS="127.0.0.1:1")
     with pytest.raises(redis.ConnectionError):
         redis_client(settings, socket_timeout_s=0.5, connect_timeout_s=0.5).ping()
+
+
+def test_the_cli_names_the_sentinel_settings_when_no_sentinel_names_a_primary(
+    env: pytest.MonkeyPatch,
+) -> None:
+    """Reproduced before: `payq: Redis did not answer (MasterNotFoundError); check Redis and
+    REDIS_URL`, though REDIS_URL's host is not used and the fault was the sentinels or
+    the primary's name (REDIS_SENTINEL_MASTER's default, mymaster, is a common mismatch)."""
+    from devservices import free_port
+    from payq.settings import get_settings
+    from payq_cli import _unavailable_service
+
+    settings = load(env, REDIS_SENTINELS=f"127.0.0.1:{free_port()}", REDIS_SENTINEL_MASTER="pq")
+    client = redis_client(settings, connect_timeout_s=0.5)
+    with pytest.raises(redis.ConnectionError) as info:  # nothing listens there: a real refusal
+        client.ping()
+    client.close()
+    get_settings.cache_clear()
+    try:
+        problem = _unavailable_service(info.value)
+    finally:
+        get_settings.cache_clear()
+    assert problem is not None
+    code, line = problem
+    assert code == 3
+    assert "REDIS_SENTINELS" in line and "REDIS_SENTINEL_MASTER" in line and "'pq'" in line
+    assert "check Redis and REDIS_URL" not in line
+
+
+@pytest.mark.parametrize("password", ["s3ntinelPw\n", "s3ntinelPw\r\n", "s3ntinel\tPw"])
+def test_a_sentinel_password_with_a_control_character_is_refused_without_echo(
+    env: pytest.MonkeyPatch, password: str
+) -> None:
+    """A secret file's trailing newline would fail every AUTH to the sentinels with no hint."""
+    with pytest.raises(ConfigError) as info:
+        load(env, REDIS_SENTINEL_PASSWORD=password)
+    message = str(info.value)
+    assert message.startswith("REDIS_SENTINEL_PASSWORD: ") and "\n" not in message
+    assert "s3ntinel" not in message

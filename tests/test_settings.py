@@ -297,3 +297,39 @@ def test_cli_bad_setting_exits_2_with_one_line(
     assert lines[0].startswith(f"payq: {name}: ")
     assert process.returncode == 2
     assert stdout == ""
+
+
+def test_url_passwords_are_not_shown_by_str_or_repr(clean_env: pytest.MonkeyPatch) -> None:
+    """Settings printed or logged by accident leak no password: REDIS_URL, DATABASE_URL
+    and DATABASE_DIRECT_URL are plain strings, which repr used to show whole."""
+    settings = load(
+        clean_env,
+        REDIS_URL="redis://:redisPw7q@cache:6379/0",
+        DATABASE_URL="postgresql://app:dbPw7q%40x@db/payq?sslpassword=keyPw7q",
+        DATABASE_DIRECT_URL="postgresql://app:directPw7q@pg/payq",
+    )
+    for shown in (str(settings), repr(settings)):
+        for password in ("redisPw7q", "dbPw7q", "keyPw7q", "directPw7q"):
+            assert password not in shown
+        assert "redis_url='redis://:***@cache:6379/0'" in shown
+        assert "database_url='postgresql://app:***@db/payq?sslpassword=***'" in shown
+    assert settings.database_url == "postgresql://app:dbPw7q%40x@db/payq?sslpassword=keyPw7q"
+
+
+def test_secret_values_hold_the_url_and_sentinel_passwords(clean_env: pytest.MonkeyPatch) -> None:
+    """What logs and Sentry mask wherever it appears, even outside a URL."""
+    settings = load(
+        clean_env,
+        REDIS_URL="redis://:redisPw7q@cache:6379/0",
+        DATABASE_URL="postgresql://app:dbPw7q%40x@db/payq",
+        DATABASE_READ_URL="postgresql://app:readPw7q@replica/payq",
+        REDIS_SENTINEL_PASSWORD="sentinelPw7q",
+    )
+    secrets = settings.secret_values()
+    for password in ("redisPw7q", "dbPw7q%40x", "dbPw7q@x", "readPw7q", "sentinelPw7q"):
+        assert password in secrets
+
+
+def test_an_empty_database_direct_url_means_database_url(clean_env: pytest.MonkeyPatch) -> None:
+    settings = load(clean_env, DATABASE_DIRECT_URL="")
+    assert settings.migration_url == settings.database_url

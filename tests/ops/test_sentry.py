@@ -239,6 +239,19 @@ def _fail_with_secrets(charge_id: str) -> None:
 
 
 @pytest.mark.usefixtures("sentry_off_afterwards")
+def test_scrub_masks_url_query_passwords_and_the_settings_url_passwords() -> None:
+    """A password as a URL's query parameter, and the Redis, database and sentinel
+    passwords on their own (as ``init_sentry`` passes ``secret_values``), are filtered."""
+    settings = load_settings(
+        redis_url="redis://:redisPw7q@r:6379/0", redis_sentinel_password="sentinelPw7q"
+    )
+    text = "postgresql://app@db/payq?password=queryPw7q&x=1; AUTH redisPw7q sentinelPw7q"
+    out = scrub({"message": text}, settings.secret_values())["message"]
+    for password in ("queryPw7q", "redisPw7q", "sentinelPw7q"):
+        assert password not in out
+    assert f"password={FILTERED}&x=1" in out
+
+
 def test_in_process_events_arrive_with_tags_and_without_secrets(
     sentry: SentryServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

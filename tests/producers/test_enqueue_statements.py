@@ -161,3 +161,25 @@ def test_postgresql_dropping_a_single_enqueue_is_service_unavailable(
     assert get_charge(again.id) == again
     with transaction() as conn:
         assert conn.execute(select(func.count()).select_from(charges)).scalar_one() == 1
+
+
+def test_a_server_that_answers_and_refuses_says_what_to_fix_not_that_it_did_not_answer() -> None:
+    """Reproduced before: a web app behind PgBouncer without DATABASE_POOLER=transaction,
+    or with an unknown user, was told "PostgreSQL did not answer ... check that it is
+    running"; now it gets what PostgreSQL (or the pooler) said and what to change."""
+    from payq.runtime import Runtime, use
+    from payq.settings import load_settings
+    from tests.conftest import PG_SERVER, TEST_DB
+
+    url = f"{PG_SERVER.replace('postgres@', 'payq_no_such_role@')}/{TEST_DB}"
+    refused = Runtime(load_settings(database_url=url), role="test")
+    before = use(refused)
+    try:
+        with pytest.raises(ServiceUnavailable) as info:
+            enqueue_charge(100, "usd", "tok_visa", f"refused-{uuid.uuid4()}")
+    finally:
+        refused.close()
+        use(before)
+    message = str(info.value)
+    assert "the user DATABASE_URL names does not exist" in message
+    assert "nothing was written" in message and "did not answer" not in message
