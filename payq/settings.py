@@ -68,6 +68,11 @@ _NEVER_SOFT = frozenset(
 DEFAULT_APP = "default"
 
 
+#: More sentinels than this are a mistake: each one that does not answer costs a connect
+#: timeout before the next is asked.
+MAX_SENTINELS = 9
+
+
 class Settings(BaseSettings):
     """payq's configuration. Field names are the environment variables, lower-cased."""
 
@@ -298,7 +303,20 @@ class Settings(BaseSettings):
                     f"REDIS_SENTINELS: {entry[:80]!r} is not host:port; list each sentinel "
                     "as host:port, separated by commas (e.g. 10.0.0.1:26379,10.0.0.2:26379)"
                 )
-            found.append((parsed.group(1).strip("[]"), port))
+            sentinel = (parsed.group(1).strip("[]"), port)
+            if sentinel in found:
+                raise ValueError(f"REDIS_SENTINELS: {entry[:80]!r} is listed twice; list each once")
+            found.append(sentinel)
+        if self.redis_sentinels.strip() and not found:
+            raise ValueError(
+                "REDIS_SENTINELS: names no sentinel; list each as host:port, or leave it empty "
+                "to use the Redis at REDIS_URL"
+            )
+        if len(found) > MAX_SENTINELS:
+            raise ValueError(
+                f"REDIS_SENTINELS: {len(found)} sentinels; at most {MAX_SENTINELS} (a "
+                "deployment runs 3 or 5: each is asked in turn when the others do not answer)"
+            )
         return tuple(found)
 
     @property

@@ -162,3 +162,17 @@ def test_a_sentinel_password_with_a_control_character_is_refused_without_echo(
     message = str(info.value)
     assert message.startswith("REDIS_SENTINEL_PASSWORD: ") and "\n" not in message
     assert "s3ntinel" not in message
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (" , ,", "names no sentinel"),
+        ("10.0.0.1:26379,10.0.0.1:26379", "listed twice"),
+        (",".join(f"10.0.0.{n}:26379" for n in range(1, 11)), "at most 9"),
+    ],
+)
+def test_a_sentinel_list_that_cannot_be_meant_is_refused(value: str, expected: str) -> None:
+    with pytest.raises(ConfigError, match="REDIS_SENTINELS") as refused:
+        load_settings(redis_sentinels=value)
+    assert expected in str(refused.value)
