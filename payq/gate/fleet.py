@@ -2,13 +2,14 @@
 
 Every provider call holds a slot: a member of one sorted set scored by the moment its
 lease runs out. Leases are short (``FLEET_SLOT_LEASE_S``) and one thread per process
-renews its slots every third of a lease, so a call of any length keeps its slot and a
-SIGKILLed worker's slot comes back within one lease (Dramatiq's
+renews its slots every third of a lease (at most every second), so a call of any length
+keeps its slot and a SIGKILLed worker's slot comes back within one lease (Dramatiq's
 ``ConcurrentRateLimiter`` does not renew, so its ttl must outlast the longest call).
 When the set's epoch marker is missing (a new or wiped Redis, maybe with calls in
 flight), or was written by another Redis server process (a replica that a failover
 promoted, or a restart from a dump: either may lack the last slots granted), no slot is
-granted for one renewal interval and a margin, while the renewers put their slots back.
+granted for one renewal interval and a 1 s margin (2 s with the defaults), while the
+renewers put their slots back.
 The scripts are ``lua/_fleet.lua`` (the grant, inside the gate's enter), ``_epoch.lua``
 and ``lua/fleet_*.lua``, timed by the server's clock.
 """
@@ -33,6 +34,10 @@ from payq.redis_scripts import Scripts
 __all__ = ["FleetLimit", "SlotRefused", "reset_after_fork"]
 
 log = logging.getLogger("payq.fleet")
+
+
+#: The longest wait between two renewals of a process's slots.
+RENEW_EVERY_MAX_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +67,9 @@ class FleetLimit:
         self.client = client
         self.limit = limit
         self.lease_ms = int(lease_s * 1000)
-        self.renew_every_s = lease_s / 3
+        # At most a second between renewals: the grace of a fresh epoch (a renewal and a
+        # margin) is then 2 s with the default 5 s lease, not 2.7.
+        self.renew_every_s = min(lease_s / 3, RENEW_EVERY_MAX_S)
         self.grace_ms = int(self.renew_every_s * 1000) + 1000
         self.slots_key = redis_key(namespace, *scope, "fleet", "slots")
         self.epoch_key = redis_key(namespace, *scope, "fleet", "epoch")
