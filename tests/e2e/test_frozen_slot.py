@@ -4,12 +4,12 @@ process takes the room and calls, and the frozen request is still being served: 
 provider counts more calls at once than ``PAYMENT_MAX_CONCURRENCY``.
 
 The slot's lease (``FLEET_SLOT_LEASE_S``, 5 s) is renewed every third of itself while
-the process runs; a request may run ``PAYMENT_TIMEOUT_MS`` at the provider, and nothing
-ties one to the other. Here a provider allowed 8 s that answers in 7 s: the slot lapses
-about 5 s after the send, the frozen request is served 2 s longer. (With the defaults,
-5 s and 5 s, the slot is written just before the send and the margin is a few tens of
-milliseconds; a kept slot confirmed from memory has as little as a third of its lease
-left at the send.)
+the process runs, and a kept slot is used from memory while its lease surely runs one
+renewal interval more: a request can leave with 1.7-5 s of the slot's lease left and run
+``PAYMENT_TIMEOUT_MS`` (5 s) at the provider. Nothing makes the slot in Redis cover the
+call's deadline. The default settings; three threads per process, so slots are kept;
+a slow provider (4.8 s, the incident payq exists for); the freeze catches a call whose
+slot has a second or more less left than the provider will take.
 """
 
 from __future__ import annotations
@@ -25,17 +25,16 @@ import redis
 from payq.constants import redis_key
 from provider_sim import SimulatorThread
 from tests.conftest import API_KEY, NAMESPACE, REDIS_URL
-from tests.e2e.test_takeover import all_final, enqueue, held_by_group
+from tests.e2e.test_takeover import enqueue, held_by_group
 from tests.helpers import Sim, wait_until
 from tests.processes import PayqProcess
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("clean")]
 
-LATENCY_S = 7.0
+LATENCY_S = 4.8
 ENV = {
     "PAYMENT_MAX_CONCURRENCY": "1",
-    # A provider that may take 8 s (its calls are allowed that long); the slot's default.
-    "PAYMENT_TIMEOUT_MS": "8000",
+    "PAYMENT_TIMEOUT_MS": "5000",  # the defaults
     "FLEET_SLOT_LEASE_S": "5",
     "CHARGE_LEASE_S": "30",
     "RETRY_BACKOFF_MIN_S": "1",
@@ -71,21 +70,21 @@ def new_call(sim: Sim, seen: int) -> bool:
     strict=True,
     reason="hole: a slot's lease can lapse while its frozen process's request is still at "
     "the provider: nothing makes the slot's lease in Redis cover the call's deadline "
-    "(PAYMENT_TIMEOUT_MS after the send); PAYMENT_TIMEOUT_MS > FLEET_SLOT_LEASE_S is accepted",
+    "(PAYMENT_TIMEOUT_MS after the send), with the default settings",
 )
 def test_a_frozen_workers_call_still_counts_against_the_fleet_limit(sim: Sim) -> None:
     env = {**ENV, "PAYMENT_PROVIDER_URL": sim.url}
     client = redis.Redis.from_url(REDIS_URL)
     with (
         PayqProcess("relay", env=env),
-        PayqProcess("worker", "--processes", "1", "--threads", "1", env=env) as first,
-        PayqProcess("worker", "--processes", "1", "--threads", "1", env=env) as other,
+        PayqProcess("worker", "--processes", "1", "--threads", "3", env=env) as first,
+        PayqProcess("worker", "--processes", "1", "--threads", "3", env=env) as other,
     ):
         for group in (first, other):
             wait_until(lambda g=group: "ready for action" in g.output(), 30, "a group to start")
-        ids = enqueue(4, "frozen-slot")
+        ids = enqueue(30, "frozen-slot")
         frozen, seen, lefts = None, 0, []
-        for _ in range(12):  # until a freeze catches a request whose slot lapses before it ends
+        for _ in range(25):  # until a freeze catches a request whose slot lapses before it ends
             wait_until(lambda s=seen: new_call(sim, s), 30, "a new call in flight")
             seen = sim.stats()["requests"]
             sent_at = time.monotonic()
@@ -95,7 +94,7 @@ def test_a_frozen_workers_call_still_counts_against_the_fleet_limit(sim: Sim) ->
             )
             left = slot_left_s(client)
             lefts.append(left)
-            if group is None or group.proc is None or left is None or left > LATENCY_S - 1.5:
+            if group is None or group.proc is None or left is None or left > LATENCY_S - 1.0:
                 continue
             os.killpg(group.proc.pid, signal.SIGSTOP)
             frozen = group
@@ -106,8 +105,7 @@ def test_a_frozen_workers_call_still_counts_against_the_fleet_limit(sim: Sim) ->
             stats = sim.stats()
         finally:
             os.killpg(frozen.proc.pid, signal.SIGCONT)
-        wait_until(lambda: all_final(ids), 90, "every charge to end final")
-    assert sim.stats()["duplicate_charges"] == 0
+    assert ids and stats["duplicate_charges"] == 0
     assert stats["max_in_flight"] <= 1, (
         f"the provider served {stats['max_in_flight']} calls at once, the fleet limit is 1: "
         f"{stats.get('peak')}"
