@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -506,13 +507,15 @@ def process_charge(
             return claim
         tag_charge(str(claim.id), claim.attempt)
         attempt.started_at = dt.datetime.now(dt.UTC)
-        if claim.sendable and not route.gate.confirm(entry):
+        slot_send_by = route.gate.confirm(entry) if claim.sendable else None
+        if claim.sendable and slot_send_by is None:
             return _unclaim(claim)
-        if claim.sendable and not _send(claim, route.provider, attempt, claimed_at, settings):
+        send_by = min(claimed_at + _send_window_s(settings), slot_send_by or math.inf)
+        if claim.sendable and not _send(claim, route.provider, attempt, send_by):
             return _not_sent(claim, settings)
         decision = _decide(claim, attempt.outcome, RetryPolicy.from_settings(settings), settings)
         if decision.result is Result.DEAD and _uncertain(claim, attempt.outcome):
-            stalled = _stalled(claimed_at, settings) or not route.gate.confirm(entry)
+            stalled = _stalled(claimed_at, settings) or route.gate.confirm(entry) is None
             decision = _look_up_before_dead(decision, claim, attempt, route.provider, stalled)
         elif routes.several_groups:
             decision = _unpin_if_proven(decision, claim, attempt.outcome)
@@ -656,19 +659,12 @@ def _claim_or_result(
     return result
 
 
-def _send(
-    claim: _Claim,
-    provider: ProviderClient,
-    attempt: _Attempt,
-    claimed_at: float,
-    settings: Settings,
-) -> bool:
-    """Make the call; ``False`` if the request could not be sent in time (nothing went out)."""
+def _send(claim: _Claim, provider: ProviderClient, attempt: _Attempt, send_by: float) -> bool:
+    """Make the call; ``False`` if the request could not leave by ``send_by`` (within the
+    claim's lease, and so that its fleet slot outlasts it: nothing went out)."""
     t0 = time.monotonic()
     try:
-        attempt.outcome = provider.create_charge(
-            claim.key, claim.body, send_by=claimed_at + _send_window_s(settings)
-        )
+        attempt.outcome = provider.create_charge(claim.key, claim.body, send_by=send_by)
     except ProviderError as exc:
         attempt.outcome = exc
     except RequestNotSent:
@@ -1171,7 +1167,8 @@ def _unrecordable(
 
 #: A claim given back before its call: no attempt used, the call's row gone (nothing was
 #: sent), the charge due again under a fresh message.
-_CALL = bindparam("holder", type_=charges.c.call_id.type)  # (SET call_id takes "call_id")
+# Not "call_id" (SET call_id takes it) nor "holder" (a column of charges since 0006).
+_CALL = bindparam("own_call", type_=charges.c.call_id.type)
 #: Another request of the charge went to the group it is pinned to.
 _SENT_TO_PIN = exists().where(
     charge_attempts.c.charge_id == charges.c.id,
@@ -1219,7 +1216,7 @@ def _unclaim(claim: _Claim) -> Result:
     try:
         with autocommit() as conn:
             given = conn.execute(
-                _UNCLAIM, {"charge_id": claim.id, "holder": claim.call_id, "message_id": new_id}
+                _UNCLAIM, {"charge_id": claim.id, "own_call": claim.call_id, "message_id": new_id}
             ).rowcount
     except (PoolTimeout, *DB_UNAVAILABLE):
         given = 0  # the lease brings it back

@@ -332,7 +332,12 @@ def test_a_slot_that_lapsed_before_the_call_sends_nothing_and_uses_no_attempt(
 
     client = redis.Redis.from_url(REDIS_URL)
     with SimulatorThread(api_key=API_KEY) as thread:
-        settings = load_settings(payment_provider_url=thread.url, fleet_slot_lease_s=0.5)
+        settings = load_settings(  # the shortest slot lease (slot_lease_s): 3.3 s
+            payment_provider_url=thread.url,
+            fleet_slot_lease_s=0.5,
+            payment_timeout_ms=100,
+            payment_connect_timeout_ms=100,
+        )
         gate = FrozenAfterTheGate(client, settings)
         cid = enqueue_charge(1999, "usd", "tok_visa", unique_key("order")).id
         with ProviderClient(settings) as provider:
