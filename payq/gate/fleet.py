@@ -38,6 +38,8 @@ log = logging.getLogger("payq.fleet")
 
 #: The longest wait between two renewals of a process's slots.
 RENEW_EVERY_MAX_S = 1.0
+#: ``confirm`` asks Redis to extend a slot unless its request has this long to leave.
+MIN_SEND_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,32 +111,34 @@ class FleetLimit:
         self.start_renewing()
         return token
 
-    def confirm(self, token: str) -> bool:
-        """Whether this process still holds the slot now, and will while its renewer
-        renews it: known locally while its lease surely runs for a renewal interval more;
-        else asked of Redis, which extends it, or drops it if it had expired (a process
-        frozen past its lease: its room may be someone else's already). Raises
+    def confirm(self, token: str, call_s: float = 0.0) -> float | None:
+        """By when (``time.monotonic()``) a request on this slot must leave so that the
+        slot's lease still runs ``call_s`` after it; ``None`` if this process no longer
+        holds the slot. Known locally while that leaves at least ``MIN_SEND_S``; else
+        asked of Redis, which extends the lease, or drops the slot if it had expired (a
+        process frozen past its lease: its room may be someone else's already). Raises
         ``redis.RedisError`` if Redis must be asked and does not answer."""
         with self._lock:
             if token not in self._held:
-                return False
-            if self._valid_until.get(token, 0.0) > time.monotonic() + self.renew_every_s:
-                return True
+                return None
+            send_by = self._valid_until.get(token, 0.0) - call_s
+            if send_by > time.monotonic() + MIN_SEND_S:
+                return send_by
         asked_at = time.monotonic()
         asked = ConfirmArgs(slots=self.slots_key, lease_ms=self.lease_ms, token=token)
         if int(self.scripts.run(asked)):
             with self._lock:
                 if token in self._held:
                     self._valid_until[token] = asked_at + self.lease_ms / 1000
-                    return True
-            return False
+                    return self._valid_until[token] - call_s
+            return None
         log.warning(
             "fleet slot expired while held: this process stalled longer than "
             "FLEET_SLOT_LEASE_S (%g s); the call waits for another slot",
             self.lease_ms / 1000,
         )
         self.forget(token)
-        return False
+        return None
 
     def in_use(self) -> int:
         """Slots held across the fleet right now."""

@@ -27,10 +27,10 @@ from payq.gate.breaker import BreakerState, CallOutcome, FleetBreaker
 from payq.gate.fleet import FleetLimit, SlotRefused
 from payq.gate.kept import KEEP_EVERY_S, REUSE_FOR_S, KeptSlots
 from payq.gate.scripts import EnterArgs, LookupEnterArgs, Release, SettleArgs, gate_scripts
-from payq.provider import ProviderCharge
+from payq.provider import HANG_UP_GRACE_S, ProviderCharge
 from payq.settings import Settings
 
-__all__ = ["Pass", "ProviderGate", "Wait", "call_outcome", "jitter_ms"]
+__all__ = ["Pass", "ProviderGate", "Wait", "call_outcome", "jitter_ms", "slot_lease_s"]
 
 log = logging.getLogger("payq.gate")
 
@@ -58,6 +58,21 @@ def call_outcome(outcome: ProviderCharge | ProviderError) -> CallOutcome:
     return CallOutcome.NEUTRAL
 
 
+#: A slot's lease is at least a call's whole length at the provider (timeout and hang-up
+#: grace) plus this: one renewal interval, and 2 s for the request to connect and leave.
+CALL_MARGIN_S = 3.0
+
+
+def slot_lease_s(settings: Settings) -> float:
+    """The fleet slots' lease: ``FLEET_SLOT_LEASE_S``, or longer where a call is longer.
+
+    A frozen process cannot renew its slot, and its request, once out, counts at the
+    provider until answered or timed out; so the lease must cover a call from the latest
+    moment its request may leave (``confirm``). 8.2 s with the defaults."""
+    call_s = settings.payment_timeout_s + HANG_UP_GRACE_S
+    return max(settings.fleet_slot_lease_s, call_s + CALL_MARGIN_S)
+
+
 def jitter_ms(low_ms: int, high_ms: int) -> int:
     """A random delay in the range: deferred messages spread out instead of arriving at once."""
     return random.randint(low_ms, max(low_ms, high_ms))
@@ -81,8 +96,11 @@ class ProviderGate:
             settings.payq_namespace,
             scope=parts,
             limit=settings.payment_max_concurrency,
-            lease_s=settings.fleet_slot_lease_s,
+            lease_s=slot_lease_s(settings),
         )
+        #: How long a call may count at the provider from the moment its request leaves:
+        #: its timeout and the hang-up grace (``confirm``).
+        self.call_s = settings.payment_timeout_s + HANG_UP_GRACE_S
         self._kept = KeptSlots(self.fleet)
 
     def enter(self) -> Pass | Wait:
@@ -187,14 +205,16 @@ class ProviderGate:
             f"all {slot.limit} fleet slots (PAYMENT_MAX_CONCURRENCY) are in use",
         )
 
-    def confirm(self, passed: Pass) -> bool:
-        """Whether the slot is still this process's, right before its call: after a freeze
-        longer than its lease it may be someone else's (``FleetLimit.confirm``). Without
-        Redis it cannot be told: no."""
+    def confirm(self, passed: Pass) -> float | None:
+        """The moment (``time.monotonic()``) by which the call's request must leave, right
+        before the call, so that the slot's lease outlasts the call at the provider even if
+        this process freezes with the request out; ``None`` if the slot is no longer this
+        process's (after a freeze longer than its lease it may be someone else's:
+        ``FleetLimit.confirm``), or Redis cannot tell."""
         try:
-            return self.fleet.confirm(passed.token)
+            return self.fleet.confirm(passed.token, self.call_s)
         except redis.RedisError:
-            return False
+            return None
 
     def leave(
         self,
