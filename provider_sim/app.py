@@ -381,7 +381,7 @@ async def _create_charge(request: web.Request) -> web.StreamResponse:
 
 async def _lookup_by_key(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE_KEY]
-    if state.outage_active():
+    if state.outage_active() and state.faults.outage_mode != "charges":
         return await _outage(request, state)
     if state.draw_lookup_error():
         await asyncio.sleep(state.latency_s())

@@ -55,7 +55,9 @@ class Step(StrEnum):
     UNEXPECTED_STATUS = "unexpected_status"  # 418 with a text body, nothing stored
 
 
-OUTAGE_MODES = ("503", "reset")
+#: "503": every /v1 request answered 503; "reset": connections reset; "charges": charge
+#: requests answered 503 while lookups by key still answer (the write path down, reads up).
+OUTAGE_MODES = ("503", "reset", "charges")
 _STEP_NAMES = frozenset(step.value for step in Step)
 
 
@@ -216,7 +218,11 @@ def add_fault_arguments(parser: argparse.ArgumentParser) -> None:
         "--lookup-error-rate", type=float, help="probability that a lookup by key answers 503"
     )
     group.add_argument("--outage-s", type=float, help="every request fails for this long")
-    group.add_argument("--outage-mode", choices=OUTAGE_MODES, help="503 (default) or reset")
+    group.add_argument(
+        "--outage-mode",
+        choices=OUTAGE_MODES,
+        help="503 (default), reset, or charges (charges 503, lookups by key answered)",
+    )
     group.add_argument(
         "--script",
         help="comma-separated steps consumed one per charge: "

@@ -5,7 +5,8 @@ Real worker processes run against throwaway Redis and PostgreSQL servers of the 
 producer process enqueues at a steady pace while:
 
 - the simulator answers 20 % of calls with a 5xx, 5 % after charging but past the
-  client's deadline, some with 429 and ``Retry-After``, and has an outage (all 503);
+  client's deadline, some with 429 and ``Retry-After``, and has an outage (charges 503,
+  lookups by key answered);
 - a random worker process (a dramatiq child) is SIGKILLed every few seconds; its master
   stops the group and the supervisor starts it again;
 - after the outage, a worker group is frozen (SIGSTOP) past its lease with calls in

@@ -267,8 +267,13 @@ class _Run:
         plan, events = self.plan, self.events
         if events.outage_at is None and t >= plan.outage_at_s:
             events.outage_at = time.time()
-            self.system.faults(outage_s=plan.outage_s)
-            self.say(f"· provider a down for {plan.outage_s:g} s: every call answered 503")
+            # Charges fail while lookups answer: a charge that got a 503 is found not
+            # charged there and moves to provider b (the 5xx rule of the pin).
+            self.system.faults(outage_s=plan.outage_s, outage_mode="charges")
+            self.say(
+                f"· provider a down for {plan.outage_s:g} s: every charge answered 503 "
+                "(lookups by key still answered)"
+            )
         self._provider_a_faults(t)
         if not events.redis_restarts and t >= plan.redis_restart_at_s:
             self.redis_server.restart(wipe=True)
