@@ -18,10 +18,13 @@ is not behind, however long ago the primary's last commit was (an idle primary m
 ``now() - pg_last_xact_replay_timestamp()`` grow without any staleness). A replica with
 WAL received but not yet replayed is behind by the age of the last commit it replayed:
 an overestimate right after a long idle spell, which sends reads to the primary for a
-moment, never to stale data. What it has not received it cannot know: so a replica whose
-WAL receiver is not running (its primary unreachable, or another one) is not read; one
-that has just reconnected counts as caught up with what it has received so far, until
-the backlog arrives (milliseconds on a local network).
+moment, never to stale data. Unless it finishes replaying what it had received within
+``REPLAY_PAUSE_S``: an idle primary still writes WAL of its own (checkpoints, snapshots
+of running transactions), and a look that falls while it replays is no lag. What it
+has not received it cannot know: so a replica whose WAL receiver is not running (its
+primary unreachable, or another one) is not read; one that has just reconnected counts
+as caught up with what it has received so far, until the backlog arrives (milliseconds
+on a local network).
 The primary's ``pg_stat_replication`` would tell its own view of the lag, but needs a
 round trip to the primary and a way to tell which standby is ours.
 """
@@ -69,8 +72,13 @@ _PROBE = text(
     "SELECT pg_is_in_recovery(), "
     "EXISTS (SELECT 1 FROM pg_stat_wal_receiver), "
     "pg_last_wal_replay_lsn() >= pg_last_wal_receive_lsn(), "
-    "extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8"
+    "extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8, "
+    "pg_last_wal_receive_lsn()::text"
 )
+#: Has it since replayed up to what it had received at the first look?
+_REPLAYED = text("SELECT pg_last_wal_replay_lsn() >= CAST(:received AS pg_lsn)")
+#: How long a replica that was replaying a moment ago gets to finish it (``_measure``).
+REPLAY_PAUSE_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -160,7 +168,13 @@ class Reader:
         now = time.monotonic()
         try:
             with self.engine.connect() as conn:
-                standby, streaming, caught_up, age_s = conn.execute(_PROBE).one()
+                standby, streaming, caught_up, age_s, received = conn.execute(_PROBE).one()
+                if not caught_up and received is not None and (age_s or 0) > self.max_lag_s:
+                    # An idle primary's own WAL (a checkpoint, a snapshot of running
+                    # transactions) may be mid-replay: that is no lag behind any commit.
+                    time.sleep(REPLAY_PAUSE_S)
+                    replayed = conn.execute(_REPLAYED, {"received": received}).scalar()
+                    caught_up = bool(replayed)
         except (DBAPIError, PoolTimeout) as exc:
             return self._primary("down", _unanswered(exc), now)
         if not standby:
