@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import string
 import time
@@ -18,6 +19,7 @@ from payq.errors import ProviderError, ProviderTimeout
 from payq.gate import Pass, ProviderGate, Wait
 from payq.models import Charge, charge_attempts, charges
 from payq.provider import ProviderCharge
+from payq.settings import Settings, load_settings
 
 
 def charge(charge_id: uuid.UUID | str) -> Charge:
@@ -135,3 +137,19 @@ def open_breaker(gate: ProviderGate) -> None:
             return
         gate.leave(entry, TIMED_OUT, 10)
     raise AssertionError("the breaker did not open")
+
+
+def clear_payq_env(monkeypatch: Any) -> Any:
+    """No payq variable in the environment, whatever its case (pydantic ignores case)."""
+    fields = frozenset(Settings.model_fields)
+    for name in list(os.environ):
+        if name.lower() in fields:
+            monkeypatch.delenv(name)
+    return monkeypatch
+
+
+def load_env(env: Any, **variables: str) -> Settings:
+    """Load settings the way the program does: from environment variables, no .env file."""
+    for name, value in variables.items():
+        env.setenv(name, value)
+    return load_settings(_env_file=None)

@@ -3,32 +3,22 @@ goes to, directly or through Sentinel. Building a client opens no connection."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import redis
 from redis.sentinel import SentinelConnectionPool, SentinelManagedSSLConnection
 
 from payq.errors import ConfigError
 from payq.redis_client import redis_client
-from payq.settings import Settings, load_settings
-
-FIELDS = frozenset(Settings.model_fields)
+from payq.settings import load_settings
+from tests.helpers import clear_payq_env, load_env
 
 
 @pytest.fixture
 def env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
-    """No payq variable in the environment: each test sees only what it sets."""
-    for name in list(os.environ):
-        if name.lower() in FIELDS:
-            monkeypatch.delenv(name)
-    return monkeypatch
+    return clear_payq_env(monkeypatch)
 
 
-def load(env: pytest.MonkeyPatch, **variables: str) -> Settings:
-    for name, value in variables.items():
-        env.setenv(name, value)
-    return load_settings(_env_file=None)
+load = load_env
 
 
 def test_no_sentinels_by_default(env: pytest.MonkeyPatch) -> None:

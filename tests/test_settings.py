@@ -14,25 +14,16 @@ from collections.abc import Iterator
 import pytest
 
 from payq.errors import ConfigError
-from payq.settings import Settings, load_settings
-
-FIELDS = frozenset(Settings.model_fields)
+from payq.settings import Settings
+from tests.helpers import clear_payq_env, load_env
 
 
 @pytest.fixture
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
-    """No payq variable in the environment, whatever its case (pydantic ignores case)."""
-    for name in list(os.environ):
-        if name.lower() in FIELDS:
-            monkeypatch.delenv(name)
-    return monkeypatch
+    return clear_payq_env(monkeypatch)
 
 
-def load(env: pytest.MonkeyPatch, **variables: str) -> Settings:
-    """Load settings the way the program does: from environment variables, no .env file."""
-    for name, value in variables.items():
-        env.setenv(name, value)
-    return load_settings(_env_file=None)
+load = load_env
 
 
 def env_id(value: object) -> str | None:
